@@ -1,0 +1,435 @@
+//! A checker for ForgeMQ's Redis data layout.
+//!
+//! This deliberately re-states the key layout instead of importing it from
+//! `forgemq` (which would be a dependency cycle): if the two ever disagree,
+//! the tests fail, which is exactly when someone should look.
+//!
+//! Layout for namespace `NS` and topic `T` (`{T}` is a literal Redis Cluster
+//! hash tag, so all keys of a topic live in one slot):
+//!
+//! | key              | type | holds                                     |
+//! |------------------|------|-------------------------------------------|
+//! | `NS:{T}:pending` | LIST | ids ready to run                          |
+//! | `NS:{T}:msg`     | HASH | id → envelope JSON (the only body copy)   |
+//! | `NS:{T}:active`  | ZSET | id → lease deadline                       |
+//! | `NS:{T}:lease`   | HASH | id → lease token                          |
+//! | `NS:{T}:delayed` | ZSET | id → due time                             |
+//! | `NS:{T}:dead`    | ZSET | id → time it died                         |
+//!
+//! An acknowledged message is gone from all of them.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
+
+/// Namespace ForgeMQ uses when none is configured.
+pub const DEFAULT_NAMESPACE: &str = "mq";
+
+/// At most this many violations are spelled out in a panic message; more
+/// would bury the first (usually most telling) ones.
+const MAX_LISTED: usize = 50;
+
+/// At most this many lost ids are listed by [`assert_none_lost`].
+const MAX_LOST_LISTED: usize = 20;
+
+/// Key names of one topic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Layout {
+    /// Key prefix, `"mq"` by default.
+    pub namespace: String,
+    /// Topic name, used inside the `{…}` hash tag.
+    pub topic: String,
+}
+
+impl Layout {
+    /// Layout for `topic` under `namespace`.
+    pub fn new(namespace: impl Into<String>, topic: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            topic: topic.into(),
+        }
+    }
+
+    /// Layout for `topic` under [`DEFAULT_NAMESPACE`].
+    pub fn with_default_namespace(topic: impl Into<String>) -> Self {
+        Self::new(DEFAULT_NAMESPACE, topic)
+    }
+
+    /// `NS:{T}:pending`, LIST of ids ready to run.
+    pub fn pending(&self) -> String {
+        self.key("pending")
+    }
+
+    /// `NS:{T}:msg`, HASH id → envelope JSON.
+    pub fn msg(&self) -> String {
+        self.key("msg")
+    }
+
+    /// `NS:{T}:active`, ZSET id → lease deadline.
+    pub fn active(&self) -> String {
+        self.key("active")
+    }
+
+    /// `NS:{T}:lease`, HASH id → lease token.
+    pub fn lease(&self) -> String {
+        self.key("lease")
+    }
+
+    /// `NS:{T}:delayed`, ZSET id → due time.
+    pub fn delayed(&self) -> String {
+        self.key("delayed")
+    }
+
+    /// `NS:{T}:dead`, ZSET id → time of death.
+    pub fn dead(&self) -> String {
+        self.key("dead")
+    }
+
+    /// All six keys, e.g. for `DEL` in a test's setup.
+    pub fn all_keys(&self) -> [String; 6] {
+        [
+            self.pending(),
+            self.msg(),
+            self.active(),
+            self.lease(),
+            self.delayed(),
+            self.dead(),
+        ]
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}:{{{}}}:{suffix}", self.namespace, self.topic)
+    }
+}
+
+/// Where a message is, as seen in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    /// In the pending list, waiting for a consumer.
+    Pending,
+    /// In the delayed set, waiting for its due time (retry backoff or scheduled).
+    Delayed,
+    /// Leased to a consumer (in the active set, with a lease token).
+    Active,
+    /// In the dead-letter set.
+    Dead,
+    /// In no state and without a body: acknowledged (or lost).
+    Gone,
+}
+
+impl State {
+    /// Every state, in report order.
+    pub const ALL: [State; 5] = [
+        State::Pending,
+        State::Delayed,
+        State::Active,
+        State::Dead,
+        State::Gone,
+    ];
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            State::Pending => "pending",
+            State::Delayed => "delayed",
+            State::Active => "active",
+            State::Dead => "dead",
+            State::Gone => "gone",
+        };
+        f.write_str(name)
+    }
+}
+
+/// Classification of the checked ids; each id is in exactly one list.
+///
+/// `Debug` and `Display` print only counts, because id lists of a stress
+/// test would drown a failure message.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct StateReport {
+    /// Ids in the pending list, sorted.
+    pub pending: Vec<String>,
+    /// Ids in the delayed set, sorted.
+    pub delayed: Vec<String>,
+    /// Ids in the active set, sorted.
+    pub active: Vec<String>,
+    /// Ids in the dead-letter set, sorted.
+    pub dead: Vec<String>,
+    /// Ids in no state and without a body, sorted.
+    pub gone: Vec<String>,
+}
+
+impl StateReport {
+    /// The state of `id`, or `None` if it was not among the checked ids.
+    pub fn state_of(&self, id: &str) -> Option<State> {
+        State::ALL.into_iter().find(|&state| {
+            self.ids(state)
+                .binary_search_by(|probe| probe.as_str().cmp(id))
+                .is_ok()
+        })
+    }
+
+    /// How many checked ids are in `state`.
+    pub fn count(&self, state: State) -> usize {
+        self.ids(state).len()
+    }
+
+    /// The sorted ids in `state`.
+    pub fn ids(&self, state: State) -> &[String] {
+        match state {
+            State::Pending => &self.pending,
+            State::Delayed => &self.delayed,
+            State::Active => &self.active,
+            State::Dead => &self.dead,
+            State::Gone => &self.gone,
+        }
+    }
+
+    fn ids_mut(&mut self, state: State) -> &mut Vec<String> {
+        match state {
+            State::Pending => &mut self.pending,
+            State::Delayed => &mut self.delayed,
+            State::Active => &mut self.active,
+            State::Dead => &mut self.dead,
+            State::Gone => &mut self.gone,
+        }
+    }
+}
+
+impl fmt::Display for StateReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "pending={} delayed={} active={} dead={} gone={}",
+            self.pending.len(),
+            self.delayed.len(),
+            self.active.len(),
+            self.dead.len(),
+            self.gone.len()
+        )
+    }
+}
+
+impl fmt::Debug for StateReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateReport")
+            .field("pending", &self.pending.len())
+            .field("delayed", &self.delayed.len())
+            .field("active", &self.active.len())
+            .field("dead", &self.dead.len())
+            .field("gone", &self.gone.len())
+            .finish()
+    }
+}
+
+/// Reads the topic's keys in one `MULTI`/`EXEC` snapshot, classifies every id
+/// of `ids`, and panics if the layout is inconsistent.
+///
+/// The snapshot is atomic so the check is valid even while producers and
+/// consumers are running (every ForgeMQ transition is one Lua script).
+///
+/// Panics, listing every problem found, if:
+/// - an id is in more than one of pending/delayed/active/dead,
+/// - the pending list holds an id twice,
+/// - an id in some state has no body in `msg`,
+/// - an active id has no lease, or a lease exists for an id that is not active,
+/// - a body exists for an id in no state (orphan, also for ids not in `ids`),
+/// - an id in some state is not in `ids` (unknown message),
+/// - a key has the wrong type or Redis cannot be read.
+pub fn check_invariants(
+    conn: &mut redis::Connection,
+    layout: &Layout,
+    ids: &[String],
+) -> StateReport {
+    let (pending, delayed, active, dead, bodies, leases) = redis::pipe()
+        .atomic()
+        .cmd("LRANGE")
+        .arg(layout.pending())
+        .arg(0)
+        .arg(-1)
+        .cmd("ZRANGE")
+        .arg(layout.delayed())
+        .arg(0)
+        .arg(-1)
+        .cmd("ZRANGE")
+        .arg(layout.active())
+        .arg(0)
+        .arg(-1)
+        .cmd("ZRANGE")
+        .arg(layout.dead())
+        .arg(0)
+        .arg(-1)
+        .cmd("HKEYS")
+        .arg(layout.msg())
+        .cmd("HKEYS")
+        .arg(layout.lease())
+        .query(conn)
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot read ForgeMQ keys of topic {:?} (namespace {:?}): {e}",
+                layout.topic, layout.namespace
+            )
+        });
+    classify(
+        layout,
+        ids,
+        &Snapshot {
+            pending,
+            delayed,
+            active,
+            dead,
+            bodies,
+            leases,
+        },
+    )
+}
+
+/// Raw contents of a topic's keys (members only; scores and values do not
+/// matter for the invariants).
+struct Snapshot {
+    pending: Vec<String>,
+    delayed: Vec<String>,
+    active: Vec<String>,
+    dead: Vec<String>,
+    bodies: Vec<String>,
+    leases: Vec<String>,
+}
+
+/// The pure part of [`check_invariants`], separate so the rules read as a list.
+fn classify(layout: &Layout, ids: &[String], snapshot: &Snapshot) -> StateReport {
+    let known: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let bodies: BTreeSet<&str> = snapshot.bodies.iter().map(String::as_str).collect();
+    let leases: BTreeSet<&str> = snapshot.leases.iter().map(String::as_str).collect();
+    let mut violations = Vec::new();
+
+    // Every id found in a state key, with all the states it was found in.
+    // BTreeMap so violations come out in a stable order.
+    let mut states: BTreeMap<&str, Vec<State>> = BTreeMap::new();
+    let mut pending_seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for id in &snapshot.pending {
+        *pending_seen.entry(id).or_default() += 1;
+    }
+    for (id, &times) in &pending_seen {
+        if times > 1 {
+            violations.push(format!(
+                "id {id:?} is {times} times in the pending list {:?}",
+                layout.pending()
+            ));
+        }
+        states.entry(id).or_default().push(State::Pending);
+    }
+    for (state, members) in [
+        (State::Delayed, &snapshot.delayed),
+        (State::Active, &snapshot.active),
+        (State::Dead, &snapshot.dead),
+    ] {
+        for id in members {
+            states.entry(id).or_default().push(state);
+        }
+    }
+
+    for (id, in_states) in &states {
+        if in_states.len() > 1 {
+            let names: Vec<String> = in_states.iter().map(ToString::to_string).collect();
+            violations.push(format!(
+                "id {id:?} is in more than one state: {}",
+                names.join(" and ")
+            ));
+        }
+        if !bodies.contains(id) {
+            violations.push(format!(
+                "id {id:?} is {} but has no body in {:?}",
+                in_states[0],
+                layout.msg()
+            ));
+        }
+        if !known.contains(id) {
+            violations.push(format!(
+                "unknown message: id {id:?} is {} but is not among the {} checked ids",
+                in_states[0],
+                known.len()
+            ));
+        }
+        if in_states.contains(&State::Active) && !leases.contains(id) {
+            violations.push(format!(
+                "id {id:?} is active but has no lease token in {:?}",
+                layout.lease()
+            ));
+        }
+    }
+    for id in &leases {
+        if !states.get(id).is_some_and(|s| s.contains(&State::Active)) {
+            violations.push(format!(
+                "id {id:?} has a lease token in {:?} but is not active",
+                layout.lease()
+            ));
+        }
+    }
+    for id in &bodies {
+        if !states.contains_key(id) {
+            violations.push(format!(
+                "orphan body: id {id:?} has a body in {:?} but is in no state{}",
+                layout.msg(),
+                if known.contains(id) {
+                    ""
+                } else {
+                    " (and is not among the checked ids)"
+                }
+            ));
+        }
+    }
+
+    let mut report = StateReport::default();
+    for id in &known {
+        let state = states.get(id).map_or(State::Gone, |in_states| in_states[0]);
+        report.ids_mut(state).push((*id).to_owned());
+    }
+    for state in State::ALL {
+        report.ids_mut(state).sort_unstable();
+    }
+
+    if !violations.is_empty() {
+        let more = violations.len().saturating_sub(MAX_LISTED);
+        let listed = violations[..violations.len().min(MAX_LISTED)].join("\n  - ");
+        panic!(
+            "ForgeMQ invariants violated for topic {:?} (namespace {:?}): {} problem(s)\n  - {listed}{}\nstates of the checked ids: {report}",
+            layout.topic,
+            layout.namespace,
+            violations.len(),
+            if more > 0 {
+                format!("\n  … and {more} more")
+            } else {
+                String::new()
+            },
+        );
+    }
+    report
+}
+
+/// Panics if a message vanished without being processed: an id that is
+/// [`State::Gone`] in `report` but not in `processed` was lost.
+///
+/// Lists up to 20 lost ids.
+pub fn assert_none_lost(report: &StateReport, processed: &HashSet<String>) {
+    let lost: Vec<&String> = report
+        .gone
+        .iter()
+        .filter(|id| !processed.contains(*id))
+        .collect();
+    if lost.is_empty() {
+        return;
+    }
+    let listed: Vec<&str> = lost
+        .iter()
+        .take(MAX_LOST_LISTED)
+        .map(|id| id.as_str())
+        .collect();
+    panic!(
+        "{} message(s) lost (gone from Redis but never processed): {listed:?}{}; states: {report}",
+        lost.len(),
+        if lost.len() > MAX_LOST_LISTED {
+            format!(" … and {} more", lost.len() - MAX_LOST_LISTED)
+        } else {
+            String::new()
+        }
+    );
+}

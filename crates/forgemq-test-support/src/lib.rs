@@ -1,0 +1,37 @@
+//! Test helpers for ForgeMQ.
+//!
+//! - [`RedisServer`]: a private `redis-server` per test (own port, own
+//!   temporary directory), which can be killed with SIGKILL, restarted on the
+//!   same port and data, or frozen with SIGSTOP, so crash and stall scenarios
+//!   are testable without disturbing other tests.
+//! - [`check_invariants`] / [`assert_none_lost`]: read ForgeMQ's keys and fail
+//!   loudly if a message is in two states, lost its body or lease, or vanished
+//!   without being processed. They restate the key layout on purpose (see
+//!   [`Layout`]) and do not depend on the `forgemq` crate, which uses this
+//!   crate as a dev-dependency.
+//!
+//! `redis-server` (6.2 or 7.x) must be on `PATH`.
+//!
+//! ```
+//! use forgemq_test_support::{check_invariants, Aof, Layout, RedisOptions, RedisServer, State};
+//!
+//! let mut server = RedisServer::start_with(RedisOptions::new().aof(Aof::Always));
+//! let mut conn = server.conn();
+//! let layout = Layout::new("mq", "emails");
+//! redis::cmd("HSET").arg(layout.msg()).arg("m1").arg("{}").exec(&mut conn).unwrap();
+//! redis::cmd("RPUSH").arg(layout.pending()).arg("m1").exec(&mut conn).unwrap();
+//!
+//! // A crash keeps everything that was fsynced.
+//! server.kill9();
+//! server.restart();
+//! let report = check_invariants(&mut server.conn(), &layout, &["m1".to_owned()]);
+//! assert_eq!(report.state_of("m1"), Some(State::Pending));
+//! ```
+
+mod invariants;
+mod server;
+
+pub use invariants::{
+    assert_none_lost, check_invariants, Layout, State, StateReport, DEFAULT_NAMESPACE,
+};
+pub use server::{Aof, RedisOptions, RedisServer};

@@ -1,0 +1,394 @@
+//! Tests of the test helpers themselves: if these are wrong, every ForgeMQ
+//! test built on them proves nothing.
+
+use std::collections::HashSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::process::Command;
+use std::time::Duration;
+
+use forgemq_test_support::{
+    assert_none_lost, check_invariants, Aof, Layout, RedisOptions, RedisServer, State,
+};
+
+fn ping(conn: &mut redis::Connection) -> redis::RedisResult<String> {
+    redis::cmd("PING").query(conn)
+}
+
+fn ids(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Runs `f` and returns its panic message, failing the test if it did not panic.
+fn panic_message(f: impl FnOnce()) -> String {
+    let payload = catch_unwind(AssertUnwindSafe(f)).expect_err("expected a panic");
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_default()
+}
+
+/// Whether a process with this pid exists (`kill -0`).
+fn process_exists(pid: u32) -> bool {
+    Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn start_answers_ping() {
+    let server = RedisServer::start();
+    assert_eq!(ping(&mut server.conn()).unwrap(), "PONG");
+    assert_eq!(
+        server.url(),
+        format!("redis://127.0.0.1:{}/", server.port())
+    );
+    assert!(server.dir().is_dir());
+    assert!(server.is_running());
+    assert!(server.pid().is_some());
+    assert!(server.log_tail(100).contains("Ready to accept connections"));
+
+    // Off means no persistence at all.
+    let save: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("save")
+        .query(&mut server.conn())
+        .unwrap();
+    assert_eq!(save, ["save", ""]);
+}
+
+#[test]
+fn kill9_makes_connections_fail() {
+    let mut server = RedisServer::start();
+    let mut conn = server.conn();
+    let pid = server.pid().unwrap();
+    server.kill9();
+    assert!(!server.is_running());
+    assert_eq!(server.pid(), None);
+    assert!(!process_exists(pid));
+    assert!(ping(&mut conn).is_err());
+    assert!(server.client().get_connection().is_err());
+}
+
+#[test]
+fn restart_with_aof_always_keeps_acknowledged_writes() {
+    let mut server = RedisServer::start_with(RedisOptions::new().aof(Aof::Always));
+    let port = server.port();
+    redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .exec(&mut server.conn())
+        .unwrap();
+    server.kill9();
+    server.restart();
+    assert_eq!(server.port(), port);
+    let value: Option<String> = redis::cmd("GET")
+        .arg("k")
+        .query(&mut server.conn())
+        .unwrap();
+    assert_eq!(value.as_deref(), Some("v"));
+}
+
+#[test]
+fn two_servers_are_isolated() {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    assert_ne!(a.port(), b.port());
+    assert_ne!(a.dir(), b.dir());
+    redis::cmd("SET")
+        .arg("k")
+        .arg("a")
+        .exec(&mut a.conn())
+        .unwrap();
+    let in_b: Option<String> = redis::cmd("GET").arg("k").query(&mut b.conn()).unwrap();
+    assert_eq!(in_b, None);
+}
+
+#[test]
+fn options_reach_the_server() {
+    let server = RedisServer::start_with(
+        RedisOptions::new()
+            .maxmemory_policy("noeviction")
+            .args(["--maxmemory", "10mb"]),
+    );
+    let mut conn = server.conn();
+    let policy: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(policy[1], "noeviction");
+    let maxmemory: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(maxmemory[1], (10 * 1024 * 1024).to_string());
+}
+
+#[test]
+fn sigstop_freezes_and_sigcont_resumes() {
+    let mut server = RedisServer::start();
+    let mut conn = server.conn();
+    conn.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    server.sigstop();
+    assert!(server.is_running(), "a stopped server still exists");
+    assert!(ping(&mut conn).is_err(), "a stopped server must not answer");
+    server.sigcont();
+    // The timed-out connection may hold the late reply; use a fresh one.
+    assert_eq!(ping(&mut server.conn()).unwrap(), "PONG");
+}
+
+#[test]
+fn command_stats_count_calls() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    for _ in 0..3 {
+        redis::cmd("GET").arg("x").exec(&mut conn).unwrap();
+    }
+    let stats = server.command_stats();
+    assert_eq!(stats.get("get"), Some(&3));
+}
+
+#[test]
+fn drop_kills_the_server_even_when_panicking() {
+    let mut pid = None;
+    let message = panic_message(|| {
+        let server = RedisServer::start();
+        pid = server.pid();
+        panic!("test failure inside");
+    });
+    assert_eq!(message, "test failure inside");
+    assert!(!process_exists(pid.unwrap()));
+}
+
+// ---- invariant checker ----
+
+/// Stores a body for each id, as ForgeMQ does on enqueue.
+fn put_bodies(conn: &mut redis::Connection, layout: &Layout, ids: &[&str]) {
+    for id in ids {
+        redis::cmd("HSET")
+            .arg(layout.msg())
+            .arg(*id)
+            .arg("{}")
+            .exec(conn)
+            .unwrap();
+    }
+}
+
+/// A consistent topic with one message in each state: p pending, d delayed,
+/// a active (with lease), x dead, g gone.
+fn build_states(conn: &mut redis::Connection, layout: &Layout) {
+    put_bodies(conn, layout, &["p", "d", "a", "x"]);
+    redis::cmd("RPUSH")
+        .arg(layout.pending())
+        .arg("p")
+        .exec(conn)
+        .unwrap();
+    redis::cmd("ZADD")
+        .arg(layout.delayed())
+        .arg(100)
+        .arg("d")
+        .exec(conn)
+        .unwrap();
+    redis::cmd("ZADD")
+        .arg(layout.active())
+        .arg(100)
+        .arg("a")
+        .exec(conn)
+        .unwrap();
+    redis::cmd("HSET")
+        .arg(layout.lease())
+        .arg("a")
+        .arg("token")
+        .exec(conn)
+        .unwrap();
+    redis::cmd("ZADD")
+        .arg(layout.dead())
+        .arg(100)
+        .arg("x")
+        .exec(conn)
+        .unwrap();
+}
+
+#[test]
+fn layout_key_names() {
+    let layout = Layout::new("mq", "emails");
+    assert_eq!(layout.pending(), "mq:{emails}:pending");
+    assert_eq!(layout.msg(), "mq:{emails}:msg");
+    assert_eq!(layout.active(), "mq:{emails}:active");
+    assert_eq!(layout.lease(), "mq:{emails}:lease");
+    assert_eq!(layout.delayed(), "mq:{emails}:delayed");
+    assert_eq!(layout.dead(), "mq:{emails}:dead");
+    assert_eq!(Layout::with_default_namespace("emails"), layout);
+}
+
+#[test]
+fn invariants_classify_states() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let layout = Layout::new("mq", "t");
+    build_states(&mut conn, &layout);
+    let all = ids(&["p", "d", "a", "x", "g"]);
+    let report = check_invariants(&mut conn, &layout, &all);
+
+    assert_eq!(report.state_of("p"), Some(State::Pending));
+    assert_eq!(report.state_of("d"), Some(State::Delayed));
+    assert_eq!(report.state_of("a"), Some(State::Active));
+    assert_eq!(report.state_of("x"), Some(State::Dead));
+    assert_eq!(report.state_of("g"), Some(State::Gone));
+    assert_eq!(report.state_of("nope"), None);
+    for state in State::ALL {
+        assert_eq!(report.count(state), 1, "{state}");
+    }
+    assert_eq!(
+        report.to_string(),
+        "pending=1 delayed=1 active=1 dead=1 gone=1"
+    );
+
+    // g was processed; anything else gone would be lost.
+    assert_none_lost(&report, &HashSet::from(["g".to_owned()]));
+    let message = panic_message(|| assert_none_lost(&report, &HashSet::new()));
+    assert!(
+        message.contains("1 message(s) lost") && message.contains("\"g\""),
+        "{message}"
+    );
+
+    // Another topic's keys are none of this topic's business.
+    let empty = check_invariants(&mut conn, &Layout::new("mq", "other"), &all);
+    assert_eq!(empty.count(State::Gone), 5);
+}
+
+/// Each corruption is planted on top of a consistent topic and must be
+/// reported with a message naming the problem.
+#[test]
+fn invariants_detect_corruption() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let all = ids(&["p", "d", "a", "x", "g"]);
+    type Plant = fn(&mut redis::Connection, &Layout);
+    let cases: [(&str, Plant, &str); 8] = [
+        (
+            "double_state",
+            |c, l| {
+                redis::cmd("ZADD")
+                    .arg(l.dead())
+                    .arg(1)
+                    .arg("p")
+                    .exec(c)
+                    .unwrap();
+            },
+            "\"p\" is in more than one state: pending and dead",
+        ),
+        (
+            "pending_twice",
+            |c, l| {
+                redis::cmd("RPUSH")
+                    .arg(l.pending())
+                    .arg("p")
+                    .exec(c)
+                    .unwrap();
+            },
+            "\"p\" is 2 times in the pending list",
+        ),
+        (
+            "orphan_body",
+            |c, l| {
+                redis::cmd("HSET")
+                    .arg(l.msg())
+                    .arg("g")
+                    .arg("{}")
+                    .exec(c)
+                    .unwrap();
+            },
+            "orphan body: id \"g\"",
+        ),
+        (
+            "orphan_body_of_unknown_id",
+            |c, l| {
+                redis::cmd("HSET")
+                    .arg(l.msg())
+                    .arg("zz")
+                    .arg("{}")
+                    .exec(c)
+                    .unwrap();
+            },
+            "orphan body: id \"zz\"",
+        ),
+        (
+            "missing_body",
+            |c, l| {
+                redis::cmd("HDEL").arg(l.msg()).arg("d").exec(c).unwrap();
+            },
+            "\"d\" is delayed but has no body",
+        ),
+        (
+            "active_without_lease",
+            |c, l| {
+                redis::cmd("HDEL").arg(l.lease()).arg("a").exec(c).unwrap();
+            },
+            "\"a\" is active but has no lease",
+        ),
+        (
+            "lease_without_active",
+            |c, l| {
+                redis::cmd("HSET")
+                    .arg(l.lease())
+                    .arg("x")
+                    .arg("t")
+                    .exec(c)
+                    .unwrap();
+            },
+            "\"x\" has a lease token",
+        ),
+        (
+            "unknown_id",
+            |c, l| {
+                redis::cmd("HSET")
+                    .arg(l.msg())
+                    .arg("u")
+                    .arg("{}")
+                    .exec(c)
+                    .unwrap();
+                redis::cmd("RPUSH")
+                    .arg(l.pending())
+                    .arg("u")
+                    .exec(c)
+                    .unwrap();
+            },
+            "unknown message: id \"u\"",
+        ),
+    ];
+    for (name, plant, expected) in cases {
+        let layout = Layout::new("mq", name);
+        build_states(&mut conn, &layout);
+        check_invariants(&mut conn, &layout, &all);
+        plant(&mut conn, &layout);
+        let message = panic_message(|| {
+            check_invariants(&mut conn, &layout, &all);
+        });
+        assert!(
+            message.contains(expected),
+            "case {name}: expected {expected:?} in:\n{message}"
+        );
+    }
+}
+
+#[test]
+#[should_panic(expected = "is in more than one state")]
+fn invariants_panic_on_double_state() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let layout = Layout::new("mq", "t");
+    build_states(&mut conn, &layout);
+    redis::cmd("ZADD")
+        .arg(layout.dead())
+        .arg(1)
+        .arg("p")
+        .exec(&mut conn)
+        .unwrap();
+    check_invariants(&mut conn, &layout, &ids(&["p", "d", "a", "x"]));
+}

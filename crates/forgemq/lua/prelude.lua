@@ -1,0 +1,46 @@
+-- Shared helpers, prepended to every script by src/scripts.rs.
+
+-- Milliseconds on Redis's own clock. Every lease deadline and due time comes from here,
+-- never from a worker's clock, so skewed workers can neither expire live leases early nor
+-- release delayed messages before they are due (DESIGN.md rule 3).
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Leaves one wake-up token for a worker blocked on the topic's wake list. One token is
+-- enough: a worker that finds more pending work after its fetch passes the token on, so
+-- tokens never pile up while every worker is busy.
+local function wake(key)
+  if redis.call('LLEN', key) == 0 then
+    redis.call('RPUSH', key, '1')
+  end
+end
+
+-- Sets a top-level field of an envelope by appending `"name":value` before the closing
+-- brace. Readers decode the envelope as a JSON object in which the last occurrence of a key
+-- wins, so the body (and its `data`, which cjson would not round-trip: 299.99 and `[]`
+-- change) is never re-encoded. A body that is not a JSON object is returned unchanged.
+local function set_field(body, name, value)
+  local head = string.match(body, '^(.*)}%s*$')
+  if not head then
+    return body
+  end
+  local sep = ','
+  if string.match(head, '^%s*{%s*$') then
+    sep = ''
+  end
+  return head .. sep .. cjson.encode(name) .. ':' .. cjson.encode(value) .. '}'
+end
+
+-- Reads a non-negative integer top-level field of an envelope; 0 when absent or unreadable.
+local function get_count(body, name)
+  local ok, t = pcall(cjson.decode, body)
+  if ok and type(t) == 'table' then
+    local n = tonumber(t[name])
+    if n and n >= 0 then
+      return math.floor(n)
+    end
+  end
+  return 0
+end

@@ -1,0 +1,52 @@
+-- recover: deliveries whose lease expired (worker killed, frozen or cut off) go back to
+-- pending, counting a recovery; past max_recoveries the message is poison (it keeps killing
+-- its worker) and is dead-lettered instead.
+-- KEYS[1] active   ZSET
+-- KEYS[2] lease    HASH
+-- KEYS[3] msg      HASH
+-- KEYS[4] pending  LIST
+-- KEYS[5] dead     ZSET
+-- KEYS[6] wake     LIST
+-- KEYS[7] stats    HASH
+-- ARGV[1] max_recoveries
+-- ARGV[2] limit    most expired leases handled per call
+-- Returns {recovered, dead_lettered}.
+
+local now = now_ms()
+-- Strictly before now: a lease deadline equal to now is still live.
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, tonumber(ARGV[2]))
+if #expired == 0 then
+  return {0, 0}
+end
+
+local max = tonumber(ARGV[1])
+local bodies = redis.call('HMGET', KEYS[3], unpack(expired))
+local recovered, dead = 0, 0
+redis.call('ZREM', KEYS[1], unpack(expired))
+redis.call('HDEL', KEYS[2], unpack(expired))
+for i, id in ipairs(expired) do
+  local body = bodies[i]
+  if body then
+    local count = get_count(body, 'recoveries') + 1
+    body = set_field(body, 'recoveries', count)
+    if count > max then
+      body = set_field(body, 'last_error',
+        'lease expired ' .. count .. ' times: the worker crashed, hung or lost Redis while handling it (poison message)')
+      redis.call('ZADD', KEYS[5], now, id)
+      dead = dead + 1
+    else
+      redis.call('LPUSH', KEYS[4], id)
+      recovered = recovered + 1
+    end
+    redis.call('HSET', KEYS[3], id, body)
+  end
+end
+
+if recovered > 0 then
+  redis.call('HINCRBY', KEYS[7], 'recovered', recovered)
+  wake(KEYS[6])
+end
+if dead > 0 then
+  redis.call('HINCRBY', KEYS[7], 'dead', dead)
+end
+return {recovered, dead}

@@ -1,0 +1,34 @@
+-- release: hand unfinished deliveries back at once (graceful shutdown), without counting
+-- an attempt: the handler did not fail, the worker stopped.
+-- KEYS[1] active   ZSET
+-- KEYS[2] lease    HASH
+-- KEYS[3] pending  LIST
+-- KEYS[4] wake     LIST
+-- KEYS[5] stats    HASH
+-- ARGV    pairs: token, id
+-- Returns one integer per pair: 1 released, 0 lease lost.
+
+local ids = {}
+for i = 2, #ARGV, 2 do
+  ids[#ids + 1] = ARGV[i]
+end
+local owners = redis.call('HMGET', KEYS[2], unpack(ids))
+local results, back = {}, {}
+for i, id in ipairs(ids) do
+  if owners[i] == ARGV[2 * i - 1] then
+    results[i] = 1
+    back[#back + 1] = id
+  else
+    results[i] = 0
+  end
+end
+
+if #back > 0 then
+  redis.call('ZREM', KEYS[1], unpack(back))
+  redis.call('HDEL', KEYS[2], unpack(back))
+  -- To the head: these were taken first, so they run first.
+  redis.call('LPUSH', KEYS[3], unpack(back))
+  redis.call('HINCRBY', KEYS[5], 'released', #back)
+  wake(KEYS[4])
+end
+return results

@@ -1,0 +1,534 @@
+//! The producer and inspector: publish, look at queues, manage dead letters.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::keys::{validate_topic, Namespace, TopicKeys};
+use crate::message::{from_millis, Envelope, MessageId};
+use crate::store::{ConnSettings, Store};
+
+/// Default namespace: keys look like `mq:{user.welcome}:pending`.
+pub const DEFAULT_NAMESPACE: &str = "mq";
+
+/// Default payload limit. Redis holds every body in memory; a megabyte is already a large
+/// message for a queue, and bigger blobs belong in object storage with a reference here.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// Messages per `publish_batch` round trip. Large enough to amortise the round trip,
+/// small enough that one script call does not stall Redis for other clients.
+const PUBLISH_CHUNK: usize = 1000;
+
+/// Attempts for one publish when Redis is briefly unreachable. The id is fixed before the
+/// first attempt, so a retry after an unknown outcome never stores a second copy.
+const PUBLISH_ATTEMPTS: u32 = 3;
+
+/// A connection to ForgeMQ on one Redis server: publishes and inspects queues.
+///
+/// Cheap to clone; clones share one multiplexed connection that reconnects by itself.
+///
+/// # Examples
+/// ```no_run
+/// # async fn example() -> forgemq::Result<()> {
+/// use serde_json::json;
+/// let mq = forgemq::Client::connect("redis://127.0.0.1:6379").await?;
+/// let id = mq.publish("user.welcome", json!({"user_id": "123"})).await?;
+/// println!("published {id}; waiting: {}", mq.get_queue_length("user.welcome").await?);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Store,
+    max_payload: usize,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("namespace", &self.inner.store.ns.name())
+            .field("max_payload", &self.inner.max_payload)
+            .finish()
+    }
+}
+
+/// Settings for a [`Client`]; start with [`Client::builder`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    url: String,
+    namespace: String,
+    response_timeout: Duration,
+    connect_timeout: Duration,
+    reconnect_retries: usize,
+    max_payload: usize,
+}
+
+impl ClientBuilder {
+    /// Prefix of every key (default `mq`). Several applications can share one Redis with
+    /// different namespaces.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// How long a command may take before it fails with a timeout (default 5 s). Blocking
+    /// waits use their own connection and are not cut by this.
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How long a connection attempt may take (default 2 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Connection attempts after a connection drops before a call fails (default 3, with
+    /// exponential backoff from 100 ms). Workers keep retrying beyond this on their own.
+    pub fn reconnect_retries(mut self, retries: usize) -> Self {
+        self.reconnect_retries = retries;
+        self
+    }
+
+    /// Largest serialized message accepted, in bytes (default 1 MiB).
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+
+    /// Connects. Fails when Redis can't be reached, so a misconfigured producer finds out
+    /// at start-up rather than by losing messages.
+    pub async fn build(self) -> Result<Client> {
+        let ns = Namespace::new(&self.namespace)?;
+        if self.max_payload == 0 {
+            return Err(Error::Config("max_payload must be at least 1 byte".into()));
+        }
+        let store = Store::connect(
+            &self.url,
+            ns,
+            ConnSettings {
+                response_timeout: self.response_timeout,
+                connect_timeout: self.connect_timeout,
+                reconnect_retries: self.reconnect_retries,
+            },
+        )
+        .await?;
+        // A round trip now, so that "connected" means Redis answered.
+        store.ping().await?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                store,
+                max_payload: self.max_payload,
+            }),
+        })
+    }
+}
+
+/// Options for [`Client::publish_with`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct PublishOptions {
+    delay: Option<Duration>,
+    max_retry: Option<u32>,
+    id: Option<MessageId>,
+}
+
+impl PublishOptions {
+    /// No delay, the subscription's retry limit, a generated id.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Deliver no earlier than `delay` from now (measured on Redis's clock).
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+
+    /// Retries for this message, overriding the subscription's `max_retry`.
+    pub fn max_retry(mut self, retries: u32) -> Self {
+        self.max_retry = Some(retries);
+        self
+    }
+
+    /// Use this id instead of a generated one. Publishing the same id again while the
+    /// message is stored writes nothing and returns [`PublishOutcome::Duplicate`].
+    pub fn id(mut self, id: MessageId) -> Self {
+        self.id = Some(id);
+        self
+    }
+}
+
+/// What [`Client::publish_with`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PublishOutcome {
+    /// The message was stored under this id.
+    Published(MessageId),
+    /// A message with this id was already stored; nothing was written.
+    Duplicate(MessageId),
+}
+
+impl PublishOutcome {
+    /// The id, in either case.
+    pub fn id(&self) -> &MessageId {
+        match self {
+            PublishOutcome::Published(id) | PublishOutcome::Duplicate(id) => id,
+        }
+    }
+
+    /// True for [`PublishOutcome::Duplicate`].
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self, PublishOutcome::Duplicate(_))
+    }
+}
+
+/// Where the messages of one topic are, and what happened to them so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// The topic.
+    pub topic: String,
+    /// Waiting to run now (the seed's queue length).
+    pub pending: u64,
+    /// Being handled (leased by a worker).
+    pub active: u64,
+    /// Waiting for their due time: delayed publishes and retries in backoff.
+    pub delayed: u64,
+    /// In the dead-letter queue now.
+    pub dead: u64,
+    /// Ever published.
+    pub published: u64,
+    /// Ever acknowledged (handler succeeded).
+    pub processed: u64,
+    /// Failed attempts (each failed run counts once).
+    pub failed: u64,
+    /// Failed attempts that were scheduled to run again.
+    pub retried: u64,
+    /// Ever moved to the dead-letter queue.
+    pub dead_lettered: u64,
+    /// Deliveries whose lease expired and went back to pending (worker crash or stall).
+    pub recovered: u64,
+    /// Dead letters sent back to the queue.
+    pub reprocessed: u64,
+    /// Messages deleted by `purge_queue`.
+    pub purged: u64,
+}
+
+impl QueueStats {
+    /// The seed's `Length`: messages waiting to be consumed.
+    pub fn length(&self) -> u64 {
+        self.pending
+    }
+}
+
+/// A message in the dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The message id.
+    pub id: MessageId,
+    /// Its topic.
+    pub topic: String,
+    /// The published data (`null` when the stored body could not be decoded).
+    pub data: Value,
+    /// Failed attempts.
+    pub retry: u32,
+    /// Why it died: the last handler error, a decode error or a poison-message note.
+    pub error: Option<String>,
+    /// When it died (Redis clock).
+    pub died_at: SystemTime,
+    /// The whole stored envelope as JSON text, including the failure history.
+    pub envelope: String,
+}
+
+impl Client {
+    /// Connects with default settings; see [`Client::builder`] for the rest.
+    pub async fn connect(url: &str) -> Result<Client> {
+        Self::builder(url).build().await
+    }
+
+    /// Starts configuring a client for the Redis at `url` (`redis://host:port/db`).
+    pub fn builder(url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            url: url.into(),
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            response_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            reconnect_retries: 3,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
+    }
+
+    /// The key namespace in use.
+    pub fn namespace(&self) -> &str {
+        self.inner.store.ns.name()
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub(crate) fn keys(&self, topic: &str) -> Result<TopicKeys> {
+        validate_topic(topic)?;
+        Ok(self.inner.store.ns.topic(topic))
+    }
+
+    /// Publishes `data` to `topic` and returns its id once Redis has stored it.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn example(mq: forgemq::Client) -> forgemq::Result<()> {
+    /// let id = mq
+    ///     .publish("order.paid", serde_json::json!({"order_id": "ORD123", "amount": 299.99}))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn publish<D: Serialize>(&self, topic: &str, data: D) -> Result<MessageId> {
+        Ok(self
+            .publish_with(topic, data, PublishOptions::new())
+            .await?
+            .id()
+            .clone())
+    }
+
+    /// Publishes `data` to be delivered no earlier than `delay` from now.
+    ///
+    /// The due time is kept in Redis, so it fires even if this process exits right after.
+    pub async fn publish_with_delay<D: Serialize>(
+        &self,
+        topic: &str,
+        data: D,
+        delay: Duration,
+    ) -> Result<MessageId> {
+        Ok(self
+            .publish_with(topic, data, PublishOptions::new().delay(delay))
+            .await?
+            .id()
+            .clone())
+    }
+
+    /// Publishes with options: delay, retry limit, caller-chosen id.
+    pub async fn publish_with<D: Serialize>(
+        &self,
+        topic: &str,
+        data: D,
+        options: PublishOptions,
+    ) -> Result<PublishOutcome> {
+        let keys = self.keys(topic)?;
+        let id = options.id.clone().unwrap_or_else(MessageId::generate);
+        let item = self.prepare(topic, &id, data, &options)?;
+        let written = self.write(&keys, &[item]).await?;
+        Ok(if written.first().copied().unwrap_or(false) {
+            PublishOutcome::Published(id)
+        } else {
+            PublishOutcome::Duplicate(id)
+        })
+    }
+
+    /// Publishes many messages, one round trip per 1,000; returns their ids in order.
+    ///
+    /// Every item is checked (serializable, within the size limit) before anything is
+    /// written, so a bad item fails the call with nothing stored.
+    pub async fn publish_batch<I, D>(&self, topic: &str, items: I) -> Result<Vec<MessageId>>
+    where
+        I: IntoIterator<Item = D>,
+        D: Serialize,
+    {
+        let keys = self.keys(topic)?;
+        let options = PublishOptions::new();
+        let mut ids = Vec::new();
+        let mut prepared = Vec::new();
+        for data in items {
+            let id = MessageId::generate();
+            prepared.push(self.prepare(topic, &id, data, &options)?);
+            ids.push(id);
+        }
+        for chunk in prepared.chunks(PUBLISH_CHUNK) {
+            self.write(&keys, chunk).await?;
+        }
+        Ok(ids)
+    }
+
+    fn prepare<D: Serialize>(
+        &self,
+        topic: &str,
+        id: &MessageId,
+        data: D,
+        options: &PublishOptions,
+    ) -> Result<(String, u64, String)> {
+        let data = serde_json::to_value(data).map_err(Error::Serialize)?;
+        let body = Envelope::new(id, topic, data, options.max_retry).encode();
+        if body.len() > self.inner.max_payload {
+            return Err(Error::PayloadTooLarge {
+                size: body.len(),
+                limit: self.inner.max_payload,
+            });
+        }
+        let delay_ms = options
+            .delay
+            .map_or(0, |d| d.as_millis().min(u128::from(u64::MAX)) as u64);
+        Ok((id.as_str().to_owned(), delay_ms, body))
+    }
+
+    /// Writes prepared messages, retrying transient failures with the same ids.
+    async fn write(&self, keys: &TopicKeys, items: &[(String, u64, String)]) -> Result<Vec<bool>> {
+        let mut attempt = 1;
+        loop {
+            match self.inner.store.publish(keys, items).await {
+                Err(e) if e.is_transient() && attempt < PUBLISH_ATTEMPTS => {
+                    tracing::warn!(topic = %keys.topic, attempt, error = %e, "publish failed; retrying with the same ids");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Messages waiting to be consumed in `topic` (not counting active, delayed or dead
+    /// ones, nor history). Drops to 0 once everything is consumed.
+    pub async fn get_queue_length(&self, topic: &str) -> Result<u64> {
+        Ok(self.stats(topic).await?.pending)
+    }
+
+    /// Counts per state and the counters of one topic.
+    pub async fn stats(&self, topic: &str) -> Result<QueueStats> {
+        let keys = self.keys(topic)?;
+        let raw = self.inner.store.stats(&keys).await?;
+        let c = |name: &str| raw.counters.get(name).copied().unwrap_or(0);
+        Ok(QueueStats {
+            topic: topic.to_owned(),
+            pending: raw.pending,
+            active: raw.active,
+            delayed: raw.delayed,
+            dead: raw.dead,
+            published: c("published"),
+            processed: c("processed"),
+            failed: c("failed"),
+            retried: c("retried"),
+            dead_lettered: c("dead"),
+            recovered: c("recovered"),
+            reprocessed: c("reprocessed"),
+            purged: c("purged"),
+        })
+    }
+
+    /// Stats of every topic ever published to in this namespace, sorted by name.
+    /// Read from the topic registry (`mq:topics`), never by scanning the keyspace.
+    pub async fn get_all_queues(&self) -> Result<Vec<QueueStats>> {
+        let mut all = Vec::new();
+        for topic in self.inner.store.topics().await? {
+            // A name planted by hand that breaks the rules is skipped, not fatal.
+            if validate_topic(&topic).is_ok() {
+                all.push(self.stats(&topic).await?);
+            }
+        }
+        Ok(all)
+    }
+
+    /// A page of the dead-letter queue of `topic`, oldest first: `0..50` is the first 50.
+    pub async fn get_dead_letters(
+        &self,
+        topic: &str,
+        range: Range<usize>,
+    ) -> Result<Vec<DeadLetter>> {
+        let keys = self.keys(topic)?;
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .inner
+            .store
+            .dead_letters(&keys, range.start, range.end - 1)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, body, died)| {
+                let body = body?;
+                let text = String::from_utf8_lossy(&body).into_owned();
+                let (data, retry, error) = match Envelope::decode(&body) {
+                    Ok(env) => (env.data, env.retry, env.last_error),
+                    Err(e) => (Value::Null, 0, Some(format!("undecodable envelope: {e}"))),
+                };
+                Some(DeadLetter {
+                    id: MessageId::from_stored(id),
+                    topic: topic.to_owned(),
+                    data,
+                    retry,
+                    error,
+                    died_at: from_millis(died),
+                    envelope: text,
+                })
+            })
+            .collect())
+    }
+
+    /// Moves one dead letter back to the queue with a fresh set of retries.
+    /// [`Error::NotFound`] when `topic` has no dead letter with that id.
+    pub async fn reprocess_dead_letter(&self, topic: &str, id: &MessageId) -> Result<()> {
+        let keys = self.keys(topic)?;
+        if self.inner.store.reprocess(&keys, id.as_str()).await? {
+            Ok(())
+        } else {
+            Err(Error::NotFound {
+                topic: topic.to_owned(),
+                id: id.to_string(),
+                what: "dead letter",
+            })
+        }
+    }
+
+    /// Deletes every message of `topic` in every state (pending, delayed, active, dead) and
+    /// returns how many. Counters and the topic's registration stay; running workers go on
+    /// with what is published next.
+    pub async fn purge_queue(&self, topic: &str) -> Result<u64> {
+        let keys = self.keys(topic)?;
+        self.inner.store.purge(&keys).await
+    }
+
+    /// Settings of the Redis server that put messages at risk, one sentence each:
+    /// an eviction policy other than `noeviction` (Redis may delete queued messages when
+    /// full) and persistence switched off (a restart loses everything). Empty when all is
+    /// well or when the server does not allow `CONFIG GET`.
+    pub async fn server_warnings(&self) -> Result<Vec<String>> {
+        let Some(config) = self
+            .inner
+            .store
+            .config_get(&["maxmemory-policy", "appendonly", "save"])
+            .await?
+        else {
+            return Ok(Vec::new());
+        };
+        let mut warnings = Vec::new();
+        if let Some(policy) = config.get("maxmemory-policy") {
+            if policy != "noeviction" {
+                warnings.push(format!(
+                    "Redis maxmemory-policy is {policy:?}: when memory fills up Redis will evict queued messages. Set `maxmemory-policy noeviction`."
+                ));
+            }
+        }
+        let aof = config.get("appendonly").is_some_and(|v| v == "yes");
+        let rdb = config.get("save").is_some_and(|v| !v.trim().is_empty());
+        if !aof && !rdb {
+            warnings.push(
+                "Redis persistence is off (no AOF, no RDB snapshots): a Redis restart loses every queued message. Set `appendonly yes`."
+                    .to_owned(),
+            );
+        } else if !aof {
+            warnings.push(
+                "Redis AOF is off: a crash loses the messages published since the last RDB snapshot. Set `appendonly yes`."
+                    .to_owned(),
+            );
+        }
+        Ok(warnings)
+    }
+}

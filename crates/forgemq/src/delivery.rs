@@ -1,0 +1,192 @@
+//! Manual fetch: take messages without a worker and settle each one yourself.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::keys::TopicKeys;
+use crate::message::{Envelope, LeaseState, Message, MessageId};
+
+/// Lease of a manually fetched message: as a worker's default, and renewable with
+/// [`Delivery::extend`].
+pub const DEFAULT_POP_LEASE: Duration = Duration::from_secs(15);
+
+/// Retries allowed when neither the message nor the caller says otherwise.
+const DEFAULT_MAX_RETRY: u32 = 3;
+
+/// Poison limit applied by the recovery that a manual fetch runs first.
+const POP_MAX_RECOVERIES: u32 = 3;
+
+/// A leased message taken with [`Client::pop_message`].
+///
+/// Settle it with [`ack`](Delivery::ack), [`nack`](Delivery::nack) or
+/// [`dead`](Delivery::dead). Dropping it unsettled is safe: the lease expires and the
+/// message is handed out again.
+#[derive(Debug)]
+pub struct Delivery {
+    client: Client,
+    keys: TopicKeys,
+    token: String,
+    body: Vec<u8>,
+    message: Message<Value>,
+}
+
+impl Delivery {
+    /// The message.
+    pub fn message(&self) -> &Message<Value> {
+        &self.message
+    }
+
+    /// The message id.
+    pub fn id(&self) -> &MessageId {
+        &self.message.id
+    }
+
+    /// The message data.
+    pub fn data(&self) -> &Value {
+        &self.message.data
+    }
+
+    fn lost(&self) -> Error {
+        Error::LeaseLost {
+            topic: self.keys.topic.clone(),
+            id: self.message.id.to_string(),
+        }
+    }
+
+    /// Done: the message is removed. [`Error::LeaseLost`] if the lease expired and the
+    /// message was handed to someone else meanwhile.
+    pub async fn ack(self) -> Result<()> {
+        let pair = [(self.token.clone(), self.message.id.to_string())];
+        let flags = self.client.store().ack(&self.keys, &pair).await?;
+        if flags.first().copied().unwrap_or(false) {
+            Ok(())
+        } else {
+            Err(self.lost())
+        }
+    }
+
+    /// Failed: counts an attempt and runs it again after `retry_after`, or dead-letters it
+    /// when its retries are used up.
+    pub async fn nack(self, retry_after: Duration, error: &str) -> Result<()> {
+        let mut env = Envelope::decode(&self.body).map_err(|e| Error::Protocol(e.to_string()))?;
+        env.record_failure(error);
+        let body = env.encode();
+        let id = self.message.id.as_str();
+        let store = self.client.store();
+        let ok = if env.retry > env.max_retry.unwrap_or(DEFAULT_MAX_RETRY) {
+            store.dead(&self.keys, id, &self.token, &body).await?
+        } else {
+            store
+                .retry(&self.keys, id, &self.token, &body, retry_after)
+                .await?
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(self.lost())
+        }
+    }
+
+    /// Failed for good: straight to the dead-letter queue with `reason`.
+    pub async fn dead(self, reason: &str) -> Result<()> {
+        let mut env = Envelope::decode(&self.body).map_err(|e| Error::Protocol(e.to_string()))?;
+        env.record_failure(reason);
+        let ok = self
+            .client
+            .store()
+            .dead(
+                &self.keys,
+                self.message.id.as_str(),
+                &self.token,
+                &env.encode(),
+            )
+            .await?;
+        if ok {
+            Ok(())
+        } else {
+            Err(self.lost())
+        }
+    }
+
+    /// Renews the lease for `lease` from now (Redis clock).
+    pub async fn extend(&self, lease: Duration) -> Result<()> {
+        let pair = [(self.token.clone(), self.message.id.to_string())];
+        let flags = self.client.store().extend(&self.keys, lease, &pair).await?;
+        if flags.first().copied().unwrap_or(false) {
+            Ok(())
+        } else {
+            self.message.lease.mark_lost();
+            Err(self.lost())
+        }
+    }
+}
+
+impl Client {
+    /// Takes the next waiting message of `topic` without blocking (the seed's
+    /// `PopMessage`); `None` when nothing is waiting.
+    pub async fn pop_message(&self, topic: &str) -> Result<Option<Delivery>> {
+        Ok(self.pop_messages(topic, 1).await?.pop())
+    }
+
+    /// Takes up to `n` waiting messages in one round trip, each leased for
+    /// [`DEFAULT_POP_LEASE`].
+    pub async fn pop_messages(&self, topic: &str, n: usize) -> Result<Vec<Delivery>> {
+        self.pop_messages_with_lease(topic, n, DEFAULT_POP_LEASE)
+            .await
+    }
+
+    /// As [`Client::pop_messages`], with a chosen lease.
+    pub async fn pop_messages_with_lease(
+        &self,
+        topic: &str,
+        n: usize,
+        lease: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let keys = self.keys(topic)?;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        if lease < Duration::from_millis(1) {
+            return Err(Error::Config("lease must be at least 1ms".into()));
+        }
+        let store = self.store();
+        // Without a worker on this topic nobody else returns expired leases.
+        store.recover(&keys, POP_MAX_RECOVERIES, 1000).await?;
+        let token = crate::worker::random_token();
+        let fetched = store.fetch(&keys, n, lease, &token, 1000).await?;
+        let mut out = Vec::with_capacity(fetched.messages.len());
+        for m in fetched.messages {
+            match Envelope::decode(&m.body) {
+                Ok(env) => {
+                    let message = Message {
+                        id: MessageId::from_stored(m.id),
+                        topic: topic.to_owned(),
+                        timestamp: env.timestamp(),
+                        retry: env.retry,
+                        max_retry: env.max_retry.unwrap_or(DEFAULT_MAX_RETRY),
+                        recoveries: env.recoveries,
+                        data: env.data,
+                        lease: std::sync::Arc::new(LeaseState::default()),
+                    };
+                    out.push(Delivery {
+                        client: self.clone(),
+                        keys: keys.clone(),
+                        token: token.clone(),
+                        body: m.body,
+                        message,
+                    });
+                }
+                Err(e) => {
+                    let error = format!("envelope does not decode: {e}");
+                    let replacement =
+                        crate::message::undecodable_envelope(&m.id, topic, &m.body, &error);
+                    store.dead(&keys, &m.id, &token, &replacement).await?;
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,132 @@
+//! The library's one error type.
+
+use std::time::Duration;
+
+/// Everything that can go wrong in ForgeMQ.
+///
+/// Errors carry what a caller needs to react: predicates such as [`Error::is_transient`]
+/// say whether trying again may help.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A topic name broke the naming rules; nothing was written.
+    #[error("invalid topic name {topic:?}: {reason}")]
+    InvalidTopic {
+        /// The name as given.
+        topic: String,
+        /// Which rule it broke.
+        reason: &'static str,
+    },
+    /// A namespace broke the naming rules (the same as for topics).
+    #[error("invalid namespace {namespace:?}: {reason}")]
+    InvalidNamespace {
+        /// The namespace as given.
+        namespace: String,
+        /// Which rule it broke.
+        reason: &'static str,
+    },
+    /// A caller-chosen message id was empty, too long or had control characters or spaces.
+    #[error("invalid message id {id:?}: {reason}")]
+    InvalidId {
+        /// The id as given.
+        id: String,
+        /// Which rule it broke.
+        reason: &'static str,
+    },
+    /// The serialized message is larger than the configured limit; nothing was written.
+    #[error("message of {size} bytes is over the {limit}-byte limit (raise it with ClientBuilder::max_payload)")]
+    PayloadTooLarge {
+        /// Size of the serialized envelope in bytes.
+        size: usize,
+        /// The configured limit in bytes.
+        limit: usize,
+    },
+    /// The data could not be serialized to JSON.
+    #[error("message data is not serializable to JSON: {0}")]
+    Serialize(#[source] serde_json::Error),
+    /// No message with that id is in the state the operation needs.
+    #[error("no {what} with id {id:?} in topic {topic:?}")]
+    NotFound {
+        /// The topic searched.
+        topic: String,
+        /// The id looked for.
+        id: String,
+        /// What was looked for, e.g. "dead letter".
+        what: &'static str,
+    },
+    /// The delivery's lease is no longer this worker's: it expired and the message was
+    /// handed to another worker, or it was completed or purged meanwhile.
+    #[error("lease lost for message {id:?} of topic {topic:?}: another delivery owns it now")]
+    LeaseLost {
+        /// The message's topic.
+        topic: String,
+        /// The message id.
+        id: String,
+    },
+    /// An option was out of range; the message says which and why.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A worker was built without any subscription.
+    #[error("the worker has no subscriptions: call subscribe() before build()")]
+    NoSubscriptions,
+    /// Redis answered with an error, or could not be reached within the timeout.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Redis answered with something this version of ForgeMQ does not understand.
+    #[error("unexpected reply from redis: {0}")]
+    Protocol(String),
+    /// An operation did not finish in time.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+impl Error {
+    /// True when the same call may succeed if tried again later: Redis unreachable, a
+    /// dropped connection, a timeout, Redis loading its data or briefly paused.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Redis(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || matches!(
+                        e.kind(),
+                        redis::ErrorKind::Server(
+                            redis::ServerErrorKind::BusyLoading
+                                | redis::ServerErrorKind::TryAgain
+                                | redis::ServerErrorKind::MasterDown
+                        )
+                    )
+            }
+            Error::Timeout(_) => true,
+            _ => false,
+        }
+    }
+
+    /// True for [`Error::NotFound`].
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::NotFound { .. })
+    }
+
+    /// True for [`Error::LeaseLost`].
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self, Error::LeaseLost { .. })
+    }
+
+    /// True when the caller's input was refused before anything was written.
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidTopic { .. }
+                | Error::InvalidNamespace { .. }
+                | Error::InvalidId { .. }
+                | Error::PayloadTooLarge { .. }
+                | Error::Serialize(_)
+                | Error::Config(_)
+        )
+    }
+}
+
+/// `Result` with ForgeMQ's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,135 @@
+//! Redis key names: the only module that builds them.
+//!
+//! Every key of one topic carries the hash tag `{topic}`, so each Lua script touches a
+//! single slot and the same scripts run on Redis Cluster.
+
+use crate::error::{Error, Result};
+
+/// Longest topic name in bytes. Long enough for any `<entity>.<action>` scheme, short
+/// enough that key names stay small next to the bodies they index.
+pub(crate) const MAX_TOPIC_LEN: usize = 200;
+
+/// Checks a topic name: 1–200 bytes of ASCII letters, digits and `.` `_` `-` `:`.
+///
+/// `{` and `}` would break the hash tag, `#` is kept for partitioned topics, and spaces
+/// or control characters make names that are hard to type into `redis-cli`.
+pub(crate) fn validate_topic(topic: &str) -> Result<()> {
+    check_name(topic).map_err(|reason| Error::InvalidTopic {
+        topic: topic.to_owned(),
+        reason,
+    })
+}
+
+/// Checks a namespace with the same rules as a topic name.
+pub(crate) fn validate_namespace(namespace: &str) -> Result<()> {
+    check_name(namespace).map_err(|reason| Error::InvalidNamespace {
+        namespace: namespace.to_owned(),
+        reason,
+    })
+}
+
+fn check_name(name: &str) -> std::result::Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("it is empty; use e.g. \"user.welcome\"");
+    }
+    if name.len() > MAX_TOPIC_LEN {
+        return Err("it is longer than 200 bytes");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+    {
+        return Err("only ASCII letters, digits and . _ - : are allowed");
+    }
+    Ok(())
+}
+
+/// Key names of one namespace.
+#[derive(Debug, Clone)]
+pub(crate) struct Namespace {
+    ns: String,
+}
+
+impl Namespace {
+    pub(crate) fn new(ns: &str) -> Result<Self> {
+        validate_namespace(ns)?;
+        Ok(Self { ns: ns.to_owned() })
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.ns
+    }
+
+    /// The SET of all topic names (no `KEYS` or `SCAN` anywhere).
+    pub(crate) fn topics(&self) -> String {
+        format!("{}:topics", self.ns)
+    }
+
+    /// Key names of one topic. The topic must have been validated.
+    pub(crate) fn topic(&self, topic: &str) -> TopicKeys {
+        let p = format!("{}:{{{}}}:", self.ns, topic);
+        let k = |s: &str| format!("{p}{s}");
+        TopicKeys {
+            topic: topic.to_owned(),
+            pending: k("pending"),
+            msg: k("msg"),
+            active: k("active"),
+            lease: k("lease"),
+            delayed: k("delayed"),
+            dead: k("dead"),
+            stats: k("stats"),
+            wake: k("wake"),
+        }
+    }
+}
+
+/// The keys of one topic; see the README's "Redis layout".
+#[derive(Debug, Clone)]
+pub(crate) struct TopicKeys {
+    pub(crate) topic: String,
+    /// LIST of ids ready to run, oldest at the head.
+    pub(crate) pending: String,
+    /// HASH id → envelope JSON, the only copy of each body.
+    pub(crate) msg: String,
+    /// ZSET id → lease deadline (ms, Redis clock).
+    pub(crate) active: String,
+    /// HASH id → token of the delivery that owns the lease.
+    pub(crate) lease: String,
+    /// ZSET id → due time (ms): delayed publishes and retry backoff.
+    pub(crate) delayed: String,
+    /// ZSET id → time it died (ms).
+    pub(crate) dead: String,
+    /// HASH of counters.
+    pub(crate) stats: String,
+    /// LIST holding at most one wake-up token that idle workers block on.
+    pub(crate) wake: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_follow_the_rules() {
+        for ok in [
+            "user.welcome",
+            "order.payment.check",
+            "a",
+            "x_y-z:1",
+            &"a".repeat(200),
+        ] {
+            assert!(validate_topic(ok).is_ok(), "{ok} should be valid");
+        }
+        for bad in ["", "a{b}", "a b", "é", "a#1", "a\n", &"a".repeat(201)] {
+            assert!(validate_topic(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn keys_share_the_topic_hash_tag() {
+        let k = Namespace::new("mq").unwrap().topic("order.paid");
+        assert_eq!(k.pending, "mq:{order.paid}:pending");
+        assert_eq!(k.msg, "mq:{order.paid}:msg");
+        assert_eq!(Namespace::new("mq").unwrap().topics(), "mq:topics");
+    }
+}

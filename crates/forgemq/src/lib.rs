@@ -1,0 +1,52 @@
+//! ForgeMQ: a reliable message queue on Redis.
+//!
+//! Publish JSON messages to topics, consume them with async handlers, delay them, retry
+//! them with backoff, and keep the ones that fail for good in a dead-letter queue. Every
+//! state change is one Lua script, every delivery is leased with a random token, and a
+//! killed worker's messages run again: nothing is lost, delivery is at-least-once.
+//!
+//! ```no_run
+//! use forgemq::{Client, HandlerError, Message, Worker};
+//! use serde_json::{json, Value};
+//!
+//! # async fn example() -> forgemq::Result<()> {
+//! let mq = Client::connect("redis://127.0.0.1:6379").await?;
+//! mq.publish("user.welcome", json!({"user_id": "123", "email": "john@example.com"})).await?;
+//!
+//! Worker::builder(mq.clone())
+//!     .subscribe("user.welcome", |msg: Message<Value>| async move {
+//!         println!("welcome {}", msg.data["email"]);
+//!         Ok::<(), HandlerError>(())
+//!     })
+//!     .build()?
+//!     .run_until(async { tokio::signal::ctrl_c().await.ok(); })
+//!     .await
+//! # }
+//! ```
+//!
+//! # Layout
+//! - [`client`]: [`Client`], the producer and inspector (publish, stats, dead letters, purge).
+//! - [`delivery`]: [`Delivery`], manual fetch (`pop_message`) with ack / nack / dead.
+//! - [`worker`]: [`Worker`], subscriptions, the fetch loop, lease renewal, recovery, shutdown.
+//! - [`handler`]: [`HandlerError`] and [`Backoff`], what handlers return and how retries wait.
+//! - [`message`]: [`Message`] and [`MessageId`].
+//! - [`error`]: [`Error`], the one error type.
+//! - `keys`: Redis key names (the only place they are built).
+//! - `store`: Redis commands (the only place they are sent); scripts live in `lua/*.lua`.
+
+pub mod client;
+pub mod delivery;
+pub mod error;
+pub mod handler;
+mod keys;
+pub mod message;
+mod scripts;
+mod store;
+pub mod worker;
+
+pub use client::{Client, ClientBuilder, DeadLetter, PublishOptions, PublishOutcome, QueueStats};
+pub use delivery::Delivery;
+pub use error::{Error, Result};
+pub use handler::{Backoff, HandlerError};
+pub use message::{Message, MessageId};
+pub use worker::{Subscription, Worker, WorkerBuilder};

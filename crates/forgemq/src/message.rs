@@ -1,0 +1,344 @@
+//! Messages: the id, the envelope stored in Redis, and what a handler receives.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::Error;
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Longest caller-chosen id, in bytes; generated ids are 36.
+const MAX_ID_LEN: usize = 200;
+
+/// How many past failures an envelope keeps in `errors`: enough to see a pattern in the
+/// dead-letter browser, few enough that a message failing forever stays small.
+const ERROR_HISTORY: usize = 10;
+
+/// A message id: unique, non-empty and, when ForgeMQ makes it, time-sortable (UUIDv7).
+///
+/// The client makes the id before writing, so a publish retried after an unknown outcome
+/// writes the same id again and Redis keeps one copy.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MessageId(String);
+
+impl MessageId {
+    /// A new time-sortable id (UUIDv7, e.g. `01937a2c-5c3e-7d1a-9f6b-0c4b2a1e8d77`).
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().hyphenated().to_string())
+    }
+
+    /// Wraps a caller-chosen id: 1–200 bytes, no spaces or control characters.
+    pub fn new(id: impl Into<String>) -> Result<Self> {
+        let id = id.into();
+        let reason = if id.is_empty() {
+            Some("it is empty")
+        } else if id.len() > MAX_ID_LEN {
+            Some("it is longer than 200 bytes")
+        } else if id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            Some("spaces and control characters are not allowed")
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(Error::InvalidId { id, reason }),
+            None => Ok(Self(id)),
+        }
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Wraps an id read back from Redis, which was validated when it was written.
+    pub(crate) fn from_stored(id: String) -> Self {
+        Self(id)
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for MessageId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for MessageId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::new(s)
+    }
+}
+
+/// One past failure, kept in the envelope's `errors` history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct FailureRecord {
+    /// Which attempt failed (0 = the first run).
+    pub(crate) attempt: u32,
+    /// When it failed, RFC 3339 UTC.
+    pub(crate) at: String,
+    /// The handler's error text.
+    pub(crate) error: String,
+}
+
+/// The stored form of a message (see `docs` in the README: "Envelope").
+///
+/// Compatible with the seed's `Message` (`id`, `topic`, `data`, `timestamp`, `retry`);
+/// the optional fields appear only when set, and unknown fields are kept as they are.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Envelope {
+    pub(crate) id: String,
+    pub(crate) topic: String,
+    pub(crate) data: Value,
+    /// Time of publishing, RFC 3339 UTC.
+    #[serde(default)]
+    pub(crate) timestamp: String,
+    /// Failed attempts so far.
+    #[serde(default)]
+    pub(crate) retry: u32,
+    /// Retries allowed for this message; absent means the subscription's setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) max_retry: Option<u32>,
+    /// Times a lease expired while this message was being handled (worker crash or stall).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) recoveries: u32,
+    /// Text of the most recent failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) last_error: Option<String>,
+    /// The last few failures, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) errors: Vec<FailureRecord>,
+    /// Fields this version does not know, kept so that a newer writer's fields survive.
+    #[serde(flatten)]
+    pub(crate) extra: Map<String, Value>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl Envelope {
+    pub(crate) fn new(id: &MessageId, topic: &str, data: Value, max_retry: Option<u32>) -> Self {
+        Self {
+            id: id.as_str().to_owned(),
+            topic: topic.to_owned(),
+            data,
+            timestamp: rfc3339(SystemTime::now()),
+            retry: 0,
+            max_retry,
+            recoveries: 0,
+            last_error: None,
+            errors: Vec::new(),
+            extra: Map::new(),
+        }
+    }
+
+    /// Decodes a stored envelope.
+    ///
+    /// Lua scripts change a field by appending it again (see `lua/prelude.lua`), and the
+    /// last occurrence of a key wins; the plain struct decode refuses duplicates, so such
+    /// bodies take the slower path through a map.
+    pub(crate) fn decode(body: &[u8]) -> std::result::Result<Self, serde_json::Error> {
+        match serde_json::from_slice::<Envelope>(body) {
+            Ok(env) => Ok(env),
+            Err(first) => {
+                let Ok(map) = serde_json::from_slice::<Map<String, Value>>(body) else {
+                    return Err(first);
+                };
+                serde_json::from_value(Value::Object(map))
+            }
+        }
+    }
+
+    pub(crate) fn encode(&self) -> String {
+        // Serializing a struct of strings, numbers and `Value`s cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Records a failed attempt: `retry` grows by one, the error joins the history.
+    pub(crate) fn record_failure(&mut self, error: &str) {
+        self.errors.push(FailureRecord {
+            attempt: self.retry,
+            at: rfc3339(SystemTime::now()),
+            error: error.to_owned(),
+        });
+        if self.errors.len() > ERROR_HISTORY {
+            let extra = self.errors.len() - ERROR_HISTORY;
+            self.errors.drain(..extra);
+        }
+        self.last_error = Some(error.to_owned());
+        self.retry += 1;
+    }
+
+    pub(crate) fn timestamp(&self) -> SystemTime {
+        humantime::parse_rfc3339_weak(&self.timestamp).unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+}
+
+/// An envelope that stands in for a stored body that does not decode: it keeps the
+/// original text in `raw`, so the dead-letter queue can show it and nothing is lost.
+pub(crate) fn undecodable_envelope(id: &str, topic: &str, raw: &[u8], error: &str) -> String {
+    serde_json::json!({
+        "id": id,
+        "topic": topic,
+        "data": null,
+        "raw": String::from_utf8_lossy(raw),
+        "timestamp": rfc3339(SystemTime::now()),
+        "retry": 0,
+        "last_error": error,
+    })
+    .to_string()
+}
+
+/// RFC 3339 in UTC with milliseconds, e.g. `2025-10-15T10:30:00.123Z`.
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Converts Redis milliseconds since the epoch into a `SystemTime`.
+pub(crate) fn from_millis(ms: f64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0.0) as u64)
+}
+
+/// A message as a handler sees it.
+///
+/// `T` is the type of `data`: any `serde` type, or `serde_json::Value` to take whatever
+/// comes. The fields are the seed's `Message` plus what a handler needs to decide.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Message<T = Value> {
+    /// Unique id, made by the publisher.
+    pub id: MessageId,
+    /// The topic it was published to.
+    pub topic: String,
+    /// The published data.
+    pub data: T,
+    /// When it was published (publisher's clock).
+    pub timestamp: SystemTime,
+    /// Failed attempts before this one: 0 on the first delivery.
+    pub retry: u32,
+    /// Retries allowed before the message is dead-lettered.
+    pub max_retry: u32,
+    /// How often a lease on it expired before (a worker crashed or stalled while handling it).
+    pub recoveries: u32,
+    pub(crate) lease: Arc<LeaseState>,
+}
+
+impl<T> Message<T> {
+    /// True once this worker no longer owns the delivery: its lease expired and the
+    /// message went to another worker, or it was purged. A long handler can check this and
+    /// stop early; its outcome will be refused anyway.
+    pub fn is_lease_lost(&self) -> bool {
+        self.lease.is_lost()
+    }
+
+    /// Waits until the lease is lost (see [`Message::is_lease_lost`]); never returns while
+    /// the lease is healthy, so use it in `tokio::select!` beside the real work.
+    pub async fn lease_lost(&self) {
+        self.lease.wait_lost().await;
+    }
+
+    /// Whether this is the last attempt before the dead-letter queue.
+    pub fn is_last_attempt(&self) -> bool {
+        self.retry >= self.max_retry
+    }
+
+    pub(crate) fn try_map_data<U, E>(
+        self,
+        f: impl FnOnce(T) -> Result<U, E>,
+    ) -> Result<Message<U>, E> {
+        Ok(Message {
+            id: self.id,
+            topic: self.topic,
+            data: f(self.data)?,
+            timestamp: self.timestamp,
+            retry: self.retry,
+            max_retry: self.max_retry,
+            recoveries: self.recoveries,
+            lease: self.lease,
+        })
+    }
+}
+
+/// Lease health of one in-flight delivery, shared by the renewer and the handler.
+#[derive(Debug, Default)]
+pub(crate) struct LeaseState {
+    lost: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl LeaseState {
+    pub(crate) fn mark_lost(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    pub(crate) fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    async fn wait_lost(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_lost() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_occurrence_of_a_field_wins() {
+        let body = br#"{"id":"a","topic":"t","data":{"x":[],"p":299.99},"timestamp":"2025-10-15T10:30:00Z","retry":2,"recoveries":1,"retry":0,"recoveries":2}"#;
+        let env = Envelope::decode(body).unwrap();
+        assert_eq!(env.retry, 0);
+        assert_eq!(env.recoveries, 2);
+        assert_eq!(env.data["p"], serde_json::json!(299.99));
+        assert_eq!(env.data["x"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn unknown_fields_are_kept() {
+        let body = br#"{"id":"a","topic":"t","data":1,"timestamp":"2025-10-15T10:30:00Z","retry":0,"trace":"abc"}"#;
+        let env = Envelope::decode(body).unwrap();
+        let again: Value = serde_json::from_str(&env.encode()).unwrap();
+        assert_eq!(again["trace"], "abc");
+    }
+
+    #[test]
+    fn failure_history_is_capped() {
+        let id = MessageId::generate();
+        let mut env = Envelope::new(&id, "t", Value::Null, None);
+        for i in 0..25 {
+            env.record_failure(&format!("e{i}"));
+        }
+        assert_eq!(env.retry, 25);
+        assert_eq!(env.errors.len(), ERROR_HISTORY);
+        assert_eq!(env.last_error.as_deref(), Some("e24"));
+        assert_eq!(env.errors[0].error, "e15");
+    }
+
+    #[test]
+    fn caller_ids_are_checked() {
+        assert!(MessageId::new("order-1").is_ok());
+        assert!(MessageId::new("").is_err());
+        assert!(MessageId::new("a b").is_err());
+        assert!(MessageId::new("x".repeat(201)).is_err());
+    }
+}

@@ -1,0 +1,490 @@
+//! Redis access: the only module that sends commands.
+//!
+//! Every state change of a message is one Lua script (`lua/*.lua`); this module builds the
+//! `EVALSHA` calls, loads a script when Redis answers `NOSCRIPT` (a restarted server
+//! forgets its script cache) and turns replies into plain Rust values.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Script, Value};
+
+use crate::error::{Error, Result};
+use crate::keys::{Namespace, TopicKeys};
+use crate::scripts::Scripts;
+
+/// Connection settings, from [`crate::ClientBuilder`].
+#[derive(Debug, Clone)]
+pub(crate) struct ConnSettings {
+    pub(crate) response_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) reconnect_retries: usize,
+}
+
+/// One message handed out by a fetch: its id and raw body.
+#[derive(Debug)]
+pub(crate) struct Fetched {
+    pub(crate) id: String,
+    pub(crate) body: Vec<u8>,
+}
+
+/// What a fetch returned.
+#[derive(Debug)]
+pub(crate) struct FetchResult {
+    /// Redis time of the fetch, ms.
+    pub(crate) now_ms: i64,
+    /// Due time of the earliest delayed message, when nothing was leased.
+    pub(crate) next_due_ms: Option<i64>,
+    pub(crate) messages: Vec<Fetched>,
+}
+
+/// Counts and counters of one topic, as read from Redis.
+#[derive(Debug, Default)]
+pub(crate) struct RawStats {
+    pub(crate) pending: u64,
+    pub(crate) active: u64,
+    pub(crate) delayed: u64,
+    pub(crate) dead: u64,
+    pub(crate) counters: HashMap<String, u64>,
+}
+
+/// A dedicated connection for blocking waits.
+///
+/// A blocked `BLPOP` holds its connection for the whole wait, so it must not share the
+/// multiplexed connection (it would stall every other command), and the normal response
+/// timeout would cut it short (DESIGN.md rule 6).
+pub(crate) struct BlockingConn {
+    conn: Option<MultiplexedConnection>,
+}
+
+pub(crate) struct Store {
+    conn: ConnectionManager,
+    client: redis::Client,
+    settings: ConnSettings,
+    pub(crate) ns: Namespace,
+    scripts: Scripts,
+}
+
+impl Store {
+    pub(crate) async fn connect(url: &str, ns: Namespace, settings: ConnSettings) -> Result<Self> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(settings.response_timeout))
+            .set_connection_timeout(Some(settings.connect_timeout))
+            .set_number_of_retries(settings.reconnect_retries)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        Ok(Self {
+            conn,
+            client,
+            settings,
+            ns,
+            scripts: Scripts::new(),
+        })
+    }
+
+    pub(crate) async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+        cmd
+    }
+
+    /// Runs a script call built by [`Store::evalsha`], loading the script on `NOSCRIPT`.
+    async fn run<T: FromRedisValue>(&self, script: &Script, cmd: &Cmd) -> Result<T> {
+        let mut conn = self.conn.clone();
+        match cmd.query_async(&mut conn).await {
+            Err(e) if is_noscript(&e) => {
+                script.prepare_invoke().load_async(&mut conn).await?;
+                Ok(cmd.query_async(&mut conn).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Stores messages (`id`, `delay_ms`, `envelope`) and registers the topic, in one round
+    /// trip. Returns, per message, whether it was written (false: the id already existed).
+    pub(crate) async fn publish(
+        &self,
+        keys: &TopicKeys,
+        items: &[(String, u64, String)],
+    ) -> Result<Vec<bool>> {
+        let script = &self.scripts.publish;
+        let mut call = Self::evalsha(
+            script,
+            &[
+                &keys.msg,
+                &keys.pending,
+                &keys.delayed,
+                &keys.wake,
+                &keys.stats,
+            ],
+        );
+        for (id, delay, body) in items {
+            call.arg(id).arg(delay).arg(body);
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("SADD")
+            .arg(self.ns.topics())
+            .arg(&keys.topic)
+            .ignore()
+            .add_command(call);
+        let mut conn = self.conn.clone();
+        let written: (Vec<i64>,) = match pipe.query_async(&mut conn).await {
+            Err(e) if is_noscript(&e) => {
+                script.prepare_invoke().load_async(&mut conn).await?;
+                pipe.query_async(&mut conn).await?
+            }
+            other => other?,
+        };
+        Ok(written.0.into_iter().map(|w| w == 1).collect())
+    }
+
+    pub(crate) async fn fetch(
+        &self,
+        keys: &TopicKeys,
+        n: usize,
+        lease: Duration,
+        token: &str,
+        promote_limit: usize,
+    ) -> Result<FetchResult> {
+        let script = &self.scripts.fetch;
+        let mut call = Self::evalsha(
+            script,
+            &[
+                &keys.pending,
+                &keys.active,
+                &keys.lease,
+                &keys.delayed,
+                &keys.msg,
+                &keys.wake,
+                &keys.stats,
+            ],
+        );
+        call.arg(n).arg(millis(lease)).arg(token).arg(promote_limit);
+        let (now_ms, next_due, flat): (i64, i64, Vec<Value>) = self.run(script, &call).await?;
+        let mut messages = Vec::with_capacity(flat.len() / 2);
+        let mut it = flat.into_iter();
+        while let (Some(id), Some(body)) = (it.next(), it.next()) {
+            messages.push(Fetched {
+                id: redis::from_redis_value(id).map_err(redis::RedisError::from)?,
+                body: redis::from_redis_value(body).map_err(redis::RedisError::from)?,
+            });
+        }
+        Ok(FetchResult {
+            now_ms,
+            next_due_ms: (next_due >= 0).then_some(next_due),
+            messages,
+        })
+    }
+
+    /// Completes deliveries; per `(token, id)`, whether the lease was still ours.
+    pub(crate) async fn ack(
+        &self,
+        keys: &TopicKeys,
+        done: &[(String, String)],
+    ) -> Result<Vec<bool>> {
+        let script = &self.scripts.ack;
+        let mut call = Self::evalsha(script, &[&keys.active, &keys.lease, &keys.msg, &keys.stats]);
+        for (token, id) in done {
+            call.arg(token).arg(id);
+        }
+        self.run_flags(script, &call).await
+    }
+
+    pub(crate) async fn retry(
+        &self,
+        keys: &TopicKeys,
+        id: &str,
+        token: &str,
+        body: &str,
+        delay: Duration,
+    ) -> Result<bool> {
+        let script = &self.scripts.retry;
+        let mut call = Self::evalsha(
+            script,
+            &[
+                &keys.active,
+                &keys.lease,
+                &keys.msg,
+                &keys.delayed,
+                &keys.pending,
+                &keys.wake,
+                &keys.stats,
+            ],
+        );
+        call.arg(id).arg(token).arg(body).arg(millis(delay));
+        Ok(self.run::<i64>(script, &call).await? == 1)
+    }
+
+    pub(crate) async fn dead(
+        &self,
+        keys: &TopicKeys,
+        id: &str,
+        token: &str,
+        body: &str,
+    ) -> Result<bool> {
+        let script = &self.scripts.dead;
+        let mut call = Self::evalsha(
+            script,
+            &[
+                &keys.active,
+                &keys.lease,
+                &keys.msg,
+                &keys.dead,
+                &keys.stats,
+            ],
+        );
+        call.arg(id).arg(token).arg(body);
+        Ok(self.run::<i64>(script, &call).await? == 1)
+    }
+
+    pub(crate) async fn release(
+        &self,
+        keys: &TopicKeys,
+        deliveries: &[(String, String)],
+    ) -> Result<Vec<bool>> {
+        let script = &self.scripts.release;
+        let mut call = Self::evalsha(
+            script,
+            &[
+                &keys.active,
+                &keys.lease,
+                &keys.pending,
+                &keys.wake,
+                &keys.stats,
+            ],
+        );
+        for (token, id) in deliveries {
+            call.arg(token).arg(id);
+        }
+        self.run_flags(script, &call).await
+    }
+
+    pub(crate) async fn extend(
+        &self,
+        keys: &TopicKeys,
+        lease: Duration,
+        deliveries: &[(String, String)],
+    ) -> Result<Vec<bool>> {
+        let script = &self.scripts.extend;
+        let mut call = Self::evalsha(script, &[&keys.active, &keys.lease]);
+        call.arg(millis(lease));
+        for (token, id) in deliveries {
+            call.arg(token).arg(id);
+        }
+        self.run_flags(script, &call).await
+    }
+
+    /// Returns expired leases to pending; `(recovered, dead_lettered)`.
+    pub(crate) async fn recover(
+        &self,
+        keys: &TopicKeys,
+        max_recoveries: u32,
+        limit: usize,
+    ) -> Result<(u64, u64)> {
+        let script = &self.scripts.recover;
+        let mut call = Self::evalsha(
+            script,
+            &[
+                &keys.active,
+                &keys.lease,
+                &keys.msg,
+                &keys.pending,
+                &keys.dead,
+                &keys.wake,
+                &keys.stats,
+            ],
+        );
+        call.arg(max_recoveries).arg(limit);
+        self.run(script, &call).await
+    }
+
+    pub(crate) async fn reprocess(&self, keys: &TopicKeys, id: &str) -> Result<bool> {
+        let script = &self.scripts.reprocess;
+        let mut call = Self::evalsha(
+            script,
+            &[
+                &keys.dead,
+                &keys.msg,
+                &keys.pending,
+                &keys.wake,
+                &keys.stats,
+            ],
+        );
+        call.arg(id);
+        Ok(self.run::<i64>(script, &call).await? == 1)
+    }
+
+    pub(crate) async fn purge(&self, keys: &TopicKeys) -> Result<u64> {
+        let script = &self.scripts.purge;
+        let call = Self::evalsha(
+            script,
+            &[
+                &keys.msg,
+                &keys.pending,
+                &keys.active,
+                &keys.lease,
+                &keys.delayed,
+                &keys.dead,
+                &keys.wake,
+                &keys.stats,
+            ],
+        );
+        self.run(script, &call).await
+    }
+
+    async fn run_flags(&self, script: &Script, call: &Cmd) -> Result<Vec<bool>> {
+        let flags: Vec<i64> = self.run(script, call).await?;
+        Ok(flags.into_iter().map(|f| f == 1).collect())
+    }
+
+    /// Counts per state and the counters of one topic, in one round trip.
+    pub(crate) async fn stats(&self, keys: &TopicKeys) -> Result<RawStats> {
+        let mut pipe = redis::pipe();
+        pipe.llen(&keys.pending)
+            .zcard(&keys.active)
+            .zcard(&keys.delayed)
+            .zcard(&keys.dead)
+            .hgetall(&keys.stats);
+        let mut conn = self.conn.clone();
+        let (pending, active, delayed, dead, counters): (u64, u64, u64, u64, HashMap<String, u64>) =
+            pipe.query_async(&mut conn).await?;
+        Ok(RawStats {
+            pending,
+            active,
+            delayed,
+            dead,
+            counters,
+        })
+    }
+
+    pub(crate) async fn topics(&self) -> Result<Vec<String>> {
+        let mut conn = self.conn.clone();
+        let mut topics: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.ns.topics())
+            .query_async(&mut conn)
+            .await?;
+        topics.sort();
+        Ok(topics)
+    }
+
+    /// Dead letters ranked `start..=stop` by the time they died, oldest first:
+    /// `(id, body, died_at_ms)`; the body is `None` if it vanished meanwhile.
+    pub(crate) async fn dead_letters(
+        &self,
+        keys: &TopicKeys,
+        start: usize,
+        stop: usize,
+    ) -> Result<Vec<(String, Option<Vec<u8>>, f64)>> {
+        let mut conn = self.conn.clone();
+        let ranked: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(&keys.dead)
+            .arg(start)
+            .arg(stop)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await?;
+        if ranked.is_empty() {
+            return Ok(Vec::new());
+        }
+        let bodies: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+            .arg(&keys.msg)
+            .arg(ranked.iter().map(|(id, _)| id).collect::<Vec<_>>())
+            .query_async(&mut conn)
+            .await?;
+        Ok(ranked
+            .into_iter()
+            .zip(bodies)
+            .map(|((id, died), body)| (id, body, died))
+            .collect())
+    }
+
+    /// `CONFIG GET` of the given parameters; `None` when the server refuses `CONFIG`
+    /// (managed services often rename or disable it).
+    pub(crate) async fn config_get(
+        &self,
+        params: &[&str],
+    ) -> Result<Option<HashMap<String, String>>> {
+        let mut conn = self.conn.clone();
+        let mut out = HashMap::new();
+        for p in params {
+            let reply: redis::RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(p)
+                .query_async(&mut conn)
+                .await;
+            match reply {
+                Ok(map) => out.extend(map),
+                Err(e)
+                    if e.kind()
+                        == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Some(out))
+    }
+
+    pub(crate) fn blocking_conn(&self) -> BlockingConn {
+        BlockingConn { conn: None }
+    }
+
+    /// Waits on a topic's wake list for at most `timeout` (rounded up to whole ms).
+    /// Returns true if a wake-up token was taken.
+    pub(crate) async fn wait_wake(
+        &self,
+        bc: &mut BlockingConn,
+        keys: &TopicKeys,
+        timeout: Duration,
+    ) -> Result<bool> {
+        if bc.conn.is_none() {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.settings.connect_timeout))
+                .set_response_timeout(None);
+            bc.conn = Some(
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?,
+            );
+        }
+        let Some(conn) = bc.conn.as_mut() else {
+            return Ok(false);
+        };
+        // BLPOP takes seconds with millisecond precision (Redis 6+); 0 would mean forever.
+        let secs = (timeout.as_millis().max(1) as f64) / 1000.0;
+        let call = redis::cmd("BLPOP").arg(&keys.wake).arg(secs).to_owned();
+        // The server answers by its own timeout; our guard only catches a dead link
+        // (no RST, e.g. a network partition), after which the connection is replaced.
+        let guard = timeout + self.settings.response_timeout;
+        match tokio::time::timeout(guard, call.query_async::<Option<(String, String)>>(conn)).await
+        {
+            Ok(Ok(popped)) => Ok(popped.is_some()),
+            Ok(Err(e)) => {
+                bc.conn = None;
+                Err(e.into())
+            }
+            Err(_) => {
+                bc.conn = None;
+                Err(Error::Timeout(guard))
+            }
+        }
+    }
+}
+
+fn is_noscript(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+        || e.to_string().contains("NOSCRIPT")
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
