@@ -122,7 +122,7 @@ impl ClientBuilder {
         )
         .await?;
         // A round trip now, so that "connected" means Redis answered.
-        store.ping().await?;
+        store.load_scripts().await?;
         Ok(Client {
             inner: Arc::new(Inner {
                 store,

@@ -4,7 +4,7 @@ use redis::Script;
 
 macro_rules! script {
     ($file:literal) => {
-        Script::new(concat!(
+        Lua::new(concat!(
             include_str!("../lua/prelude.lua"),
             "\n",
             include_str!(concat!("../lua/", $file))
@@ -12,22 +12,61 @@ macro_rules! script {
     };
 }
 
+/// One script: its source (for `SCRIPT LOAD`) and its SHA1 (for `EVALSHA`).
+pub(crate) struct Lua {
+    script: Script,
+    code: &'static str,
+}
+
+impl Lua {
+    fn new(code: &'static str) -> Self {
+        Self {
+            script: Script::new(code),
+            code,
+        }
+    }
+
+    pub(crate) fn hash(&self) -> &str {
+        self.script.get_hash()
+    }
+
+    pub(crate) fn code(&self) -> &'static str {
+        self.code
+    }
+}
+
 /// All scripts, hashed once. `EVALSHA` is used throughout; a `NOSCRIPT` reply (a restarted
 /// Redis forgets its script cache) loads the script and tries again.
 pub(crate) struct Scripts {
-    pub(crate) publish: Script,
-    pub(crate) fetch: Script,
-    pub(crate) ack: Script,
-    pub(crate) retry: Script,
-    pub(crate) dead: Script,
-    pub(crate) release: Script,
-    pub(crate) extend: Script,
-    pub(crate) recover: Script,
-    pub(crate) reprocess: Script,
-    pub(crate) purge: Script,
+    pub(crate) publish: Lua,
+    pub(crate) fetch: Lua,
+    pub(crate) ack: Lua,
+    pub(crate) retry: Lua,
+    pub(crate) dead: Lua,
+    pub(crate) release: Lua,
+    pub(crate) extend: Lua,
+    pub(crate) recover: Lua,
+    pub(crate) reprocess: Lua,
+    pub(crate) purge: Lua,
 }
 
 impl Scripts {
+    /// Every script, for loading them all at connect time.
+    pub(crate) fn all(&self) -> [&Lua; 10] {
+        [
+            &self.publish,
+            &self.fetch,
+            &self.ack,
+            &self.retry,
+            &self.dead,
+            &self.release,
+            &self.extend,
+            &self.recover,
+            &self.reprocess,
+            &self.purge,
+        ]
+    }
+
     pub(crate) fn new() -> Self {
         Self {
             publish: script!("publish.lua"),

@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Script, Value};
+use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Value};
 
 use crate::error::{Error, Result};
 use crate::keys::{Namespace, TopicKeys};
-use crate::scripts::Scripts;
+use crate::scripts::{Lua, Scripts};
 
 /// Connection settings, from [`crate::ClientBuilder`].
 #[derive(Debug, Clone)]
@@ -84,24 +84,39 @@ impl Store {
         })
     }
 
-    pub(crate) async fn ping(&self) -> Result<()> {
+    /// Loads every script in one round trip, so that the first calls need no `NOSCRIPT`
+    /// detour; it also proves Redis answers.
+    pub(crate) async fn load_scripts(&self) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for script in self.scripts.all() {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(script.code()).ignore();
+        }
         let mut conn = self.conn.clone();
-        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        pipe.exec_async(&mut conn).await?;
         Ok(())
     }
 
-    fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
+    async fn load(script: &Lua, conn: &mut ConnectionManager) -> Result<()> {
+        let _: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(script.code())
+            .query_async(conn)
+            .await?;
+        Ok(())
+    }
+
+    fn evalsha(script: &Lua, keys: &[&str]) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+        cmd.arg(script.hash()).arg(keys.len()).arg(keys);
         cmd
     }
 
     /// Runs a script call built by [`Store::evalsha`], loading the script on `NOSCRIPT`.
-    async fn run<T: FromRedisValue>(&self, script: &Script, cmd: &Cmd) -> Result<T> {
+    async fn run<T: FromRedisValue>(&self, script: &Lua, cmd: &Cmd) -> Result<T> {
         let mut conn = self.conn.clone();
         match cmd.query_async(&mut conn).await {
             Err(e) if is_noscript(&e) => {
-                script.prepare_invoke().load_async(&mut conn).await?;
+                Self::load(script, &mut conn).await?;
                 Ok(cmd.query_async(&mut conn).await?)
             }
             other => Ok(other?),
@@ -138,7 +153,7 @@ impl Store {
         let mut conn = self.conn.clone();
         let written: (Vec<i64>,) = match pipe.query_async(&mut conn).await {
             Err(e) if is_noscript(&e) => {
-                script.prepare_invoke().load_async(&mut conn).await?;
+                Self::load(script, &mut conn).await?;
                 pipe.query_async(&mut conn).await?
             }
             other => other?,
@@ -340,7 +355,7 @@ impl Store {
         self.run(script, &call).await
     }
 
-    async fn run_flags(&self, script: &Script, call: &Cmd) -> Result<Vec<bool>> {
+    async fn run_flags(&self, script: &Lua, call: &Cmd) -> Result<Vec<bool>> {
         let flags: Vec<i64> = self.run(script, call).await?;
         Ok(flags.into_iter().map(|f| f == 1).collect())
     }

@@ -1,0 +1,24 @@
+//! Integration tests of the forgemq crate, each on its own private `redis-server`.
+//!
+//! One test binary for the whole crate keeps link time down. Tests that need a real
+//! process to kill re-run this binary as a child (see [`child_process_entry`]).
+
+// Test helpers are `pub` for the modules of this one binary, not for other crates.
+#![allow(unreachable_pub, missing_docs)]
+
+mod common;
+
+mod bad_input;
+mod delayed;
+mod faults;
+mod inspect;
+mod publish;
+mod worker;
+
+/// Entry point for child processes spawned by fault tests; not a test by itself, so it
+/// is ignored in normal runs and the parent runs it with `--ignored`.
+#[test]
+#[ignore = "entry point for child processes that fault tests start and kill"]
+fn child_process_entry() {
+    common::child::run_from_env();
+}

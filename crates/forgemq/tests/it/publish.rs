@@ -1,0 +1,190 @@
+//! Publishing: round trips, ids, batches, idempotency.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use forgemq::{HandlerError, Message, MessageId, PublishOptions, PublishOutcome, Worker};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::common::{eventually, invariants, setup, strings, Running};
+
+/// Nested maps, arrays, floats like 299.99 and multi-dot topics arrive JSON-equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_keeps_nested_json_floats_and_multi_dot_topics() {
+    let (server, mq) = setup().await;
+    let topic = "order.payment.check";
+    let data = json!({
+        "order_id": "ORD123", "user_id": "789", "amount": 299.99, "payment_method": "alipay",
+        "items": [{"sku": "a-1", "qty": 2, "price": 0.1}], "meta": {"tags": [], "empty": {}, "n": null},
+        "big": 9007199254740993_u64, "neg": -1.5e-7, "text": "中文 \"quoted\" \n newline"
+    });
+    let before = SystemTime::now() - Duration::from_secs(1);
+    let id = mq.publish(topic, &data).await.unwrap();
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let worker = Worker::builder(mq.clone())
+        .subscribe(topic, move |msg: Message<Value>| {
+            let tx = tx.clone();
+            async move {
+                tx.send((
+                    msg.id.clone(),
+                    msg.topic.clone(),
+                    msg.data.clone(),
+                    msg.timestamp,
+                    msg.retry,
+                ))
+                .unwrap();
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .build()
+        .unwrap();
+    let running = Running::start(worker);
+    let (got_id, got_topic, got_data, ts, retry) =
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(got_id, id);
+    assert!(!got_id.as_str().is_empty());
+    assert_eq!(got_topic, topic);
+    assert_eq!(got_data, data);
+    assert_eq!(retry, 0);
+    assert!(
+        ts >= before && ts <= SystemTime::now(),
+        "timestamp {ts:?} is not the publish time"
+    );
+    eventually("processed", || async {
+        mq.stats(topic).await.unwrap().processed == 1
+    })
+    .await;
+    running.stop().await;
+    let report = invariants(&server, topic, &strings(&[id]));
+    assert_eq!(report.gone.len(), 1);
+}
+
+/// 100k publishes from 4 concurrent tasks get 100k distinct ids, all stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_are_unique_across_100k_publishes_from_4_tasks() {
+    let (server, mq) = setup().await;
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let mq = mq.clone();
+        tasks.push(tokio::spawn(async move {
+            let items: Vec<Value> = (0..25_000).map(|i| json!({"t": t, "i": i})).collect();
+            mq.publish_batch("ids.unique", items).await.unwrap()
+        }));
+    }
+    let mut all = HashSet::new();
+    for t in tasks {
+        for id in t.await.unwrap() {
+            assert!(all.insert(id.to_string()), "duplicate id {id}");
+        }
+    }
+    assert_eq!(all.len(), 100_000);
+    assert_eq!(mq.get_queue_length("ids.unique").await.unwrap(), 100_000);
+    let hlen: u64 = redis::cmd("HLEN")
+        .arg("mq:{ids.unique}:msg")
+        .query(&mut server.conn())
+        .unwrap();
+    assert_eq!(hlen, 100_000);
+    // Ids are time-sortable: generated one after another, they sort in that order.
+    let a = MessageId::generate();
+    std::thread::sleep(Duration::from_millis(2));
+    let b = MessageId::generate();
+    assert!(a < b);
+}
+
+/// `publish_batch` makes one round trip (one script call) per 1,000 messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_batch_is_one_script_call_per_chunk() {
+    let (server, mq) = setup().await;
+    let before = server.command_stats();
+    let ids = mq
+        .publish_batch("batch.chunks", (0..2500).map(|i| json!({"i": i})))
+        .await
+        .unwrap();
+    let after = server.command_stats();
+    let delta = |c: &str| after.get(c).copied().unwrap_or(0) - before.get(c).copied().unwrap_or(0);
+    let scripts = delta("evalsha") + delta("eval");
+    assert_eq!(
+        scripts, 3,
+        "expected 3 script calls for 2,500 messages, got {scripts}"
+    );
+    assert_eq!(ids.len(), 2500);
+    assert_eq!(mq.get_queue_length("batch.chunks").await.unwrap(), 2500);
+    invariants(&server, "batch.chunks", &strings(&ids));
+}
+
+/// Publishing a caller-chosen id twice stores one message and says Duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_id_published_twice_is_stored_once() {
+    let (server, mq) = setup().await;
+    let id = MessageId::new("order-ORD123-created").unwrap();
+    let first = mq
+        .publish_with(
+            "order.created",
+            json!({"n": 1}),
+            PublishOptions::new().id(id.clone()),
+        )
+        .await
+        .unwrap();
+    let second = mq
+        .publish_with(
+            "order.created",
+            json!({"n": 2}),
+            PublishOptions::new().id(id.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(first, PublishOutcome::Published(id.clone()));
+    assert_eq!(second, PublishOutcome::Duplicate(id.clone()));
+    let stats = mq.stats("order.created").await.unwrap();
+    assert_eq!((stats.pending, stats.published), (1, 1));
+    let delivery = mq.pop_message("order.created").await.unwrap().unwrap();
+    assert_eq!(delivery.data(), &json!({"n": 1}), "the first body wins");
+    delivery.ack().await.unwrap();
+    invariants(&server, "order.created", &[id.to_string()]);
+}
+
+/// `get_queue_length` counts waiting messages only and drops to 0 after consumption.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_length_counts_waiting_messages_and_drops_to_zero() {
+    let (server, mq) = setup().await;
+    let topic = "user.welcome";
+    let ids = mq
+        .publish_batch(topic, (0..100).map(|i| json!({"i": i})))
+        .await
+        .unwrap();
+    let later = mq
+        .publish_with_delay(topic, json!({"later": true}), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(
+        mq.get_queue_length(topic).await.unwrap(),
+        100,
+        "delayed messages are not waiting"
+    );
+    let worker = Worker::builder(mq.clone())
+        .subscribe_with(
+            topic,
+            forgemq::Subscription::new().concurrency(8),
+            |_msg: Message<Value>| async { Ok::<(), HandlerError>(()) },
+        )
+        .build()
+        .unwrap();
+    let running = Running::start(worker);
+    eventually("all consumed", || async {
+        mq.stats(topic).await.unwrap().processed == 100
+    })
+    .await;
+    assert_eq!(mq.get_queue_length(topic).await.unwrap(), 0);
+    let stats = mq.stats(topic).await.unwrap();
+    assert_eq!((stats.pending, stats.active, stats.delayed), (0, 0, 1));
+    running.stop().await;
+    let mut all = strings(&ids);
+    all.push(later.to_string());
+    let report = invariants(&server, topic, &all);
+    assert_eq!((report.gone.len(), report.delayed.len()), (100, 1));
+}
