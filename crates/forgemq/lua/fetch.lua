@@ -1,21 +1,30 @@
 -- fetch: promote due delayed messages, then lease up to N pending messages.
--- KEYS[1] pending  LIST
--- KEYS[2] active   ZSET  id -> lease deadline (ms, Redis clock)
--- KEYS[3] lease    HASH  id -> lease token
--- KEYS[4] delayed  ZSET  id -> due time
--- KEYS[5] msg      HASH  id -> envelope
--- KEYS[6] wake     LIST
--- KEYS[7] stats    HASH
+-- KEYS[1] pending    LIST
+-- KEYS[2] active     ZSET  id -> lease deadline (ms, Redis clock)
+-- KEYS[3] lease      HASH  id -> lease token
+-- KEYS[4] delayed    ZSET  id -> due time
+-- KEYS[5] msg        HASH  id -> envelope
+-- KEYS[6] wake       LIST
+-- KEYS[7] stats      HASH
+-- KEYS[8] paused     STRING  present while the topic is paused
+-- KEYS[9] processed  ZSET  id -> until when a redelivery counts as a duplicate
 -- ARGV[1] n             most messages to lease
 -- ARGV[2] lease_ms      lease length
 -- ARGV[3] token         random lease token of this delivery
 -- ARGV[4] promote_limit most due delayed messages to promote in this call
--- Returns {now_ms, next_due_ms or -1, {id1, envelope1, id2, envelope2, ...}}.
+-- ARGV[5] dedup         1: skip (delete and count) ids found in the processed ledger
+-- Returns {now_ms, next_due_ms or -1, {id1, envelope1, ...}, paused (0/1)}.
 -- next_due_ms is only computed when nothing was leased (the caller is about to wait).
+
+local now = now_ms()
+if redis.call('EXISTS', KEYS[8]) == 1 then
+  -- Paused: hand out nothing; resuming leaves a fresh wake-up token.
+  redis.call('DEL', KEYS[6])
+  return {now, -1, {}, 1}
+end
 
 local n = tonumber(ARGV[1])
 local lease_ms = tonumber(ARGV[2])
-local now = now_ms()
 
 -- Due delayed messages join the tail of pending: a retry waits behind what was already ready.
 local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))
@@ -28,26 +37,34 @@ local ids = redis.call('LPOP', KEYS[1], n)
 local out = {}
 if ids then
   local bodies = redis.call('HMGET', KEYS[5], unpack(ids))
+  local ledger = ARGV[5] == '1' and redis.call('EXISTS', KEYS[9]) == 1
   local deadline = now + lease_ms
-  local zargs, hargs = {}, {}
+  local zargs, hargs, skipped = {}, {}, {}
   local orphans = 0
   for i, id in ipairs(ids) do
     local body = bodies[i]
-    if body then
+    if not body then
+      -- An id without a body has nothing to run (its body was purged); drop it.
+      orphans = orphans + 1
+    elseif ledger and tonumber(redis.call('ZSCORE', KEYS[9], id) or '0') > now then
+      -- Already processed within the ledger's window: a redelivery, not new work.
+      skipped[#skipped + 1] = id
+    else
       zargs[#zargs + 1] = deadline
       zargs[#zargs + 1] = id
       hargs[#hargs + 1] = id
       hargs[#hargs + 1] = ARGV[3]
       out[#out + 1] = id
       out[#out + 1] = body
-    else
-      -- An id without a body has nothing to run (its body was purged); drop it.
-      orphans = orphans + 1
     end
   end
   if #zargs > 0 then
     redis.call('ZADD', KEYS[2], unpack(zargs))
     redis.call('HSET', KEYS[3], unpack(hargs))
+  end
+  if #skipped > 0 then
+    redis.call('HDEL', KEYS[5], unpack(skipped))
+    redis.call('HINCRBY', KEYS[7], 'deduplicated', #skipped)
   end
   if orphans > 0 then
     redis.call('HINCRBY', KEYS[7], 'orphans', orphans)
@@ -60,9 +77,12 @@ end
 
 local next_due = -1
 if #out == 0 then
+  -- This worker is about to wait and computes its wait from the delayed set itself, so a
+  -- leftover token would only cost it an empty round trip.
+  redis.call('DEL', KEYS[6])
   local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
   if first[2] then
     next_due = tonumber(first[2])
   end
 end
-return {now, next_due, out}
+return {now, next_due, out, 0}

@@ -1,37 +1,56 @@
 -- publish: store new messages and make them pending (or delayed).
--- KEYS[1] msg      HASH  id -> envelope
--- KEYS[2] pending  LIST  ids ready to run
--- KEYS[3] delayed  ZSET  id -> due time (ms, Redis clock)
--- KEYS[4] wake     LIST  wake-up token for blocked workers
--- KEYS[5] stats    HASH  counters
--- ARGV    triples: id, delay_ms (0 = now), envelope
--- Returns one integer per message: 1 written, 0 an envelope with that id already exists
--- (a retried publish, or a caller-chosen id used twice; nothing is written for it).
+-- KEYS[1] msg        HASH  id -> envelope
+-- KEYS[2] pending    LIST  ids ready to run
+-- KEYS[3] delayed    ZSET  id -> due time (ms, Redis clock)
+-- KEYS[4] wake       LIST  wake-up token for blocked workers
+-- KEYS[5] stats      HASH  counters
+-- KEYS[6] processed  ZSET  ledger of recently processed ids (deduplicating workers)
+-- KEYS[7..] unique-key STRINGs (id of the message that holds the key), as referenced below
+-- ARGV    groups of 5: id, delay_ms (0 = now), envelope, unique_key_index (0 = none; else
+--         an index into KEYS), unique_ttl_ms
+-- Returns one value per message: 1 written; 0 an envelope with that id already exists or
+-- the id was processed recently (a retried publish, or a caller-chosen id used twice); or
+-- the id (a string) of the message that holds its unique key. Nothing is written for a
+-- message that is not new.
 
+local G = 5
+local now = now_ms()
 local results = {}
-local seen = {}
--- Preconditions first: which ids are new (also within this call).
-for i = 1, #ARGV, 3 do
-  local id = ARGV[i]
-  if seen[id] or redis.call('HEXISTS', KEYS[1], id) == 1 then
+local seen, claimed = {}, {}
+local ledger = redis.call('EXISTS', KEYS[6]) == 1
+-- Preconditions first: which messages are new (also within this call).
+for i = 1, #ARGV, G do
+  local id, uk = ARGV[i], tonumber(ARGV[i + 3])
+  local holder = false
+  if uk > 0 then
+    holder = claimed[uk] or redis.call('GET', KEYS[uk])
+  end
+  if holder then
+    results[#results + 1] = holder
+  elseif seen[id] or redis.call('HEXISTS', KEYS[1], id) == 1
+      or (ledger and tonumber(redis.call('ZSCORE', KEYS[6], id) or '0') > now) then
     results[#results + 1] = 0
   else
     seen[id] = true
+    if uk > 0 then
+      claimed[uk] = id
+    end
     results[#results + 1] = 1
   end
 end
 
-local now = now_ms()
-local written, ready = 0, 0
-for i = 1, #ARGV, 3 do
-  if results[(i + 2) / 3] == 1 then
-    local id, delay = ARGV[i], tonumber(ARGV[i + 1])
+local written = 0
+for i = 1, #ARGV, G do
+  if results[(i - 1) / G + 1] == 1 then
+    local id, delay, uk = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 3])
     redis.call('HSET', KEYS[1], id, ARGV[i + 2])
     if delay > 0 then
       redis.call('ZADD', KEYS[3], now + delay, id)
     else
       redis.call('RPUSH', KEYS[2], id)
-      ready = ready + 1
+    end
+    if uk > 0 then
+      redis.call('SET', KEYS[uk], id, 'PX', ARGV[i + 4])
     end
     written = written + 1
   end

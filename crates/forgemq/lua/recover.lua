@@ -10,6 +10,7 @@
 -- KEYS[7] stats    HASH
 -- ARGV[1] max_recoveries
 -- ARGV[2] limit    most expired leases handled per call
+-- ARGV[3] dead_max_len, ARGV[4] dead_max_age: dead-letter retention (see settle.lua)
 -- Returns {recovered, dead_lettered}.
 
 local now = now_ms()
@@ -48,5 +49,6 @@ if recovered > 0 then
 end
 if dead > 0 then
   redis.call('HINCRBY', KEYS[7], 'dead', dead)
+  trim_dead(KEYS[5], KEYS[3], KEYS[7], now, tonumber(ARGV[3]), tonumber(ARGV[4]))
 end
 return {recovered, dead}

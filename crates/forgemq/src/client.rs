@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::keys::{validate_topic, Namespace, TopicKeys};
 use crate::message::{from_millis, Envelope, MessageId};
-use crate::store::{ConnSettings, Store};
+use crate::store::{CancelState, ConnSettings, PublishItem, Store, Written};
 
 /// Default namespace: keys look like `mq:{user.welcome}:pending`.
 pub const DEFAULT_NAMESPACE: &str = "mq";
@@ -68,9 +68,27 @@ pub struct ClientBuilder {
     connect_timeout: Duration,
     reconnect_retries: usize,
     max_payload: usize,
+    dead_max_len: u64,
+    dead_max_age: Duration,
 }
 
+/// Dead letters kept per topic by default: enough to investigate an incident, few enough
+/// that a topic failing forever cannot fill Redis.
+pub const DEFAULT_DEAD_LETTER_MAX_LEN: u64 = 10_000;
+
+/// How long a dead letter is kept by default.
+pub const DEFAULT_DEAD_LETTER_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+
 impl ClientBuilder {
+    /// Dead-letter retention per topic: at most `max_len` entries and none older than
+    /// `max_age` (defaults 10,000 and 30 days). Older ones are deleted with their bodies
+    /// and counted in [`QueueStats::dead_trimmed`]. `0` / `Duration::ZERO` = no limit.
+    pub fn dead_letter_retention(mut self, max_len: u64, max_age: Duration) -> Self {
+        self.dead_max_len = max_len;
+        self.dead_max_age = max_age;
+        self
+    }
+
     /// Prefix of every key (default `mq`). Several applications can share one Redis with
     /// different namespaces.
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
@@ -118,6 +136,8 @@ impl ClientBuilder {
                 response_timeout: self.response_timeout,
                 connect_timeout: self.connect_timeout,
                 reconnect_retries: self.reconnect_retries,
+                dead_max_len: self.dead_max_len,
+                dead_max_age: self.dead_max_age,
             },
         )
         .await?;
@@ -139,6 +159,7 @@ pub struct PublishOptions {
     delay: Option<Duration>,
     max_retry: Option<u32>,
     id: Option<MessageId>,
+    unique: Option<(String, Duration)>,
 }
 
 impl PublishOptions {
@@ -159,6 +180,14 @@ impl PublishOptions {
         self
     }
 
+    /// At most one message per `key` within `ttl`: while the key is held, publishing with
+    /// it writes nothing and returns [`PublishOutcome::Duplicate`] with the holder's id
+    /// (Sidekiq Enterprise's unique jobs). The key is per topic.
+    pub fn unique_key(mut self, key: impl Into<String>, ttl: Duration) -> Self {
+        self.unique = Some((key.into(), ttl));
+        self
+    }
+
     /// Use this id instead of a generated one. Publishing the same id again while the
     /// message is stored writes nothing and returns [`PublishOutcome::Duplicate`].
     pub fn id(mut self, id: MessageId) -> Self {
@@ -173,7 +202,8 @@ impl PublishOptions {
 pub enum PublishOutcome {
     /// The message was stored under this id.
     Published(MessageId),
-    /// A message with this id was already stored; nothing was written.
+    /// Nothing was written: a message with this id is already stored (or was processed
+    /// within a deduplication window), or the unique key is held by the message with this id.
     Duplicate(MessageId),
 }
 
@@ -221,6 +251,15 @@ pub struct QueueStats {
     pub reprocessed: u64,
     /// Messages deleted by `purge_queue`.
     pub purged: u64,
+    /// Messages removed by `cancel` before they ran.
+    pub cancelled: u64,
+    /// Redeliveries of already-processed ids that were skipped (see
+    /// [`Subscription::deduplicate`](crate::Subscription::deduplicate)).
+    pub deduplicated: u64,
+    /// Dead letters deleted by retention (count or age limit).
+    pub dead_trimmed: u64,
+    /// Whether the topic is paused.
+    pub paused: bool,
 }
 
 impl QueueStats {
@@ -228,6 +267,17 @@ impl QueueStats {
     pub fn length(&self) -> u64 {
         self.pending
     }
+}
+
+/// Where [`Client::cancel`] removed a message from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Cancelled {
+    /// It was waiting for its due time.
+    Delayed,
+    /// It was waiting to run.
+    Pending,
 }
 
 /// A message in the dead-letter queue.
@@ -265,6 +315,8 @@ impl Client {
             connect_timeout: Duration::from_secs(2),
             reconnect_retries: 3,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            dead_max_len: DEFAULT_DEAD_LETTER_MAX_LEN,
+            dead_max_age: DEFAULT_DEAD_LETTER_MAX_AGE,
         }
     }
 
@@ -327,10 +379,12 @@ impl Client {
         let id = options.id.clone().unwrap_or_else(MessageId::generate);
         let item = self.prepare(topic, &id, data, &options)?;
         let written = self.write(&keys, &[item]).await?;
-        Ok(if written.first().copied().unwrap_or(false) {
-            PublishOutcome::Published(id)
-        } else {
-            PublishOutcome::Duplicate(id)
+        Ok(match written.into_iter().next() {
+            Some(Written::UniqueHeldBy(holder)) => {
+                PublishOutcome::Duplicate(MessageId::from_stored(holder))
+            }
+            Some(Written::DuplicateId) => PublishOutcome::Duplicate(id),
+            _ => PublishOutcome::Published(id),
         })
     }
 
@@ -364,7 +418,17 @@ impl Client {
         id: &MessageId,
         data: D,
         options: &PublishOptions,
-    ) -> Result<(String, u64, String)> {
+    ) -> Result<PublishItem> {
+        if let Some((key, ttl)) = &options.unique {
+            if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
+                return Err(Error::Config(
+                    "unique_key must be 1-200 bytes without control characters".into(),
+                ));
+            }
+            if ttl.as_millis() == 0 {
+                return Err(Error::Config("unique_key ttl must be at least 1ms".into()));
+            }
+        }
         let data = serde_json::to_value(data).map_err(Error::Serialize)?;
         let body = Envelope::new(id, topic, data, options.max_retry).encode();
         if body.len() > self.inner.max_payload {
@@ -373,14 +437,16 @@ impl Client {
                 limit: self.inner.max_payload,
             });
         }
-        let delay_ms = options
-            .delay
-            .map_or(0, |d| d.as_millis().min(u128::from(u64::MAX)) as u64);
-        Ok((id.as_str().to_owned(), delay_ms, body))
+        Ok(PublishItem {
+            id: id.as_str().to_owned(),
+            delay: options.delay.unwrap_or_default(),
+            body,
+            unique: options.unique.clone(),
+        })
     }
 
     /// Writes prepared messages, retrying transient failures with the same ids.
-    async fn write(&self, keys: &TopicKeys, items: &[(String, u64, String)]) -> Result<Vec<bool>> {
+    async fn write(&self, keys: &TopicKeys, items: &[PublishItem]) -> Result<Vec<Written>> {
         let mut attempt = 1;
         loop {
             match self.inner.store.publish(keys, items).await {
@@ -419,6 +485,10 @@ impl Client {
             recovered: c("recovered"),
             reprocessed: c("reprocessed"),
             purged: c("purged"),
+            cancelled: c("cancelled"),
+            deduplicated: c("deduplicated"),
+            dead_trimmed: c("dead_trimmed"),
+            paused: raw.paused,
         })
     }
 
@@ -493,6 +563,47 @@ impl Client {
     pub async fn purge_queue(&self, topic: &str) -> Result<u64> {
         let keys = self.keys(topic)?;
         self.inner.store.purge(&keys).await
+    }
+
+    /// Cancels a message that has not started: a delayed one (e.g. the payment check of
+    /// an order that was paid) or a pending one. Returns the state it was removed from.
+    /// [`Error::NotCancellable`] when a handler is running it (or it is dead);
+    /// [`Error::NotFound`] when it does not exist (already processed, or never published).
+    pub async fn cancel(&self, topic: &str, id: &MessageId) -> Result<Cancelled> {
+        let keys = self.keys(topic)?;
+        let not = |state, hint| Error::NotCancellable {
+            topic: topic.to_owned(),
+            id: id.to_string(),
+            state,
+            hint,
+        };
+        match self.inner.store.cancel(&keys, id.as_str()).await? {
+            CancelState::Delayed => Ok(Cancelled::Delayed),
+            CancelState::Pending => Ok(Cancelled::Pending),
+            CancelState::Active => Err(not(
+                "active",
+                " (a handler is running it; make the handler check whether its work is still wanted)",
+            )),
+            CancelState::Dead => Err(not("dead", " (it is in the dead-letter queue already)")),
+            CancelState::Missing => Err(Error::NotFound {
+                topic: topic.to_owned(),
+                id: id.to_string(),
+                what: "waiting message",
+            }),
+        }
+    }
+
+    /// Pauses a topic: publishing still works, but workers in every process stop taking
+    /// its messages (running handlers finish). Takes effect at each worker's next fetch.
+    pub async fn pause(&self, topic: &str) -> Result<()> {
+        let keys = self.keys(topic)?;
+        self.inner.store.pause(&keys).await
+    }
+
+    /// Resumes a paused topic and wakes its workers. Returns whether it was paused.
+    pub async fn resume(&self, topic: &str) -> Result<bool> {
+        let keys = self.keys(topic)?;
+        self.inner.store.resume(&keys).await
     }
 
     /// Settings of the Redis server that put messages at risk, one sentence each:

@@ -6,8 +6,11 @@ use serde_json::Value;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
+use crate::handler::Backoff;
 use crate::keys::TopicKeys;
 use crate::message::{Envelope, LeaseState, Message, MessageId};
+use crate::store::SettleOp;
+use crate::worker::failure_op;
 
 /// Lease of a manually fetched message: as a worker's default, and renewable with
 /// [`Delivery::extend`].
@@ -56,11 +59,13 @@ impl Delivery {
         }
     }
 
-    /// Done: the message is removed. [`Error::LeaseLost`] if the lease expired and the
-    /// message was handed to someone else meanwhile.
-    pub async fn ack(self) -> Result<()> {
-        let pair = [(self.token.clone(), self.message.id.to_string())];
-        let flags = self.client.store().ack(&self.keys, &pair).await?;
+    async fn settle(&self, op: SettleOp) -> Result<()> {
+        let outcome = [(self.token.as_str(), self.message.id.as_str(), &op)];
+        let flags = self
+            .client
+            .store()
+            .settle(&self.keys, &outcome, Duration::ZERO)
+            .await?;
         if flags.first().copied().unwrap_or(false) {
             Ok(())
         } else {
@@ -68,47 +73,36 @@ impl Delivery {
         }
     }
 
-    /// Failed: counts an attempt and runs it again after `retry_after`, or dead-letters it
-    /// when its retries are used up.
+    /// Done: the message is removed. [`Error::LeaseLost`] if the lease expired and the
+    /// message was handed to someone else meanwhile.
+    pub async fn ack(self) -> Result<()> {
+        self.settle(SettleOp::Ack).await
+    }
+
+    /// Failed with `error`: counts an attempt and runs it again after `retry_after`, or
+    /// dead-letters it when its retries are used up.
     pub async fn nack(self, retry_after: Duration, error: &str) -> Result<()> {
-        let mut env = Envelope::decode(&self.body).map_err(|e| Error::Protocol(e.to_string()))?;
-        env.record_failure(error);
-        let body = env.encode();
-        let id = self.message.id.as_str();
-        let store = self.client.store();
-        let ok = if env.retry > env.max_retry.unwrap_or(DEFAULT_MAX_RETRY) {
-            store.dead(&self.keys, id, &self.token, &body).await?
-        } else {
-            store
-                .retry(&self.keys, id, &self.token, &body, retry_after)
-                .await?
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(self.lost())
-        }
+        let op = self.failure(error, false, Some(retry_after));
+        self.settle(op).await
     }
 
     /// Failed for good: straight to the dead-letter queue with `reason`.
     pub async fn dead(self, reason: &str) -> Result<()> {
-        let mut env = Envelope::decode(&self.body).map_err(|e| Error::Protocol(e.to_string()))?;
-        env.record_failure(reason);
-        let ok = self
-            .client
-            .store()
-            .dead(
-                &self.keys,
-                self.message.id.as_str(),
-                &self.token,
-                &env.encode(),
-            )
-            .await?;
-        if ok {
-            Ok(())
-        } else {
-            Err(self.lost())
-        }
+        let op = self.failure(reason, true, None);
+        self.settle(op).await
+    }
+
+    fn failure(&self, error: &str, fatal: bool, after: Option<Duration>) -> SettleOp {
+        failure_op(
+            &self.body,
+            &self.keys.topic,
+            self.message.id.as_str(),
+            error,
+            fatal,
+            after,
+            DEFAULT_MAX_RETRY,
+            &Backoff::default(),
+        )
     }
 
     /// Renews the lease for `lease` from now (Redis clock).
@@ -156,7 +150,7 @@ impl Client {
         // Without a worker on this topic nobody else returns expired leases.
         store.recover(&keys, POP_MAX_RECOVERIES, 1000).await?;
         let token = crate::worker::random_token();
-        let fetched = store.fetch(&keys, n, lease, &token, 1000).await?;
+        let fetched = store.fetch(&keys, n, lease, &token, 1000, false).await?;
         let mut out = Vec::with_capacity(fetched.messages.len());
         for m in fetched.messages {
             match Envelope::decode(&m.body) {
@@ -181,9 +175,19 @@ impl Client {
                 }
                 Err(e) => {
                     let error = format!("envelope does not decode: {e}");
-                    let replacement =
-                        crate::message::undecodable_envelope(&m.id, topic, &m.body, &error);
-                    store.dead(&keys, &m.id, &token, &replacement).await?;
+                    let op = failure_op(
+                        &m.body,
+                        topic,
+                        &m.id,
+                        &error,
+                        true,
+                        None,
+                        0,
+                        &Backoff::default(),
+                    );
+                    store
+                        .settle(&keys, &[(&token, &m.id, &op)], Duration::ZERO)
+                        .await?;
                 }
             }
         }

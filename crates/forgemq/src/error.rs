@@ -54,6 +54,18 @@ pub enum Error {
         /// What was looked for, e.g. "dead letter".
         what: &'static str,
     },
+    /// The message can't be cancelled in its current state.
+    #[error("message {id:?} of topic {topic:?} can't be cancelled: it is {state}{hint}")]
+    NotCancellable {
+        /// The message's topic.
+        topic: String,
+        /// The message id.
+        id: String,
+        /// Its state: "active" (a handler is running it) or "dead".
+        state: &'static str,
+        /// What to do instead.
+        hint: &'static str,
+    },
     /// The delivery's lease is no longer this worker's: it expired and the message was
     /// handed to another worker, or it was completed or purged meanwhile.
     #[error("lease lost for message {id:?} of topic {topic:?}: another delivery owns it now")]

@@ -79,6 +79,9 @@ impl Namespace {
             dead: k("dead"),
             stats: k("stats"),
             wake: k("wake"),
+            paused: k("paused"),
+            processed: k("processed"),
+            unique_prefix: k("unique:"),
         }
     }
 }
@@ -103,6 +106,18 @@ pub(crate) struct TopicKeys {
     pub(crate) stats: String,
     /// LIST holding at most one wake-up token that idle workers block on.
     pub(crate) wake: String,
+    /// STRING present while the topic is paused.
+    pub(crate) paused: String,
+    /// ZSET id → until when (ms) a redelivery of that acked id counts as a duplicate.
+    pub(crate) processed: String,
+    unique_prefix: String,
+}
+
+impl TopicKeys {
+    /// STRING holding the id of the message that owns a unique key, until its ttl.
+    pub(crate) fn unique(&self, key: &str) -> String {
+        format!("{}{}", self.unique_prefix, key)
+    }
 }
 
 #[cfg(test)]

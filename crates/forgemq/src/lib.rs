@@ -44,7 +44,9 @@ mod scripts;
 mod store;
 pub mod worker;
 
-pub use client::{Client, ClientBuilder, DeadLetter, PublishOptions, PublishOutcome, QueueStats};
+pub use client::{
+    Cancelled, Client, ClientBuilder, DeadLetter, PublishOptions, PublishOutcome, QueueStats,
+};
 pub use delivery::Delivery;
 pub use error::{Error, Result};
 pub use handler::{Backoff, HandlerError};

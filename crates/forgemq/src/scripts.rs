@@ -40,14 +40,14 @@ impl Lua {
 pub(crate) struct Scripts {
     pub(crate) publish: Lua,
     pub(crate) fetch: Lua,
-    pub(crate) ack: Lua,
-    pub(crate) retry: Lua,
-    pub(crate) dead: Lua,
+    pub(crate) settle: Lua,
     pub(crate) release: Lua,
     pub(crate) extend: Lua,
     pub(crate) recover: Lua,
     pub(crate) reprocess: Lua,
     pub(crate) purge: Lua,
+    pub(crate) cancel: Lua,
+    pub(crate) resume: Lua,
 }
 
 impl Scripts {
@@ -56,9 +56,9 @@ impl Scripts {
         [
             &self.publish,
             &self.fetch,
-            &self.ack,
-            &self.retry,
-            &self.dead,
+            &self.settle,
+            &self.cancel,
+            &self.resume,
             &self.release,
             &self.extend,
             &self.recover,
@@ -71,14 +71,14 @@ impl Scripts {
         Self {
             publish: script!("publish.lua"),
             fetch: script!("fetch.lua"),
-            ack: script!("ack.lua"),
-            retry: script!("retry.lua"),
-            dead: script!("dead.lua"),
+            settle: script!("settle.lua"),
             release: script!("release.lua"),
             extend: script!("extend.lua"),
             recover: script!("recover.lua"),
             reprocess: script!("reprocess.lua"),
             purge: script!("purge.lua"),
+            cancel: script!("cancel.lua"),
+            resume: script!("resume.lua"),
         }
     }
 }

@@ -20,6 +20,55 @@ pub(crate) struct ConnSettings {
     pub(crate) response_timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) reconnect_retries: usize,
+    /// Dead letters kept per topic (0 = no cap).
+    pub(crate) dead_max_len: u64,
+    /// Longest a dead letter is kept (zero = forever).
+    pub(crate) dead_max_age: Duration,
+}
+
+/// One message to publish.
+#[derive(Debug)]
+pub(crate) struct PublishItem {
+    pub(crate) id: String,
+    pub(crate) delay: Duration,
+    pub(crate) body: String,
+    /// A unique key and how long it holds.
+    pub(crate) unique: Option<(String, Duration)>,
+}
+
+/// What publishing one message did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Written {
+    New,
+    /// A message with this id is stored, or was processed within the dedup window.
+    DuplicateId,
+    /// The unique key is held by the message with this id.
+    UniqueHeldBy(String),
+}
+
+/// The outcome of one finished delivery, for [`Store::settle`].
+#[derive(Debug)]
+pub(crate) enum SettleOp {
+    Ack,
+    /// Back to wait `delay`, with the rewritten envelope.
+    Retry {
+        body: String,
+        delay: Duration,
+    },
+    /// To the dead-letter queue, with the rewritten envelope.
+    Dead {
+        body: String,
+    },
+}
+
+/// Where `cancel` found a message.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum CancelState {
+    Delayed,
+    Pending,
+    Active,
+    Dead,
+    Missing,
 }
 
 /// One message handed out by a fetch: its id and raw body.
@@ -37,6 +86,8 @@ pub(crate) struct FetchResult {
     /// Due time of the earliest delayed message, when nothing was leased.
     pub(crate) next_due_ms: Option<i64>,
     pub(crate) messages: Vec<Fetched>,
+    /// The topic is paused: nothing was handed out.
+    pub(crate) paused: bool,
 }
 
 /// Counts and counters of one topic, as read from Redis.
@@ -47,6 +98,7 @@ pub(crate) struct RawStats {
     pub(crate) delayed: u64,
     pub(crate) dead: u64,
     pub(crate) counters: HashMap<String, u64>,
+    pub(crate) paused: bool,
 }
 
 /// A dedicated connection for blocking waits.
@@ -123,26 +175,36 @@ impl Store {
         }
     }
 
-    /// Stores messages (`id`, `delay_ms`, `envelope`) and registers the topic, in one round
-    /// trip. Returns, per message, whether it was written (false: the id already existed).
+    /// Stores messages and registers the topic, in one round trip.
     pub(crate) async fn publish(
         &self,
         keys: &TopicKeys,
-        items: &[(String, u64, String)],
-    ) -> Result<Vec<bool>> {
+        items: &[PublishItem],
+    ) -> Result<Vec<Written>> {
         let script = &self.scripts.publish;
-        let mut call = Self::evalsha(
-            script,
-            &[
-                &keys.msg,
-                &keys.pending,
-                &keys.delayed,
-                &keys.wake,
-                &keys.stats,
-            ],
-        );
-        for (id, delay, body) in items {
-            call.arg(id).arg(delay).arg(body);
+        let mut key_names: Vec<String> = vec![
+            keys.msg.clone(),
+            keys.pending.clone(),
+            keys.delayed.clone(),
+            keys.wake.clone(),
+            keys.stats.clone(),
+            keys.processed.clone(),
+        ];
+        let mut args: Vec<(&str, u64, &str, usize, u64)> = Vec::with_capacity(items.len());
+        for item in items {
+            let (index, ttl) = match &item.unique {
+                Some((key, ttl)) => {
+                    key_names.push(keys.unique(key));
+                    (key_names.len(), millis(*ttl))
+                }
+                None => (0, 0),
+            };
+            args.push((&item.id, millis(item.delay), &item.body, index, ttl));
+        }
+        let refs: Vec<&str> = key_names.iter().map(String::as_str).collect();
+        let mut call = Self::evalsha(script, &refs);
+        for (id, delay, body, index, ttl) in args {
+            call.arg(id).arg(delay).arg(body).arg(index).arg(ttl);
         }
         let mut pipe = redis::pipe();
         pipe.cmd("SADD")
@@ -151,14 +213,24 @@ impl Store {
             .ignore()
             .add_command(call);
         let mut conn = self.conn.clone();
-        let written: (Vec<i64>,) = match pipe.query_async(&mut conn).await {
+        let written: (Vec<Value>,) = match pipe.query_async(&mut conn).await {
             Err(e) if is_noscript(&e) => {
                 Self::load(script, &mut conn).await?;
                 pipe.query_async(&mut conn).await?
             }
             other => other?,
         };
-        Ok(written.0.into_iter().map(|w| w == 1).collect())
+        written
+            .0
+            .into_iter()
+            .map(|v| match v {
+                Value::Int(1) => Ok(Written::New),
+                Value::Int(_) => Ok(Written::DuplicateId),
+                other => Ok(Written::UniqueHeldBy(
+                    redis::from_redis_value(other).map_err(redis::RedisError::from)?,
+                )),
+            })
+            .collect()
     }
 
     pub(crate) async fn fetch(
@@ -168,6 +240,7 @@ impl Store {
         lease: Duration,
         token: &str,
         promote_limit: usize,
+        dedup: bool,
     ) -> Result<FetchResult> {
         let script = &self.scripts.fetch;
         let mut call = Self::evalsha(
@@ -180,10 +253,17 @@ impl Store {
                 &keys.msg,
                 &keys.wake,
                 &keys.stats,
+                &keys.paused,
+                &keys.processed,
             ],
         );
-        call.arg(n).arg(millis(lease)).arg(token).arg(promote_limit);
-        let (now_ms, next_due, flat): (i64, i64, Vec<Value>) = self.run(script, &call).await?;
+        call.arg(n)
+            .arg(millis(lease))
+            .arg(token)
+            .arg(promote_limit)
+            .arg(u8::from(dedup));
+        let (now_ms, next_due, flat, paused): (i64, i64, Vec<Value>, i64) =
+            self.run(script, &call).await?;
         let mut messages = Vec::with_capacity(flat.len() / 2);
         let mut it = flat.into_iter();
         while let (Some(id), Some(body)) = (it.next(), it.next()) {
@@ -196,32 +276,20 @@ impl Store {
             now_ms,
             next_due_ms: (next_due >= 0).then_some(next_due),
             messages,
+            paused: paused == 1,
         })
     }
 
-    /// Completes deliveries; per `(token, id)`, whether the lease was still ours.
-    pub(crate) async fn ack(
+    /// Applies outcomes of finished deliveries, `(token, id, op)`, in one script call;
+    /// per delivery, whether the lease was still ours. `dedup_ttl` > 0 records acked ids
+    /// in the processed ledger for that long.
+    pub(crate) async fn settle(
         &self,
         keys: &TopicKeys,
-        done: &[(String, String)],
+        outcomes: &[(&str, &str, &SettleOp)],
+        dedup_ttl: Duration,
     ) -> Result<Vec<bool>> {
-        let script = &self.scripts.ack;
-        let mut call = Self::evalsha(script, &[&keys.active, &keys.lease, &keys.msg, &keys.stats]);
-        for (token, id) in done {
-            call.arg(token).arg(id);
-        }
-        self.run_flags(script, &call).await
-    }
-
-    pub(crate) async fn retry(
-        &self,
-        keys: &TopicKeys,
-        id: &str,
-        token: &str,
-        body: &str,
-        delay: Duration,
-    ) -> Result<bool> {
-        let script = &self.scripts.retry;
+        let script = &self.scripts.settle;
         let mut call = Self::evalsha(
             script,
             &[
@@ -230,34 +298,28 @@ impl Store {
                 &keys.msg,
                 &keys.delayed,
                 &keys.pending,
+                &keys.dead,
                 &keys.wake,
                 &keys.stats,
+                &keys.processed,
             ],
         );
-        call.arg(id).arg(token).arg(body).arg(millis(delay));
-        Ok(self.run::<i64>(script, &call).await? == 1)
-    }
-
-    pub(crate) async fn dead(
-        &self,
-        keys: &TopicKeys,
-        id: &str,
-        token: &str,
-        body: &str,
-    ) -> Result<bool> {
-        let script = &self.scripts.dead;
-        let mut call = Self::evalsha(
-            script,
-            &[
-                &keys.active,
-                &keys.lease,
-                &keys.msg,
-                &keys.dead,
-                &keys.stats,
-            ],
-        );
-        call.arg(id).arg(token).arg(body);
-        Ok(self.run::<i64>(script, &call).await? == 1)
+        call.arg(self.settings.dead_max_len)
+            .arg(millis(self.settings.dead_max_age))
+            .arg(millis(dedup_ttl));
+        for (token, id, op) in outcomes {
+            match op {
+                SettleOp::Ack => call.arg("ack").arg(token).arg(id).arg("").arg(0),
+                SettleOp::Retry { body, delay } => call
+                    .arg("retry")
+                    .arg(token)
+                    .arg(id)
+                    .arg(body)
+                    .arg(millis(*delay)),
+                SettleOp::Dead { body } => call.arg("dead").arg(token).arg(id).arg(body).arg(0),
+            };
+        }
+        self.run_flags(script, &call).await
     }
 
     pub(crate) async fn release(
@@ -317,7 +379,10 @@ impl Store {
                 &keys.stats,
             ],
         );
-        call.arg(max_recoveries).arg(limit);
+        call.arg(max_recoveries)
+            .arg(limit)
+            .arg(self.settings.dead_max_len)
+            .arg(millis(self.settings.dead_max_age));
         self.run(script, &call).await
     }
 
@@ -350,9 +415,52 @@ impl Store {
                 &keys.dead,
                 &keys.wake,
                 &keys.stats,
+                &keys.processed,
             ],
         );
         self.run(script, &call).await
+    }
+
+    pub(crate) async fn cancel(&self, keys: &TopicKeys, id: &str) -> Result<CancelState> {
+        let script = &self.scripts.cancel;
+        let mut call = Self::evalsha(
+            script,
+            &[
+                &keys.delayed,
+                &keys.pending,
+                &keys.active,
+                &keys.dead,
+                &keys.msg,
+                &keys.stats,
+            ],
+        );
+        call.arg(id);
+        let state: String = self.run(script, &call).await?;
+        Ok(match state.as_str() {
+            "delayed" => CancelState::Delayed,
+            "pending" => CancelState::Pending,
+            "active" => CancelState::Active,
+            "dead" => CancelState::Dead,
+            _ => CancelState::Missing,
+        })
+    }
+
+    /// Pauses a topic: fetches hand out nothing until it is resumed.
+    pub(crate) async fn pause(&self, keys: &TopicKeys) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: () = redis::cmd("SET")
+            .arg(&keys.paused)
+            .arg(1)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Resumes a topic and wakes a worker; true if it was paused.
+    pub(crate) async fn resume(&self, keys: &TopicKeys) -> Result<bool> {
+        let script = &self.scripts.resume;
+        let call = Self::evalsha(script, &[&keys.paused, &keys.wake]);
+        Ok(self.run::<i64>(script, &call).await? == 1)
     }
 
     async fn run_flags(&self, script: &Lua, call: &Cmd) -> Result<Vec<bool>> {
@@ -367,16 +475,24 @@ impl Store {
             .zcard(&keys.active)
             .zcard(&keys.delayed)
             .zcard(&keys.dead)
-            .hgetall(&keys.stats);
+            .hgetall(&keys.stats)
+            .exists(&keys.paused);
         let mut conn = self.conn.clone();
-        let (pending, active, delayed, dead, counters): (u64, u64, u64, u64, HashMap<String, u64>) =
-            pipe.query_async(&mut conn).await?;
+        let (pending, active, delayed, dead, counters, paused): (
+            u64,
+            u64,
+            u64,
+            u64,
+            HashMap<String, u64>,
+            bool,
+        ) = pipe.query_async(&mut conn).await?;
         Ok(RawStats {
             pending,
             active,
             delayed,
             dead,
             counters,
+            paused,
         })
     }
 

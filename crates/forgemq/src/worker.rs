@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::handler::{Backoff, HandlerError};
 use crate::keys::{validate_topic, TopicKeys};
 use crate::message::{Envelope, LeaseState, Message, MessageId};
+use crate::store::SettleOp;
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
 type ErasedHandler = Arc<dyn Fn(Message<Value>) -> HandlerFuture + Send + Sync>;
@@ -66,7 +67,12 @@ pub struct Subscription {
     backoff: Backoff,
     lease: Duration,
     timeout: Option<Duration>,
+    dedup_ttl: Option<Duration>,
 }
+
+/// How long [`Subscription::deduplicate`] remembers processed ids, as the seed's
+/// `processed:<id>` marker: 24 hours.
+pub const DEFAULT_DEDUP_TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl Default for Subscription {
     fn default() -> Self {
@@ -76,6 +82,7 @@ impl Default for Subscription {
             backoff: Backoff::default(),
             lease: Duration::from_secs(15),
             timeout: Some(Duration::from_secs(30 * 60)),
+            dedup_ttl: None,
         }
     }
 }
@@ -127,7 +134,22 @@ impl Subscription {
         self
     }
 
+    /// Remembers each processed id for `ttl` ([`DEFAULT_DEDUP_TTL`] is the seed's 24 h),
+    /// recorded by the same script that acknowledges it. A redelivery of a remembered id
+    /// (a publisher retrying with the same id, an ack whose reply was lost) is skipped
+    /// instead of running its side effect again, and counted in
+    /// [`QueueStats::deduplicated`](crate::QueueStats::deduplicated).
+    pub fn deduplicate(mut self, ttl: Duration) -> Self {
+        self.dedup_ttl = Some(ttl);
+        self
+    }
+
     fn validate(&self, topic: &str) -> Result<()> {
+        if self.dedup_ttl.is_some_and(|t| t.as_millis() == 0) {
+            return Err(Error::Config(format!(
+                "deduplicate ttl of {topic:?} must be at least 1ms"
+            )));
+        }
         if self.concurrency == 0 {
             return Err(Error::Config(format!(
                 "concurrency of {topic:?} must be at least 1"
@@ -540,6 +562,7 @@ impl Runner {
                     self.sub.lease,
                     &token,
                     PROMOTE_LIMIT,
+                    self.sub.dedup_ttl.is_some(),
                 )
                 .await;
             match fetched {
@@ -551,6 +574,9 @@ impl Runner {
                 }
                 Ok(f) => {
                     drop(permits);
+                    if f.paused {
+                        tracing::debug!(topic = %self.keys.topic, "topic is paused; waiting for resume");
+                    }
                     let mut wait = self.settings.idle_wait;
                     if let Some(due) = f.next_due_ms {
                         let until_due =
@@ -688,7 +714,7 @@ impl Runner {
         }
     }
 
-    /// Applies outcomes as they arrive; acks that arrive together go in one call.
+    /// Applies outcomes as they arrive; outcomes that arrive together go in one call.
     async fn complete_loop(
         self: Arc<Self>,
         mut rx: mpsc::UnboundedReceiver<Outcome>,
@@ -703,85 +729,70 @@ impl Runner {
                     Err(_) => break,
                 }
             }
-            let (acks, failures): (Vec<Outcome>, Vec<Outcome>) = batch
-                .drain(..)
-                .partition(|o| matches!(o.verdict, Verdict::Ack));
-            if !acks.is_empty() {
-                self.apply_acks(&acks, &abandon).await;
-            }
-            for outcome in failures {
-                self.apply_failure(outcome, &abandon).await;
-            }
+            self.apply(&batch, &abandon).await;
+            batch.clear();
         }
     }
 
-    async fn apply_acks(&self, acks: &[Outcome], abandon: &watch::Receiver<bool>) {
-        let pairs: Vec<(String, String)> = acks
+    async fn apply(&self, outcomes: &[Outcome], abandon: &watch::Receiver<bool>) {
+        let ops: Vec<SettleOp> = outcomes
             .iter()
-            .map(|o| (o.token.to_string(), o.id.clone()))
+            .map(|o| match &o.verdict {
+                Verdict::Ack => SettleOp::Ack,
+                Verdict::Retry { error, after } => {
+                    self.log_failure(&o.id, error);
+                    failure_op(
+                        &o.body,
+                        &self.keys.topic,
+                        &o.id,
+                        error,
+                        false,
+                        *after,
+                        self.sub.max_retry,
+                        &self.sub.backoff,
+                    )
+                }
+                Verdict::Dead { error } => {
+                    self.log_failure(&o.id, error);
+                    failure_op(
+                        &o.body,
+                        &self.keys.topic,
+                        &o.id,
+                        error,
+                        true,
+                        None,
+                        self.sub.max_retry,
+                        &self.sub.backoff,
+                    )
+                }
+            })
+            .collect();
+        let args: Vec<(&str, &str, &SettleOp)> = outcomes
+            .iter()
+            .zip(&ops)
+            .map(|(o, op)| (&*o.token, o.id.as_str(), op))
             .collect();
         let store = self.client.store();
-        let Some(flags) = retry_until_done(abandon, || store.ack(&self.keys, &pairs)).await else {
+        let dedup = self.sub.dedup_ttl.unwrap_or_default();
+        let Some(flags) =
+            retry_until_done(abandon, || store.settle(&self.keys, &args, dedup)).await
+        else {
             return;
         };
         let mut map = self.lock_inflight();
-        for (o, ok) in acks.iter().zip(flags) {
+        for ((o, op), ok) in outcomes.iter().zip(&ops).zip(flags) {
             map.remove(&o.id);
             if !ok {
                 // Rule 7: a duplicate run is possible only here; say so.
-                tracing::warn!(topic = %self.keys.topic, id = %o.id, "ack refused: lease lost (the message was recovered and may run again, or was purged)");
+                tracing::warn!(topic = %self.keys.topic, id = %o.id, "outcome refused: lease lost (the message was recovered and may run again, or was purged)");
+            } else if let SettleOp::Dead { .. } = op {
+                tracing::warn!(topic = %self.keys.topic, id = %o.id, "dead-lettered");
             }
         }
     }
 
-    async fn apply_failure(&self, outcome: Outcome, abandon: &watch::Receiver<bool>) {
-        let store = self.client.store();
-        let Outcome {
-            id,
-            token,
-            body,
-            verdict,
-        } = outcome;
-        let applied = match (verdict, Envelope::decode(&body)) {
-            (Verdict::Ack, _) => return,
-            (Verdict::Dead { error } | Verdict::Retry { error, .. }, Err(_)) => {
-                // Only undecodable bodies get here (they never reach a handler).
-                let replacement =
-                    crate::message::undecodable_envelope(&id, &self.keys.topic, &body, &error);
-                retry_until_done(abandon, || {
-                    store.dead(&self.keys, &id, &token, &replacement)
-                })
-                .await
-            }
-            (Verdict::Dead { error }, Ok(mut env)) => {
-                env.record_failure(&error);
-                tracing::warn!(topic = %self.keys.topic, id = %id, error = %error, "dead-lettered (fatal error)");
-                let body = env.encode();
-                retry_until_done(abandon, || store.dead(&self.keys, &id, &token, &body)).await
-            }
-            (Verdict::Retry { error, after }, Ok(mut env)) => {
-                env.record_failure(&error);
-                let max = env.max_retry.unwrap_or(self.sub.max_retry);
-                let body = env.encode();
-                if env.retry > max {
-                    tracing::warn!(topic = %self.keys.topic, id = %id, error = %error, runs = env.retry, "retries exhausted; dead-lettered");
-                    retry_until_done(abandon, || store.dead(&self.keys, &id, &token, &body)).await
-                } else {
-                    let delay = after.unwrap_or_else(|| self.sub.backoff.delay(env.retry));
-                    tracing::info!(topic = %self.keys.topic, id = %id, error = %error, retry = env.retry, ?delay, "handler failed; will retry");
-                    retry_until_done(abandon, || {
-                        store.retry(&self.keys, &id, &token, &body, delay)
-                    })
-                    .await
-                }
-            }
-        };
-        if applied == Some(false) {
-            tracing::warn!(topic = %self.keys.topic, id = %id, "outcome refused: lease lost");
-        }
-        if applied.is_some() {
-            self.lock_inflight().remove(&id);
-        }
+    fn log_failure(&self, id: &str, error: &str) {
+        tracing::info!(topic = %self.keys.topic, id = %id, error = %error, "handler failed");
     }
 
     /// Renews the leases of everything in flight every third of the lease.
@@ -821,6 +832,39 @@ impl Runner {
                 }
                 Err(e) => {
                     tracing::warn!(topic = %self.keys.topic, error = %e, "lease renewal failed; will try again")
+                }
+            }
+        }
+    }
+}
+
+/// Turns a failed attempt into its settle operation: the envelope records the failure,
+/// then the message waits for a retry or, when fatal or out of retries, goes dead. A body
+/// that does not decode is dead-lettered inside a stand-in envelope that keeps it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn failure_op(
+    body: &[u8],
+    topic: &str,
+    id: &str,
+    error: &str,
+    fatal: bool,
+    retry_after: Option<Duration>,
+    default_max_retry: u32,
+    backoff: &Backoff,
+) -> SettleOp {
+    match Envelope::decode(body) {
+        Err(_) => SettleOp::Dead {
+            body: crate::message::undecodable_envelope(id, topic, body, error),
+        },
+        Ok(mut env) => {
+            env.record_failure(error);
+            let max = env.max_retry.unwrap_or(default_max_retry);
+            if fatal || env.retry > max {
+                SettleOp::Dead { body: env.encode() }
+            } else {
+                SettleOp::Retry {
+                    delay: retry_after.unwrap_or_else(|| backoff.delay(env.retry)),
+                    body: env.encode(),
                 }
             }
         }

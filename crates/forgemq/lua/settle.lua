@@ -1,0 +1,107 @@
+-- settle: apply the outcomes of finished deliveries, many in one call: ack (done, body
+-- deleted), retry (back to delayed or pending with a rewritten envelope) or dead
+-- (to the dead-letter set with a rewritten envelope).
+-- KEYS[1] active     ZSET
+-- KEYS[2] lease      HASH
+-- KEYS[3] msg        HASH
+-- KEYS[4] delayed    ZSET
+-- KEYS[5] pending    LIST
+-- KEYS[6] dead       ZSET  id -> time it died (ms)
+-- KEYS[7] wake       LIST
+-- KEYS[8] stats      HASH
+-- KEYS[9] processed  ZSET  id -> until when a redelivery counts as a duplicate (ms)
+-- ARGV[1] dead_max_len   dead letters kept; older ones are deleted (0 = no cap)
+-- ARGV[2] dead_max_age   ms a dead letter is kept (0 = forever)
+-- ARGV[3] dedup_ttl      ms an acked id stays in the processed ledger (0 = no ledger)
+-- ARGV    then groups of 5: op ('ack' | 'retry' | 'dead'), token, id, envelope, delay_ms
+-- Returns one integer per group: 1 applied, 0 lease lost (nothing written for it).
+
+local G = 5
+local n = (#ARGV - 3) / G
+local ids = {}
+for i = 1, n do
+  ids[i] = ARGV[3 + (i - 1) * G + 3]
+end
+if n == 0 then
+  return {}
+end
+
+-- Preconditions for every group before the first write: the lease is still ours, and an
+-- id settled twice in one call counts once.
+local owners = redis.call('HMGET', KEYS[2], unpack(ids))
+local results, seen = {}, {}
+for i = 1, n do
+  local base = 3 + (i - 1) * G
+  if owners[i] == ARGV[base + 2] and not seen[ids[i]] then
+    results[i] = 1
+    seen[ids[i]] = true
+  else
+    results[i] = 0
+  end
+end
+
+local now = now_ms()
+local dedup_ttl = tonumber(ARGV[3])
+local acked, retried, dead, ready = {}, 0, 0, false
+for i = 1, n do
+  if results[i] == 1 then
+    local base = 3 + (i - 1) * G
+    local op, id = ARGV[base + 1], ids[i]
+    if op == 'ack' then
+      acked[#acked + 1] = id
+    elseif op == 'retry' then
+      redis.call('HSET', KEYS[3], id, ARGV[base + 4])
+      local delay = tonumber(ARGV[base + 5])
+      if delay > 0 then
+        redis.call('ZADD', KEYS[4], now + delay, id)
+      else
+        redis.call('RPUSH', KEYS[5], id)
+      end
+      retried = retried + 1
+      ready = true
+    else
+      redis.call('HSET', KEYS[3], id, ARGV[base + 4])
+      redis.call('ZADD', KEYS[6], now, id)
+      dead = dead + 1
+    end
+  end
+end
+
+local settled = {}
+for i = 1, n do
+  if results[i] == 1 then
+    settled[#settled + 1] = ids[i]
+  end
+end
+if #settled > 0 then
+  redis.call('ZREM', KEYS[1], unpack(settled))
+  redis.call('HDEL', KEYS[2], unpack(settled))
+end
+if #acked > 0 then
+  redis.call('HDEL', KEYS[3], unpack(acked))
+  redis.call('HINCRBY', KEYS[8], 'processed', #acked)
+  if dedup_ttl > 0 then
+    local zargs = {}
+    for _, id in ipairs(acked) do
+      zargs[#zargs + 1] = now + dedup_ttl
+      zargs[#zargs + 1] = id
+    end
+    redis.call('ZADD', KEYS[9], unpack(zargs))
+  end
+end
+if dedup_ttl > 0 then
+  -- Expired ledger entries go whenever a deduplicating worker settles: bounded ledger.
+  redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', '(' .. now)
+end
+if retried > 0 then
+  redis.call('HINCRBY', KEYS[8], 'failed', retried)
+  redis.call('HINCRBY', KEYS[8], 'retried', retried)
+  -- A worker blocked with a long wait must recompute it for this due time.
+  wake(KEYS[7])
+end
+if dead > 0 then
+  redis.call('HINCRBY', KEYS[8], 'failed', dead)
+  redis.call('HINCRBY', KEYS[8], 'dead', dead)
+  trim_dead(KEYS[6], KEYS[3], KEYS[8], now, tonumber(ARGV[1]), tonumber(ARGV[2]))
+end
+return results
