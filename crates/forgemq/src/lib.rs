@@ -51,4 +51,6 @@ pub use delivery::Delivery;
 pub use error::{Error, Result};
 pub use handler::{Backoff, HandlerError};
 pub use message::{Message, MessageId};
-pub use worker::{Subscription, Worker, WorkerBuilder};
+pub use worker::{
+    BatchOptions, BatchOutcome, Priority, Subscription, Worker, WorkerBuilder, DEFAULT_DEDUP_TTL,
+};

@@ -569,12 +569,12 @@ impl Store {
         BlockingConn { conn: None }
     }
 
-    /// Waits on a topic's wake list for at most `timeout` (rounded up to whole ms).
+    /// Waits on the wake lists of one or more topics for at most `timeout` (whole ms).
     /// Returns true if a wake-up token was taken.
     pub(crate) async fn wait_wake(
         &self,
         bc: &mut BlockingConn,
-        keys: &TopicKeys,
+        wake_keys: &[&str],
         timeout: Duration,
     ) -> Result<bool> {
         if bc.conn.is_none() {
@@ -592,7 +592,7 @@ impl Store {
         };
         // BLPOP takes seconds with millisecond precision (Redis 6+); 0 would mean forever.
         let secs = (timeout.as_millis().max(1) as f64) / 1000.0;
-        let call = redis::cmd("BLPOP").arg(&keys.wake).arg(secs).to_owned();
+        let call = redis::cmd("BLPOP").arg(wake_keys).arg(secs).to_owned();
         // The server answers by its own timeout; our guard only catches a dead link
         // (no RST, e.g. a network partition), after which the connection is replaced.
         let guard = timeout + self.settings.response_timeout;

@@ -1,0 +1,307 @@
+//! Fetch loops. A group is one or more topics that share concurrency slots and one
+//! blocking wait: a plain subscription is a group of one; `priority` groups several,
+//! strictly ordered or weighted. A batch subscription collects batches instead.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use super::runner::{random_token, HandlerKind, RetryDelay, Runner, Tracked};
+use super::Priority;
+use crate::store::{FetchResult, Store};
+
+/// Most due delayed messages one fetch promotes: bounds the time one script call holds
+/// Redis when a large batch falls due at once; the rest follow on the next fetch.
+const PROMOTE_LIMIT: usize = 1000;
+
+/// Most messages one fetch leases, whatever the concurrency.
+const MAX_FETCH: usize = 1000;
+
+pub(crate) struct Group {
+    pub(crate) runners: Vec<Arc<Runner>>,
+    pub(crate) priority: Priority,
+    /// Handlers (or batches) running at once across the group's topics.
+    pub(crate) concurrency: usize,
+}
+
+impl Group {
+    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
+        let services: Vec<_> = self.runners.iter().map(Runner::spawn_services).collect();
+        let mut tasks = JoinSet::new();
+        match &self.runners[0].handler {
+            HandlerKind::Batch(_, options) => {
+                let (size, wait) = (options.max_size, options.max_wait);
+                self.batch_loop(size, wait, &mut tasks, &mut stop).await;
+            }
+            HandlerKind::Single(_) => self.fetch_loop(&mut tasks, &mut stop).await,
+        }
+
+        // Shutdown: let handlers finish within the timeout, then hand the rest back.
+        let settings = &self.runners[0].settings;
+        let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
+        while let Ok(Some(_)) = tokio::time::timeout_at(deadline, tasks.join_next()).await {}
+        if !tasks.is_empty() {
+            tracing::warn!(
+                unfinished = tasks.len(),
+                "shutdown timeout reached; handing unfinished messages back to pending"
+            );
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        for (runner, services) in self.runners.iter().zip(services) {
+            runner.shut_down(services).await;
+        }
+    }
+
+    fn store(&self) -> &Store {
+        self.runners[0].client.store()
+    }
+
+    fn idle_wait(&self) -> Duration {
+        self.runners[0].settings.idle_wait
+    }
+
+    async fn fetch(&self, runner: &Runner, n: usize, token: &str) -> crate::Result<FetchResult> {
+        self.store()
+            .fetch(
+                &runner.keys,
+                n,
+                runner.sub.lease,
+                token,
+                PROMOTE_LIMIT,
+                runner.sub.dedup_ttl.is_some(),
+            )
+            .await
+    }
+
+    /// Waits for a wake-up on any of the group's topics, for at most `wait`.
+    async fn wait(
+        &self,
+        blocking: &mut crate::store::BlockingConn,
+        wait: Duration,
+        backoff: &mut RetryDelay,
+        stop: &mut watch::Receiver<bool>,
+    ) {
+        let keys: Vec<&str> = self.runners.iter().map(|r| r.keys.wake.as_str()).collect();
+        tokio::select! {
+            woke = self.store().wait_wake(blocking, &keys, wait) => {
+                if let Err(e) = woke {
+                    tracing::warn!(error = %e, "waiting for work failed; retrying");
+                    pause(backoff.next(), stop).await;
+                }
+            }
+            _ = stop.changed() => {}
+        }
+    }
+
+    async fn fetch_loop(&self, tasks: &mut JoinSet<()>, stop: &mut watch::Receiver<bool>) {
+        let slots = Arc::new(Semaphore::new(self.concurrency));
+        let mut blocking = self.store().blocking_conn();
+        let mut backoff = RetryDelay::default();
+        let mut order = Order::new(&self.priority, self.runners.len());
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            while tasks.try_join_next().is_some() {}
+            let Some(mut permits) = acquire(&slots, MAX_FETCH, stop).await else {
+                return;
+            };
+            let mut started = false;
+            let mut failed = false;
+            let mut wait = self.idle_wait();
+            for index in order.next() {
+                if permits.is_empty() {
+                    break;
+                }
+                let runner = &self.runners[index];
+                let token: Arc<str> = random_token().into();
+                // Not cancelled by shutdown: a fetch that ran must hand its messages to us.
+                match self.fetch(runner, permits.len(), &token).await {
+                    Ok(f) => {
+                        wait = wait.min(until_due(&f));
+                        for m in f.messages {
+                            let Some(permit) = permits.pop() else { break };
+                            runner.start_single(runner.track(m, &token), permit, tasks);
+                            started = true;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %runner.keys.topic, error = %e, "fetch failed; retrying");
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            drop(permits);
+            if started {
+                backoff.reset();
+            } else if failed {
+                pause(backoff.next(), stop).await;
+            } else {
+                self.wait(&mut blocking, wait, &mut backoff, stop).await;
+            }
+        }
+    }
+
+    /// Collects up to `max_size` messages, or what arrived within `max_wait` of the first,
+    /// and hands them to the batch handler as one.
+    async fn batch_loop(
+        &self,
+        max_size: usize,
+        max_wait: Duration,
+        tasks: &mut JoinSet<()>,
+        stop: &mut watch::Receiver<bool>,
+    ) {
+        let runner = &self.runners[0];
+        let slots = Arc::new(Semaphore::new(self.concurrency));
+        let mut blocking = self.store().blocking_conn();
+        let mut backoff = RetryDelay::default();
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let Some(mut permits) = acquire(&slots, 1, stop).await else {
+                return;
+            };
+            let Some(permit) = permits.pop() else { return };
+            let mut batch: Vec<Tracked> = Vec::new();
+            let mut first_at: Option<Instant> = None;
+            while !*stop.borrow() && batch.len() < max_size {
+                let token: Arc<str> = random_token().into();
+                match self.fetch(runner, max_size - batch.len(), &token).await {
+                    Ok(f) => {
+                        backoff.reset();
+                        let mut wait = self.idle_wait().min(until_due(&f));
+                        if !f.messages.is_empty() {
+                            first_at.get_or_insert_with(Instant::now);
+                        }
+                        // Tracked at once: their leases are renewed while the batch fills.
+                        batch.extend(f.messages.into_iter().map(|m| runner.track(m, &token)));
+                        if batch.len() >= max_size {
+                            break;
+                        }
+                        if let Some(t0) = first_at {
+                            let left = max_wait.saturating_sub(t0.elapsed());
+                            if left.is_zero() {
+                                break;
+                            }
+                            wait = wait.min(left);
+                        }
+                        self.wait(&mut blocking, wait, &mut backoff, stop).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %runner.keys.topic, error = %e, "fetch failed; retrying");
+                        pause(backoff.next(), stop).await;
+                    }
+                }
+            }
+            if *stop.borrow() {
+                // A batch that never reached its handler is handed back at shutdown.
+                return;
+            }
+            if !batch.is_empty() {
+                runner.start_batch(batch, permit, tasks);
+            }
+        }
+    }
+}
+
+/// Waits for one free slot, then takes up to `max` free slots without waiting.
+async fn acquire(
+    slots: &Arc<Semaphore>,
+    max: usize,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Vec<OwnedSemaphorePermit>> {
+    let first = tokio::select! {
+        permit = Arc::clone(slots).acquire_owned() => permit.ok()?,
+        _ = stop.changed() => return None,
+    };
+    let mut permits = vec![first];
+    while permits.len() < max {
+        match Arc::clone(slots).try_acquire_owned() {
+            Ok(p) => permits.push(p),
+            Err(_) => break,
+        }
+    }
+    Some(permits)
+}
+
+/// How long until the earliest delayed message of a fetch that found nothing is due.
+fn until_due(f: &FetchResult) -> Duration {
+    match f.next_due_ms {
+        Some(due) if f.messages.is_empty() && !f.paused => {
+            Duration::from_millis(due.saturating_sub(f.now_ms).max(1) as u64)
+        }
+        _ => Duration::MAX,
+    }
+}
+
+async fn pause(delay: Duration, stop: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => {}
+        _ = stop.changed() => {}
+    }
+}
+
+/// The order in which a group's topics are asked for work on each fetch.
+struct Order {
+    /// Strict: always 0, 1, 2, … Weighted: smooth weighted round-robin (as nginx) picks
+    /// the first; the others follow by weight, so an empty topic never idles a slot.
+    weights: Option<Vec<i64>>,
+    current: Vec<i64>,
+    by_weight: Vec<usize>,
+}
+
+impl Order {
+    fn new(priority: &Priority, n: usize) -> Self {
+        let weights = match priority {
+            Priority::Strict => None,
+            Priority::Weighted(w) => Some(w.iter().map(|&x| i64::from(x)).collect::<Vec<_>>()),
+        };
+        let mut by_weight: Vec<usize> = (0..n).collect();
+        if let Some(w) = &weights {
+            by_weight.sort_by_key(|&i| std::cmp::Reverse(w[i]));
+        }
+        Self {
+            weights,
+            current: vec![0; n],
+            by_weight,
+        }
+    }
+
+    fn next(&mut self) -> Vec<usize> {
+        let Some(weights) = &self.weights else {
+            return (0..self.current.len()).collect();
+        };
+        let total: i64 = weights.iter().sum();
+        for (c, w) in self.current.iter_mut().zip(weights) {
+            *c += w;
+        }
+        let first = (0..self.current.len())
+            .max_by_key(|&i| (self.current[i], std::cmp::Reverse(i)))
+            .unwrap_or(0);
+        self.current[first] -= total;
+        let mut order = vec![first];
+        order.extend(self.by_weight.iter().copied().filter(|&i| i != first));
+        order
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_order_picks_first_in_proportion() {
+        let mut order = Order::new(&Priority::Weighted(vec![3, 1]), 2);
+        let firsts: Vec<usize> = (0..8).map(|_| order.next()[0]).collect();
+        assert_eq!(firsts.iter().filter(|&&i| i == 0).count(), 6);
+        assert!(
+            order.next().len() == 2,
+            "every topic is asked, the chosen one first"
+        );
+        let mut strict = Order::new(&Priority::Strict, 3);
+        assert_eq!(strict.next(), vec![0, 1, 2]);
+    }
+}

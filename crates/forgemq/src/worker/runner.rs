@@ -1,0 +1,606 @@
+//! One subscribed topic inside a worker: its in-flight deliveries, the completer that
+//! settles their outcomes (everything that finished together in one script call), the
+//! renewer that keeps their leases, and the hand-back of unfinished work at shutdown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use rand::Rng;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::{BatchOptions, Settings, Subscription};
+use crate::client::Client;
+use crate::error::Result;
+use crate::handler::{Backoff, HandlerError};
+use crate::keys::TopicKeys;
+use crate::message::{Envelope, LeaseState, Message, MessageId};
+use crate::store::{Fetched, SettleOp};
+
+pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
+pub(crate) type ErasedHandler = Arc<dyn Fn(Message<Value>) -> HandlerFuture + Send + Sync>;
+/// A batch handler with its data already decoded: one verdict per message, in order.
+pub(crate) type BatchFuture = Pin<Box<dyn Future<Output = Vec<Verdict>> + Send>>;
+pub(crate) type ErasedBatchHandler = Arc<dyn Fn(Vec<Message<Value>>) -> BatchFuture + Send + Sync>;
+
+/// Most outcomes settled in one script call.
+const MAX_SETTLE_BATCH: usize = 1000;
+
+/// How a topic's messages are handled.
+pub(crate) enum HandlerKind {
+    Single(ErasedHandler),
+    Batch(ErasedBatchHandler, BatchOptions),
+}
+
+/// One in-flight delivery as the worker tracks it.
+struct InFlight {
+    token: Arc<str>,
+    lease: Arc<LeaseState>,
+    /// Set by the handler task right before it reports its outcome, so shutdown knows
+    /// which deliveries to hand back.
+    finished: Arc<AtomicBool>,
+}
+
+/// A fetched delivery, registered as in flight (its lease is renewed from now on).
+pub(crate) struct Tracked {
+    fetched: Fetched,
+    token: Arc<str>,
+    lease: Arc<LeaseState>,
+    finished: Arc<AtomicBool>,
+}
+
+/// What to do with a delivery.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    Ack,
+    Retry {
+        error: String,
+        after: Option<Duration>,
+    },
+    Dead {
+        error: String,
+    },
+}
+
+impl Verdict {
+    pub(crate) fn from_error(e: &HandlerError) -> Self {
+        if e.is_fatal() {
+            Verdict::Dead {
+                error: e.to_string(),
+            }
+        } else {
+            Verdict::Retry {
+                error: e.to_string(),
+                after: e.retry_after_delay(),
+            }
+        }
+    }
+
+    fn retry(error: String) -> Self {
+        Verdict::Retry { error, after: None }
+    }
+}
+
+struct Outcome {
+    id: String,
+    token: Arc<str>,
+    /// The stored body as fetched; failures rewrite it (retry count, last error).
+    body: Vec<u8>,
+    verdict: Verdict,
+}
+
+/// The background tasks of one runner.
+pub(crate) struct Services {
+    completer: JoinHandle<()>,
+    abandon: watch::Sender<bool>,
+    renew_stop: watch::Sender<bool>,
+    renewer: JoinHandle<()>,
+}
+
+pub(crate) struct Runner {
+    pub(crate) client: Client,
+    pub(crate) keys: TopicKeys,
+    pub(crate) sub: Subscription,
+    pub(crate) handler: HandlerKind,
+    pub(crate) settings: Settings,
+    inflight: Mutex<HashMap<String, InFlight>>,
+    out_tx: Mutex<Option<mpsc::UnboundedSender<Vec<Outcome>>>>,
+}
+
+impl Runner {
+    pub(crate) fn new(
+        client: Client,
+        keys: TopicKeys,
+        sub: Subscription,
+        handler: HandlerKind,
+        settings: Settings,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            keys,
+            sub,
+            handler,
+            settings,
+            inflight: Mutex::new(HashMap::new()),
+            out_tx: Mutex::new(None),
+        })
+    }
+
+    /// Starts the completer and the renewer.
+    pub(crate) fn spawn_services(self: &Arc<Self>) -> Services {
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        *self.out_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(out_tx);
+        let (abandon, abandon_rx) = watch::channel(false);
+        let (renew_stop, renew_stop_rx) = watch::channel(false);
+        Services {
+            completer: tokio::spawn(Arc::clone(self).complete_loop(out_rx, abandon_rx)),
+            abandon,
+            renew_stop,
+            renewer: tokio::spawn(Arc::clone(self).renew_loop(renew_stop_rx)),
+        }
+    }
+
+    /// After every handler task has ended: hands unfinished deliveries back, lets the
+    /// completer record every outcome (not forever when Redis is gone: those leases then
+    /// expire and the recoverer takes over), and stops the renewer.
+    pub(crate) async fn shut_down(&self, services: Services) {
+        self.release_unfinished().await;
+        self.out_tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let flush = tokio::time::timeout(self.settings.shutdown_timeout, services.completer);
+        if flush.await.is_err() {
+            let _ = services.abandon.send(true);
+            tracing::warn!(topic = %self.keys.topic, "could not record every outcome before shutdown; those messages will be recovered after their lease");
+        }
+        let _ = services.renew_stop.send(true);
+        let _ = services.renewer.await;
+    }
+
+    fn send(&self, outcomes: Vec<Outcome>) {
+        if let Some(tx) = self
+            .out_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send(outcomes);
+        }
+    }
+
+    fn sender(&self) -> Option<mpsc::UnboundedSender<Vec<Outcome>>> {
+        self.out_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Registers a fetched delivery as in flight, so that its lease is renewed.
+    pub(crate) fn track(&self, fetched: Fetched, token: &Arc<str>) -> Tracked {
+        let lease = Arc::new(LeaseState::default());
+        let finished = Arc::new(AtomicBool::new(false));
+        self.lock_inflight().insert(
+            fetched.id.clone(),
+            InFlight {
+                token: Arc::clone(token),
+                lease: Arc::clone(&lease),
+                finished: Arc::clone(&finished),
+            },
+        );
+        Tracked {
+            fetched,
+            token: Arc::clone(token),
+            lease,
+            finished,
+        }
+    }
+
+    /// What a handler receives, or the verdict for a body that does not decode (running
+    /// it cannot help, and it must not block the queue).
+    fn message(&self, t: &Tracked) -> std::result::Result<Message<Value>, Verdict> {
+        match Envelope::decode(&t.fetched.body) {
+            Ok(envelope) => Ok(Message {
+                id: MessageId::from_stored(t.fetched.id.clone()),
+                topic: self.keys.topic.clone(),
+                timestamp: envelope.timestamp(),
+                retry: envelope.retry,
+                max_retry: envelope.max_retry.unwrap_or(self.sub.max_retry),
+                recoveries: envelope.recoveries,
+                data: envelope.data,
+                lease: Arc::clone(&t.lease),
+            }),
+            Err(e) => {
+                tracing::warn!(topic = %self.keys.topic, id = %t.fetched.id, error = %e, "undecodable message; dead-lettering it");
+                Err(Verdict::Dead {
+                    error: format!("envelope does not decode: {e}"),
+                })
+            }
+        }
+    }
+
+    fn outcome(t: Tracked, verdict: Verdict) -> Outcome {
+        Outcome {
+            id: t.fetched.id,
+            token: t.token,
+            body: t.fetched.body,
+            verdict,
+        }
+    }
+
+    /// Starts one handler task for one delivery.
+    pub(crate) fn start_single(
+        self: &Arc<Self>,
+        t: Tracked,
+        permit: OwnedSemaphorePermit,
+        tasks: &mut JoinSet<()>,
+    ) {
+        let HandlerKind::Single(handler) = &self.handler else {
+            return;
+        };
+        let message = match self.message(&t) {
+            Ok(m) => m,
+            Err(verdict) => {
+                t.finished.store(true, Ordering::SeqCst);
+                self.send(vec![Self::outcome(t, verdict)]);
+                return;
+            }
+        };
+        let handler = Arc::clone(handler);
+        let timeout = self.sub.timeout;
+        let Some(out_tx) = self.sender() else { return };
+        tasks.spawn(async move {
+            let verdict = guarded(handler(message), timeout, |r| match r {
+                Ok(()) => Verdict::Ack,
+                Err(e) => Verdict::from_error(&e),
+            })
+            .await
+            .unwrap_or_else(Verdict::retry);
+            // No await between these two: an abort at shutdown either sees the outcome
+            // sent or the delivery unfinished, never half of it.
+            t.finished.store(true, Ordering::SeqCst);
+            let _ = out_tx.send(vec![Self::outcome(t, verdict)]);
+            drop(permit);
+        });
+    }
+
+    /// Starts one handler task for a whole batch; its outcomes are settled in one call.
+    pub(crate) fn start_batch(
+        self: &Arc<Self>,
+        batch: Vec<Tracked>,
+        permit: OwnedSemaphorePermit,
+        tasks: &mut JoinSet<()>,
+    ) {
+        let HandlerKind::Batch(handler, _) = &self.handler else {
+            return;
+        };
+        let mut undecodable = Vec::new();
+        let mut messages = Vec::new();
+        let mut held = Vec::new();
+        for t in batch {
+            match self.message(&t) {
+                Ok(m) => {
+                    messages.push(m);
+                    held.push(t);
+                }
+                Err(verdict) => {
+                    t.finished.store(true, Ordering::SeqCst);
+                    undecodable.push(Self::outcome(t, verdict));
+                }
+            }
+        }
+        if !undecodable.is_empty() {
+            self.send(undecodable);
+        }
+        if held.is_empty() {
+            return;
+        }
+        let handler = Arc::clone(handler);
+        let timeout = self.sub.timeout;
+        let Some(out_tx) = self.sender() else { return };
+        tasks.spawn(async move {
+            let n = held.len();
+            let verdicts = match guarded(handler(messages), timeout, |v| v).await {
+                Ok(v) => v,
+                Err(error) => (0..n).map(|_| Verdict::retry(error.clone())).collect(),
+            };
+            for t in &held {
+                t.finished.store(true, Ordering::SeqCst);
+            }
+            let outcomes = held
+                .into_iter()
+                .zip(
+                    verdicts
+                        .into_iter()
+                        .map(Some)
+                        .chain(std::iter::repeat_with(|| None)),
+                )
+                .map(|(t, v)| {
+                    let v = v.unwrap_or_else(|| {
+                        Verdict::retry(
+                            "the batch handler returned no outcome for this message".into(),
+                        )
+                    });
+                    Self::outcome(t, v)
+                })
+                .collect();
+            let _ = out_tx.send(outcomes);
+            drop(permit);
+        });
+    }
+
+    fn lock_inflight(&self) -> std::sync::MutexGuard<'_, HashMap<String, InFlight>> {
+        // A panic while holding this lock cannot leave the map inconsistent (single
+        // inserts and removes), so a poisoned lock is still usable.
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands deliveries whose handler did not finish back to pending, without counting an
+    /// attempt.
+    async fn release_unfinished(&self) {
+        let unfinished: Vec<(String, String)> = {
+            let mut map = self.lock_inflight();
+            let ids: Vec<String> = map
+                .iter()
+                .filter(|(_, f)| !f.finished.load(Ordering::SeqCst))
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| map.remove(&id).map(|f| (f.token.to_string(), id)))
+                .collect()
+        };
+        if unfinished.is_empty() {
+            return;
+        }
+        let mut delay = RetryDelay::default();
+        for attempt in 1..=5 {
+            match self.client.store().release(&self.keys, &unfinished).await {
+                Ok(flags) => {
+                    let released = flags.iter().filter(|f| **f).count();
+                    tracing::info!(topic = %self.keys.topic, released, "unfinished messages returned to pending");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %self.keys.topic, attempt, error = %e, "could not return unfinished messages; retrying");
+                    tokio::time::sleep(delay.next()).await;
+                }
+            }
+        }
+        tracing::warn!(topic = %self.keys.topic, "could not return unfinished messages; they come back when their lease expires");
+    }
+
+    /// Applies outcomes as they arrive; outcomes that arrive together go in one call.
+    async fn complete_loop(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<Vec<Outcome>>,
+        abandon: watch::Receiver<bool>,
+    ) {
+        let mut batch = Vec::new();
+        while let Some(first) = rx.recv().await {
+            batch.extend(first);
+            while batch.len() < MAX_SETTLE_BATCH {
+                match rx.try_recv() {
+                    Ok(o) => batch.extend(o),
+                    Err(_) => break,
+                }
+            }
+            self.apply(&batch, &abandon).await;
+            batch.clear();
+        }
+    }
+
+    async fn apply(&self, outcomes: &[Outcome], abandon: &watch::Receiver<bool>) {
+        let ops: Vec<SettleOp> = outcomes
+            .iter()
+            .map(|o| match &o.verdict {
+                Verdict::Ack => SettleOp::Ack,
+                Verdict::Retry { error, after } => {
+                    self.log_failure(&o.id, error);
+                    failure_op(
+                        &o.body,
+                        &self.keys.topic,
+                        &o.id,
+                        error,
+                        false,
+                        *after,
+                        self.sub.max_retry,
+                        &self.sub.backoff,
+                    )
+                }
+                Verdict::Dead { error } => {
+                    self.log_failure(&o.id, error);
+                    failure_op(
+                        &o.body,
+                        &self.keys.topic,
+                        &o.id,
+                        error,
+                        true,
+                        None,
+                        self.sub.max_retry,
+                        &self.sub.backoff,
+                    )
+                }
+            })
+            .collect();
+        let args: Vec<(&str, &str, &SettleOp)> = outcomes
+            .iter()
+            .zip(&ops)
+            .map(|(o, op)| (&*o.token, o.id.as_str(), op))
+            .collect();
+        let store = self.client.store();
+        let dedup = self.sub.dedup_ttl.unwrap_or_default();
+        let Some(flags) =
+            retry_until_done(abandon, || store.settle(&self.keys, &args, dedup)).await
+        else {
+            return;
+        };
+        let mut map = self.lock_inflight();
+        for ((o, op), ok) in outcomes.iter().zip(&ops).zip(flags) {
+            map.remove(&o.id);
+            if !ok {
+                // Rule 7: a duplicate run is possible only here; say so.
+                tracing::warn!(topic = %self.keys.topic, id = %o.id, "outcome refused: lease lost (the message was recovered and may run again, or was purged)");
+            } else if let SettleOp::Dead { .. } = op {
+                tracing::warn!(topic = %self.keys.topic, id = %o.id, "dead-lettered");
+            }
+        }
+    }
+
+    fn log_failure(&self, id: &str, error: &str) {
+        tracing::info!(topic = %self.keys.topic, id = %id, error = %error, "handler failed");
+    }
+
+    /// Renews the leases of everything in flight every third of the lease.
+    async fn renew_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let every = self.sub.lease / 3;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                _ = stop.changed() => return,
+            }
+            let held: Vec<(String, String)> = self
+                .lock_inflight()
+                .iter()
+                .map(|(id, f)| (f.token.to_string(), id.clone()))
+                .collect();
+            if held.is_empty() {
+                continue;
+            }
+            match self
+                .client
+                .store()
+                .extend(&self.keys, self.sub.lease, &held)
+                .await
+            {
+                Ok(flags) => {
+                    let map = self.lock_inflight();
+                    for ((_, id), ok) in held.iter().zip(flags) {
+                        if !ok {
+                            if let Some(f) = map.get(id) {
+                                if !f.lease.is_lost() {
+                                    tracing::warn!(topic = %self.keys.topic, id = %id, "lease lost while handling; the handler's outcome will be refused");
+                                }
+                                f.lease.mark_lost();
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %self.keys.topic, error = %e, "lease renewal failed; will try again")
+                }
+            }
+        }
+    }
+}
+
+/// Turns a failed attempt into its settle operation: the envelope records the failure,
+/// then the message waits for a retry or, when fatal or out of retries, goes dead. A body
+/// that does not decode is dead-lettered inside a stand-in envelope that keeps it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn failure_op(
+    body: &[u8],
+    topic: &str,
+    id: &str,
+    error: &str,
+    fatal: bool,
+    retry_after: Option<Duration>,
+    default_max_retry: u32,
+    backoff: &Backoff,
+) -> SettleOp {
+    match Envelope::decode(body) {
+        Err(_) => SettleOp::Dead {
+            body: crate::message::undecodable_envelope(id, topic, body, error),
+        },
+        Ok(mut env) => {
+            env.record_failure(error);
+            let max = env.max_retry.unwrap_or(default_max_retry);
+            if fatal || env.retry > max {
+                SettleOp::Dead { body: env.encode() }
+            } else {
+                SettleOp::Retry {
+                    delay: retry_after.unwrap_or_else(|| backoff.delay(env.retry)),
+                    body: env.encode(),
+                }
+            }
+        }
+    }
+}
+
+/// Runs a handler future, catching a panic and enforcing the timeout; `Err` carries the
+/// failure text for either.
+async fn guarded<T, V>(
+    fut: impl Future<Output = T>,
+    timeout: Option<Duration>,
+    map: impl FnOnce(T) -> V,
+) -> std::result::Result<V, String> {
+    let run = AssertUnwindSafe(fut).catch_unwind();
+    let result = match timeout {
+        Some(t) => match tokio::time::timeout(t, run).await {
+            Ok(r) => r,
+            Err(_) => return Err(format!("handler timed out after {t:?}")),
+        },
+        None => run.await,
+    };
+    match result {
+        Ok(v) => Ok(map(v)),
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".to_owned());
+            Err(format!("handler panicked: {text}"))
+        }
+    }
+}
+
+/// Calls `op` until it succeeds, with backoff, unless told to give up.
+async fn retry_until_done<T, F, Fut>(abandon: &watch::Receiver<bool>, mut op: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut delay = RetryDelay::default();
+    loop {
+        match op().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                if *abandon.borrow() {
+                    return None;
+                }
+                tracing::warn!(error = %e, "recording an outcome failed; retrying");
+                tokio::time::sleep(delay.next()).await;
+            }
+        }
+    }
+}
+
+/// Delay between attempts after Redis errors: 100 ms doubling to 5 s, with jitter, so
+/// that many workers reconnecting after a Redis restart do not arrive in step.
+#[derive(Debug, Default)]
+pub(crate) struct RetryDelay {
+    failures: u32,
+}
+
+impl RetryDelay {
+    pub(crate) fn next(&mut self) -> Duration {
+        let step = Duration::from_millis(100)
+            .saturating_mul(1 << self.failures.min(6))
+            .min(Duration::from_secs(5));
+        self.failures += 1;
+        step.mul_f64(rand::rng().random_range(0.5..1.0))
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// A random lease token: 128 bits, so that no stale worker can guess a live lease's.
+pub(crate) fn random_token() -> String {
+    format!("{:032x}", rand::rng().random::<u128>())
+}
