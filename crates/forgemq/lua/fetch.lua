@@ -13,13 +13,16 @@
 -- ARGV[3] token         random lease token of this delivery
 -- ARGV[4] promote_limit most due delayed messages to promote in this call
 -- ARGV[5] dedup         1: skip (delete and count) ids found in the processed ledger
+-- ARGV[6] will_wait     1: the caller blocks on the wake list if this fetch finds nothing
 -- Returns {now_ms, next_due_ms or -1, {id1, envelope1, ...}, paused (0/1)}.
 -- next_due_ms is only computed when nothing was leased (the caller is about to wait).
 
 local now = now_ms()
 if redis.call('EXISTS', KEYS[8]) == 1 then
   -- Paused: hand out nothing; resuming leaves a fresh wake-up token.
-  redis.call('DEL', KEYS[6])
+  if ARGV[6] == '1' then
+    redis.call('DEL', KEYS[6])
+  end
   return {now, -1, {}, 1}
 end
 
@@ -78,8 +81,11 @@ end
 local next_due = -1
 if #out == 0 then
   -- This worker is about to wait and computes its wait from the delayed set itself, so a
-  -- leftover token would only cost it an empty round trip.
-  redis.call('DEL', KEYS[6])
+  -- leftover token would only cost it an empty round trip. Not while work is pending
+  -- (everything popped was skipped), and not for a manual fetch that will not wait.
+  if ARGV[6] == '1' and redis.call('LLEN', KEYS[1]) == 0 then
+    redis.call('DEL', KEYS[6])
+  end
   local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
   if first[2] then
     next_due = tonumber(first[2])

@@ -269,6 +269,14 @@ impl QueueStats {
     }
 }
 
+fn outcome(id: MessageId, written: Written) -> PublishOutcome {
+    match written {
+        Written::New => PublishOutcome::Published(id),
+        Written::DuplicateId => PublishOutcome::Duplicate(id),
+        Written::UniqueHeldBy(holder) => PublishOutcome::Duplicate(MessageId::from_stored(holder)),
+    }
+}
+
 /// Where [`Client::cancel`] removed a message from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -379,37 +387,57 @@ impl Client {
         let id = options.id.clone().unwrap_or_else(MessageId::generate);
         let item = self.prepare(topic, &id, data, &options)?;
         let written = self.write(&keys, &[item]).await?;
-        Ok(match written.into_iter().next() {
-            Some(Written::UniqueHeldBy(holder)) => {
-                PublishOutcome::Duplicate(MessageId::from_stored(holder))
-            }
-            Some(Written::DuplicateId) => PublishOutcome::Duplicate(id),
-            _ => PublishOutcome::Published(id),
-        })
+        Ok(outcome(
+            id,
+            written.into_iter().next().unwrap_or(Written::New),
+        ))
     }
 
     /// Publishes many messages, one round trip per 1,000; returns their ids in order.
     ///
     /// Every item is checked (serializable, within the size limit) before anything is
-    /// written, so a bad item fails the call with nothing stored.
+    /// written, so a bad item fails the call with nothing stored. If Redis fails midway,
+    /// the chunks before the failure are stored; to retry such a batch without duplicates,
+    /// give each message an id with [`Client::publish_batch_with`].
     pub async fn publish_batch<I, D>(&self, topic: &str, items: I) -> Result<Vec<MessageId>>
     where
         I: IntoIterator<Item = D>,
         D: Serialize,
     {
+        let items = items.into_iter().map(|d| (d, PublishOptions::new()));
+        let outcomes = self.publish_batch_with(topic, items).await?;
+        Ok(outcomes.into_iter().map(|o| o.id().clone()).collect())
+    }
+
+    /// Publishes many messages, each with its own options (id, delay, retries, unique
+    /// key), one round trip per 1,000. With caller-chosen ids the whole call can be
+    /// retried after an error: what was stored is reported as a duplicate, not stored twice.
+    pub async fn publish_batch_with<I, D>(
+        &self,
+        topic: &str,
+        items: I,
+    ) -> Result<Vec<PublishOutcome>>
+    where
+        I: IntoIterator<Item = (D, PublishOptions)>,
+        D: Serialize,
+    {
         let keys = self.keys(topic)?;
-        let options = PublishOptions::new();
         let mut ids = Vec::new();
         let mut prepared = Vec::new();
-        for data in items {
-            let id = MessageId::generate();
+        for (data, options) in items {
+            let id = options.id.clone().unwrap_or_else(MessageId::generate);
             prepared.push(self.prepare(topic, &id, data, &options)?);
             ids.push(id);
         }
+        let mut outcomes = Vec::with_capacity(ids.len());
+        let mut ids = ids.into_iter();
         for chunk in prepared.chunks(PUBLISH_CHUNK) {
-            self.write(&keys, chunk).await?;
+            for written in self.write(&keys, chunk).await? {
+                let Some(id) = ids.next() else { break };
+                outcomes.push(outcome(id, written));
+            }
         }
-        Ok(ids)
+        Ok(outcomes)
     }
 
     fn prepare<D: Serialize>(

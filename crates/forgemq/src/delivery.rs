@@ -125,7 +125,7 @@ impl Client {
         Ok(self.pop_messages(topic, 1).await?.pop())
     }
 
-    /// Takes up to `n` waiting messages in one round trip, each leased for
+    /// Takes up to `n` waiting messages (at most 1,000) in one round trip, each leased for
     /// [`DEFAULT_POP_LEASE`].
     pub async fn pop_messages(&self, topic: &str, n: usize) -> Result<Vec<Delivery>> {
         self.pop_messages_with_lease(topic, n, DEFAULT_POP_LEASE)
@@ -150,7 +150,7 @@ impl Client {
         // Without a worker on this topic nobody else returns expired leases.
         store.recover(&keys, POP_MAX_RECOVERIES, 1000).await?;
         let token = crate::worker::random_token();
-        let fetched = store.fetch(&keys, n, lease, &token, 1000, false).await?;
+        let fetched = store.fetch(&keys, n, lease, &token, false, false).await?;
         let mut out = Vec::with_capacity(fetched.messages.len());
         for m in fetched.messages {
             match Envelope::decode(&m.body) {

@@ -5,6 +5,7 @@
 //! forgets its script cache) and turns replies into plain Rust values.
 
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -13,6 +14,10 @@ use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Value};
 use crate::error::{Error, Result};
 use crate::keys::{Namespace, TopicKeys};
 use crate::scripts::{Lua, Scripts};
+
+/// Most messages any one script call takes or settles: Lua's `unpack` fails past about
+/// 8,000 values, and a bounded call keeps Redis responsive for other clients.
+pub(crate) const MAX_PER_CALL: usize = 1000;
 
 /// Connection settings, from [`crate::ClientBuilder`].
 #[derive(Debug, Clone)]
@@ -111,7 +116,11 @@ pub(crate) struct BlockingConn {
 }
 
 pub(crate) struct Store {
-    conn: ConnectionManager,
+    /// The shared multiplexed connection. Swapped for a new one after a timeout: the
+    /// manager reconnects by itself on I/O errors, but a link that silently stopped
+    /// answering (no RST) would otherwise keep failing every call (DESIGN.md rule 6).
+    conn: RwLock<Arc<ConnectionManager>>,
+    config: ConnectionManagerConfig,
     client: redis::Client,
     settings: ConnSettings,
     pub(crate) ns: Namespace,
@@ -126,14 +135,61 @@ impl Store {
             .set_connection_timeout(Some(settings.connect_timeout))
             .set_number_of_retries(settings.reconnect_retries)
             .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let conn = ConnectionManager::new_with_config(client.clone(), config.clone()).await?;
         Ok(Self {
-            conn,
+            conn: RwLock::new(Arc::new(conn)),
+            config,
             client,
             settings,
             ns,
             scripts: Scripts::new(),
         })
+    }
+
+    fn manager(&self) -> Arc<ConnectionManager> {
+        Arc::clone(&self.conn.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces the connection `used` after it timed out, unless another caller already did.
+    fn replace(&self, used: &Arc<ConnectionManager>) {
+        let mut current = self.conn.write().unwrap_or_else(|p| p.into_inner());
+        if !Arc::ptr_eq(&current, used) {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(fresh) => {
+                tracing::warn!("redis did not answer in time; opening a new connection");
+                *current = Arc::new(fresh);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not open a new redis connection"),
+        }
+    }
+
+    /// Sends a command or a pipeline. On `NOSCRIPT` (a restarted Redis forgets its script
+    /// cache) it loads `script` and sends again; after a timeout it replaces the connection.
+    async fn exec<T: FromRedisValue>(&self, req: Req<'_>, script: Option<&Lua>) -> Result<T> {
+        let manager = self.manager();
+        let mut conn = (*manager).clone();
+        let mut result = req.query(&mut conn).await;
+        if let (Err(e), Some(script)) = (&result, script) {
+            if is_noscript(e) {
+                let loaded: redis::RedisResult<String> = redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(script.code())
+                    .query_async(&mut conn)
+                    .await;
+                result = match loaded {
+                    Ok(_) => req.query(&mut conn).await,
+                    Err(e) => Err(e),
+                };
+            }
+        }
+        if let Err(e) = &result {
+            if e.is_timeout() {
+                self.replace(&manager);
+            }
+        }
+        Ok(result?)
     }
 
     /// Loads every script in one round trip, so that the first calls need no `NOSCRIPT`
@@ -143,18 +199,7 @@ impl Store {
         for script in self.scripts.all() {
             pipe.cmd("SCRIPT").arg("LOAD").arg(script.code()).ignore();
         }
-        let mut conn = self.conn.clone();
-        pipe.exec_async(&mut conn).await?;
-        Ok(())
-    }
-
-    async fn load(script: &Lua, conn: &mut ConnectionManager) -> Result<()> {
-        let _: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(script.code())
-            .query_async(conn)
-            .await?;
-        Ok(())
+        self.exec::<()>(Req::Pipe(&pipe), None).await
     }
 
     fn evalsha(script: &Lua, keys: &[&str]) -> Cmd {
@@ -163,16 +208,9 @@ impl Store {
         cmd
     }
 
-    /// Runs a script call built by [`Store::evalsha`], loading the script on `NOSCRIPT`.
+    /// Runs a script call built by [`Store::evalsha`].
     async fn run<T: FromRedisValue>(&self, script: &Lua, cmd: &Cmd) -> Result<T> {
-        let mut conn = self.conn.clone();
-        match cmd.query_async(&mut conn).await {
-            Err(e) if is_noscript(&e) => {
-                Self::load(script, &mut conn).await?;
-                Ok(cmd.query_async(&mut conn).await?)
-            }
-            other => Ok(other?),
-        }
+        self.exec(Req::Cmd(cmd), Some(script)).await
     }
 
     /// Stores messages and registers the topic, in one round trip.
@@ -212,14 +250,7 @@ impl Store {
             .arg(&keys.topic)
             .ignore()
             .add_command(call);
-        let mut conn = self.conn.clone();
-        let written: (Vec<Value>,) = match pipe.query_async(&mut conn).await {
-            Err(e) if is_noscript(&e) => {
-                Self::load(script, &mut conn).await?;
-                pipe.query_async(&mut conn).await?
-            }
-            other => other?,
-        };
+        let written: (Vec<Value>,) = self.exec(Req::Pipe(&pipe), Some(script)).await?;
         written
             .0
             .into_iter()
@@ -239,8 +270,8 @@ impl Store {
         n: usize,
         lease: Duration,
         token: &str,
-        promote_limit: usize,
         dedup: bool,
+        will_wait: bool,
     ) -> Result<FetchResult> {
         let script = &self.scripts.fetch;
         let mut call = Self::evalsha(
@@ -257,11 +288,14 @@ impl Store {
                 &keys.processed,
             ],
         );
-        call.arg(n)
+        call.arg(n.min(MAX_PER_CALL))
             .arg(millis(lease))
             .arg(token)
-            .arg(promote_limit)
-            .arg(u8::from(dedup));
+            // Due delayed messages promoted per call: bounds the time one call holds Redis
+            // when many fall due at once; the rest follow on the next fetch.
+            .arg(MAX_PER_CALL)
+            .arg(u8::from(dedup))
+            .arg(u8::from(will_wait));
         let (now_ms, next_due, flat, paused): (i64, i64, Vec<Value>, i64) =
             self.run(script, &call).await?;
         let mut messages = Vec::with_capacity(flat.len() / 2);
@@ -284,6 +318,19 @@ impl Store {
     /// per delivery, whether the lease was still ours. `dedup_ttl` > 0 records acked ids
     /// in the processed ledger for that long.
     pub(crate) async fn settle(
+        &self,
+        keys: &TopicKeys,
+        outcomes: &[(&str, &str, &SettleOp)],
+        dedup_ttl: Duration,
+    ) -> Result<Vec<bool>> {
+        let mut flags = Vec::with_capacity(outcomes.len());
+        for chunk in outcomes.chunks(MAX_PER_CALL) {
+            flags.extend(self.settle_chunk(keys, chunk, dedup_ttl).await?);
+        }
+        Ok(flags)
+    }
+
+    async fn settle_chunk(
         &self,
         keys: &TopicKeys,
         outcomes: &[(&str, &str, &SettleOp)],
@@ -327,6 +374,18 @@ impl Store {
         keys: &TopicKeys,
         deliveries: &[(String, String)],
     ) -> Result<Vec<bool>> {
+        let mut flags = Vec::with_capacity(deliveries.len());
+        for chunk in deliveries.chunks(MAX_PER_CALL) {
+            flags.extend(self.release_chunk(keys, chunk).await?);
+        }
+        Ok(flags)
+    }
+
+    async fn release_chunk(
+        &self,
+        keys: &TopicKeys,
+        deliveries: &[(String, String)],
+    ) -> Result<Vec<bool>> {
         let script = &self.scripts.release;
         let mut call = Self::evalsha(
             script,
@@ -345,6 +404,19 @@ impl Store {
     }
 
     pub(crate) async fn extend(
+        &self,
+        keys: &TopicKeys,
+        lease: Duration,
+        deliveries: &[(String, String)],
+    ) -> Result<Vec<bool>> {
+        let mut flags = Vec::with_capacity(deliveries.len());
+        for chunk in deliveries.chunks(MAX_PER_CALL) {
+            flags.extend(self.extend_chunk(keys, lease, chunk).await?);
+        }
+        Ok(flags)
+    }
+
+    async fn extend_chunk(
         &self,
         keys: &TopicKeys,
         lease: Duration,
@@ -447,13 +519,8 @@ impl Store {
 
     /// Pauses a topic: fetches hand out nothing until it is resumed.
     pub(crate) async fn pause(&self, keys: &TopicKeys) -> Result<()> {
-        let mut conn = self.conn.clone();
-        let _: () = redis::cmd("SET")
-            .arg(&keys.paused)
-            .arg(1)
-            .query_async(&mut conn)
-            .await?;
-        Ok(())
+        let set = redis::cmd("SET").arg(&keys.paused).arg(1).to_owned();
+        self.exec(Req::Cmd(&set), None).await
     }
 
     /// Resumes a topic and wakes a worker; true if it was paused.
@@ -477,7 +544,6 @@ impl Store {
             .zcard(&keys.dead)
             .hgetall(&keys.stats)
             .exists(&keys.paused);
-        let mut conn = self.conn.clone();
         let (pending, active, delayed, dead, counters, paused): (
             u64,
             u64,
@@ -485,7 +551,7 @@ impl Store {
             u64,
             HashMap<String, u64>,
             bool,
-        ) = pipe.query_async(&mut conn).await?;
+        ) = self.exec(Req::Pipe(&pipe), None).await?;
         Ok(RawStats {
             pending,
             active,
@@ -497,11 +563,8 @@ impl Store {
     }
 
     pub(crate) async fn topics(&self) -> Result<Vec<String>> {
-        let mut conn = self.conn.clone();
-        let mut topics: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.ns.topics())
-            .query_async(&mut conn)
-            .await?;
+        let members = redis::cmd("SMEMBERS").arg(self.ns.topics()).to_owned();
+        let mut topics: Vec<String> = self.exec(Req::Cmd(&members), None).await?;
         topics.sort();
         Ok(topics)
     }
@@ -514,22 +577,21 @@ impl Store {
         start: usize,
         stop: usize,
     ) -> Result<Vec<(String, Option<Vec<u8>>, f64)>> {
-        let mut conn = self.conn.clone();
-        let ranked: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        let range = redis::cmd("ZRANGE")
             .arg(&keys.dead)
             .arg(start)
             .arg(stop)
             .arg("WITHSCORES")
-            .query_async(&mut conn)
-            .await?;
+            .to_owned();
+        let ranked: Vec<(String, f64)> = self.exec(Req::Cmd(&range), None).await?;
         if ranked.is_empty() {
             return Ok(Vec::new());
         }
-        let bodies: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+        let hmget = redis::cmd("HMGET")
             .arg(&keys.msg)
             .arg(ranked.iter().map(|(id, _)| id).collect::<Vec<_>>())
-            .query_async(&mut conn)
-            .await?;
+            .to_owned();
+        let bodies: Vec<Option<Vec<u8>>> = self.exec(Req::Cmd(&hmget), None).await?;
         Ok(ranked
             .into_iter()
             .zip(bodies)
@@ -543,23 +605,21 @@ impl Store {
         &self,
         params: &[&str],
     ) -> Result<Option<HashMap<String, String>>> {
-        let mut conn = self.conn.clone();
         let mut out = HashMap::new();
         for p in params {
-            let reply: redis::RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
-                .arg("GET")
-                .arg(p)
-                .query_async(&mut conn)
-                .await;
-            match reply {
+            let get = redis::cmd("CONFIG").arg("GET").arg(p).to_owned();
+            match self
+                .exec::<HashMap<String, String>>(Req::Cmd(&get), None)
+                .await
+            {
                 Ok(map) => out.extend(map),
-                Err(e)
+                Err(Error::Redis(e))
                     if e.kind()
                         == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
                 {
                     return Ok(None)
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         }
         Ok(Some(out))
@@ -595,7 +655,7 @@ impl Store {
         let call = redis::cmd("BLPOP").arg(wake_keys).arg(secs).to_owned();
         // The server answers by its own timeout; our guard only catches a dead link
         // (no RST, e.g. a network partition), after which the connection is replaced.
-        let guard = timeout + self.settings.response_timeout;
+        let guard = timeout.saturating_add(self.settings.response_timeout);
         match tokio::time::timeout(guard, call.query_async::<Option<(String, String)>>(conn)).await
         {
             Ok(Ok(popped)) => Ok(popped.is_some()),
@@ -611,11 +671,32 @@ impl Store {
     }
 }
 
+/// A request for [`Store::exec`].
+enum Req<'a> {
+    Cmd(&'a Cmd),
+    Pipe(&'a redis::Pipeline),
+}
+
+impl Req<'_> {
+    async fn query<T: FromRedisValue>(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Req::Cmd(c) => c.query_async(conn).await,
+            Req::Pipe(p) => p.query_async(conn).await,
+        }
+    }
+}
+
 fn is_noscript(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
         || e.to_string().contains("NOSCRIPT")
 }
 
+/// Milliseconds for a script argument, at most 100 years: Lua numbers are doubles, and
+/// `now + delay` must stay an exact integer (and a valid `PX`).
 fn millis(d: Duration) -> u64 {
-    d.as_millis().min(u128::from(u64::MAX)) as u64
+    const CENTURY_MS: u128 = 100 * 365 * 24 * 3600 * 1000;
+    d.as_millis().min(CENTURY_MS) as u64
 }

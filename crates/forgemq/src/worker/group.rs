@@ -12,10 +12,6 @@ use super::runner::{random_token, HandlerKind, RetryDelay, Runner, Tracked};
 use super::Priority;
 use crate::store::{FetchResult, Store};
 
-/// Most due delayed messages one fetch promotes: bounds the time one script call holds
-/// Redis when a large batch falls due at once; the rest follow on the next fetch.
-const PROMOTE_LIMIT: usize = 1000;
-
 /// Most messages one fetch leases, whatever the concurrency.
 const MAX_FETCH: usize = 1000;
 
@@ -40,7 +36,11 @@ impl Group {
 
         // Shutdown: let handlers finish within the timeout, then hand the rest back.
         let settings = &self.runners[0].settings;
-        let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
+        let now = tokio::time::Instant::now();
+        // A year stands in for "no limit" when the timeout is too large to add.
+        let deadline = now
+            .checked_add(settings.shutdown_timeout)
+            .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
         while let Ok(Some(_)) = tokio::time::timeout_at(deadline, tasks.join_next()).await {}
         if !tasks.is_empty() {
             tracing::warn!(
@@ -70,8 +70,8 @@ impl Group {
                 n,
                 runner.sub.lease,
                 token,
-                PROMOTE_LIMIT,
                 runner.sub.dedup_ttl.is_some(),
+                true,
             )
             .await
     }

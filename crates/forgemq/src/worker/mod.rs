@@ -194,7 +194,7 @@ impl BatchOptions {
         Self::default()
     }
 
-    /// Largest batch.
+    /// Largest batch (at most 1,000).
     pub fn max_size(mut self, n: usize) -> Self {
         self.max_size = n;
         self
@@ -415,6 +415,13 @@ impl WorkerBuilder {
                     "batch max_size and max_wait of {topic:?} must be above zero"
                 )))
             }
+            HandlerKind::Batch(_, o) if o.max_size > crate::store::MAX_PER_CALL => {
+                Err(Error::Config(format!(
+                    "batch max_size of {topic:?} is {}; at most {} (one script call settles a whole batch)",
+                    o.max_size,
+                    crate::store::MAX_PER_CALL
+                )))
+            }
             _ => Ok(()),
         });
         let checked = checked.and_then(|()| {
@@ -523,9 +530,11 @@ impl WorkerBuilder {
             }
             for t in topics {
                 match self.subs.iter().find(|s| &s.topic == t) {
-                    None => return Err(Error::Config(format!(
+                    None => {
+                        return Err(Error::Config(format!(
                         "priority group names {t:?}, which is not subscribed; subscribe it first"
-                    ))),
+                    )))
+                    }
                     Some(s) if matches!(s.handler, HandlerKind::Batch(..)) => {
                         return Err(Error::Config(format!(
                             "{t:?} is a batch subscription and can't be in a priority group"

@@ -39,9 +39,13 @@ pub(crate) enum HandlerKind {
     Batch(ErasedBatchHandler, BatchOptions),
 }
 
+/// In-flight deliveries by (id, lease token): the same id can be in flight twice in one
+/// worker (a recovered message fetched again while its stale run is still finishing), and
+/// each delivery must be settled, renewed and handed back on its own.
+type InFlightMap = HashMap<(String, Arc<str>), InFlight>;
+
 /// One in-flight delivery as the worker tracks it.
 struct InFlight {
-    token: Arc<str>,
     lease: Arc<LeaseState>,
     /// Set by the handler task right before it reports its outcome, so shutdown knows
     /// which deliveries to hand back.
@@ -110,7 +114,7 @@ pub(crate) struct Runner {
     pub(crate) sub: Subscription,
     pub(crate) handler: HandlerKind,
     pub(crate) settings: Settings,
-    inflight: Mutex<HashMap<String, InFlight>>,
+    inflight: Mutex<InFlightMap>,
     out_tx: Mutex<Option<mpsc::UnboundedSender<Vec<Outcome>>>>,
 }
 
@@ -185,9 +189,8 @@ impl Runner {
         let lease = Arc::new(LeaseState::default());
         let finished = Arc::new(AtomicBool::new(false));
         self.lock_inflight().insert(
-            fetched.id.clone(),
+            (fetched.id.clone(), Arc::clone(token)),
             InFlight {
-                token: Arc::clone(token),
                 lease: Arc::clone(&lease),
                 finished: Arc::clone(&finished),
             },
@@ -333,7 +336,7 @@ impl Runner {
         });
     }
 
-    fn lock_inflight(&self) -> std::sync::MutexGuard<'_, HashMap<String, InFlight>> {
+    fn lock_inflight(&self) -> std::sync::MutexGuard<'_, InFlightMap> {
         // A panic while holding this lock cannot leave the map inconsistent (single
         // inserts and removes), so a poisoned lock is still usable.
         self.inflight.lock().unwrap_or_else(|p| p.into_inner())
@@ -344,13 +347,16 @@ impl Runner {
     async fn release_unfinished(&self) {
         let unfinished: Vec<(String, String)> = {
             let mut map = self.lock_inflight();
-            let ids: Vec<String> = map
+            let keys: Vec<(String, Arc<str>)> = map
                 .iter()
                 .filter(|(_, f)| !f.finished.load(Ordering::SeqCst))
-                .map(|(id, _)| id.clone())
+                .map(|(k, _)| k.clone())
                 .collect();
-            ids.into_iter()
-                .filter_map(|id| map.remove(&id).map(|f| (f.token.to_string(), id)))
+            for k in &keys {
+                map.remove(k);
+            }
+            keys.into_iter()
+                .map(|(id, token)| (token.to_string(), id))
                 .collect()
         };
         if unfinished.is_empty() {
@@ -440,7 +446,7 @@ impl Runner {
         };
         let mut map = self.lock_inflight();
         for ((o, op), ok) in outcomes.iter().zip(&ops).zip(flags) {
-            map.remove(&o.id);
+            map.remove(&(o.id.clone(), Arc::clone(&o.token)));
             if !ok {
                 // Rule 7: a duplicate run is possible only here; say so.
                 tracing::warn!(topic = %self.keys.topic, id = %o.id, "outcome refused: lease lost (the message was recovered and may run again, or was purged)");
@@ -464,8 +470,8 @@ impl Runner {
             }
             let held: Vec<(String, String)> = self
                 .lock_inflight()
-                .iter()
-                .map(|(id, f)| (f.token.to_string(), id.clone()))
+                .keys()
+                .map(|(id, token)| (token.to_string(), id.clone()))
                 .collect();
             if held.is_empty() {
                 continue;
@@ -478,9 +484,9 @@ impl Runner {
             {
                 Ok(flags) => {
                     let map = self.lock_inflight();
-                    for ((_, id), ok) in held.iter().zip(flags) {
+                    for ((token, id), ok) in held.iter().zip(flags) {
                         if !ok {
-                            if let Some(f) = map.get(id) {
+                            if let Some(f) = map.get(&(id.clone(), Arc::from(token.as_str()))) {
                                 if !f.lease.is_lost() {
                                     tracing::warn!(topic = %self.keys.topic, id = %id, "lease lost while handling; the handler's outcome will be refused");
                                 }

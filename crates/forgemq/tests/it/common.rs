@@ -85,6 +85,10 @@ impl Runs {
             .unwrap()
             .push((id.to_owned(), retry, Instant::now()));
     }
+    /// When each run started.
+    pub fn times(&self) -> Vec<Instant> {
+        self.0.lock().unwrap().iter().map(|r| r.2).collect()
+    }
     pub fn len(&self) -> usize {
         self.0.lock().unwrap().len()
     }
@@ -276,5 +280,92 @@ pub mod child {
                 other => panic!("unknown child role {other}"),
             }
         });
+    }
+}
+
+/// A TCP proxy in front of Redis that can "blackhole" the connections it carries: bytes
+/// stop flowing both ways with no RST, as in a network partition, while connections
+/// opened afterwards work.
+pub struct Proxy {
+    pub port: u16,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+    dead_before: Arc<std::sync::atomic::AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target_port: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let dead_before = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (g, d) = (generation.clone(), dead_before.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let my_gen = g.load(Ordering::SeqCst);
+                let d = d.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                    else {
+                        return;
+                    };
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
+                    let alive = move || d.load(Ordering::SeqCst) < my_gen;
+                    let a = alive.clone();
+                    tokio::spawn(pump(ri, wo, a));
+                    pump(ro, wi, alive).await;
+                });
+            }
+        });
+        Self {
+            port,
+            generation,
+            dead_before,
+            task,
+        }
+    }
+
+    /// Every connection opened so far stops carrying bytes, for good.
+    pub fn blackhole_existing(&self) {
+        use std::sync::atomic::Ordering;
+        let current = self.generation.fetch_add(1, Ordering::SeqCst);
+        self.dead_before.store(current, Ordering::SeqCst);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    alive: impl Fn() -> bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let Ok(n) = from.read(&mut buf).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        if !alive() {
+            // Swallow everything from now on, never closing: a silent partition.
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }

@@ -11,8 +11,10 @@ mod common;
 mod bad_input;
 mod delayed;
 mod faults;
+mod features;
 mod inspect;
 mod publish;
+mod regressions;
 mod worker;
 
 /// Entry point for child processes spawned by fault tests; not a test by itself, so it
