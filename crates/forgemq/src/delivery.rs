@@ -164,6 +164,7 @@ impl Client {
                         recoveries: env.recoveries,
                         data: env.data,
                         lease: std::sync::Arc::new(LeaseState::default()),
+                        client: self.clone(),
                     };
                     out.push(Delivery {
                         client: self.clone(),

@@ -233,9 +233,16 @@ pub struct Message<T = Value> {
     /// How often a lease on it expired before (a worker crashed or stalled while handling it).
     pub recoveries: u32,
     pub(crate) lease: Arc<LeaseState>,
+    pub(crate) client: crate::Client,
 }
 
 impl<T> Message<T> {
+    /// The client of the worker handling this message: publish follow-ups (also delayed
+    /// ones) through it, e.g. the welcome gift one hour after registration.
+    pub fn client(&self) -> &crate::Client {
+        &self.client
+    }
+
     /// True once this worker no longer owns the delivery: its lease expired and the
     /// message went to another worker, or it was purged. A long handler can check this and
     /// stop early; its outcome will be refused anyway.
@@ -267,6 +274,7 @@ impl<T> Message<T> {
             max_retry: self.max_retry,
             recoveries: self.recoveries,
             lease: self.lease,
+            client: self.client,
         })
     }
 }

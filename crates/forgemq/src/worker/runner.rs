@@ -216,6 +216,7 @@ impl Runner {
                 recoveries: envelope.recoveries,
                 data: envelope.data,
                 lease: Arc::clone(&t.lease),
+                client: self.client.clone(),
             }),
             Err(e) => {
                 tracing::warn!(topic = %self.keys.topic, id = %t.fetched.id, error = %e, "undecodable message; dead-lettering it");

@@ -826,19 +826,20 @@ async fn after_100k_processed_only_counters_remain() {
 // ---------- 8. handler toolbox ----------
 
 /// The seed's registration flow: a handler publishes a delayed follow-up through the
-/// client it captured; the gift arrives one (scaled) hour later.
+/// client it is given (`msg.client()`); the gift arrives one (scaled) hour later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_publishes_a_delayed_follow_up_registration_flow() {
     let (server, mq) = setup().await;
     let hour = Duration::from_millis(400); // one "hour", scaled down
     let welcomed = Runs::default();
     let gifts = Runs::default();
-    let (w, producer) = (welcomed.clone(), mq.clone());
+    let w = welcomed.clone();
     let worker = Worker::builder(mq.clone())
         .subscribe("user.registered", move |msg: Message<Value>| {
-            let (w, producer) = (w.clone(), producer.clone());
+            let w = w.clone();
             async move {
                 w.record(msg.id.as_str(), msg.retry);
+                let producer = msg.client();
                 let user_id = msg.data["user_id"]
                     .as_str()
                     .ok_or_else(|| HandlerError::fatal("no user_id"))?
