@@ -787,10 +787,11 @@ async fn dead_letters_are_trimmed_by_count_and_age() {
 async fn after_100k_processed_only_counters_remain() {
     let (server, mq) = setup().await;
     let topic = "bulk.done";
+    let mut ids = Vec::new();
     for _ in 0..10 {
-        mq.publish_batch(topic, (0..10_000).map(|i| json!({"id": i, "to": format!("user{i}@example.com"), "subject": "hello", "n": 42})))
+        ids.extend(mq.publish_batch(topic, (0..10_000).map(|i| json!({"id": i, "to": format!("user{i}@example.com"), "subject": "hello", "n": 42})))
             .await
-            .unwrap();
+            .unwrap());
     }
     let worker = Worker::builder(mq.clone())
         .subscribe_with(
@@ -821,6 +822,8 @@ async fn after_100k_processed_only_counters_remain() {
         .query(&mut conn)
         .unwrap();
     assert!(bytes < 1024, "stats hash uses {bytes} bytes");
+    let report = invariants(&server, topic, &strings(&ids));
+    assert_eq!(report.gone.len(), 100_000);
 }
 
 // ---------- 8. handler toolbox ----------
