@@ -60,7 +60,7 @@ impl std::fmt::Debug for Client {
 }
 
 /// Settings for a [`Client`]; start with [`Client::builder`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientBuilder {
     url: String,
     namespace: String,
@@ -70,6 +70,8 @@ pub struct ClientBuilder {
     max_payload: usize,
     dead_max_len: u64,
     dead_max_age: Duration,
+    tls_ca: Option<Vec<u8>>,
+    tls_client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Dead letters kept per topic by default: enough to investigate an incident, few enough
@@ -78,6 +80,20 @@ pub const DEFAULT_DEAD_LETTER_MAX_LEN: u64 = 10_000;
 
 /// How long a dead letter is kept by default.
 pub const DEFAULT_DEAD_LETTER_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password and the key is secret: neither is printed.
+        f.debug_struct("ClientBuilder")
+            .field("namespace", &self.namespace)
+            .field("response_timeout", &self.response_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_payload", &self.max_payload)
+            .field("tls_ca", &self.tls_ca.is_some())
+            .field("tls_client_cert", &self.tls_client.is_some())
+            .finish_non_exhaustive()
+    }
+}
 
 impl ClientBuilder {
     /// Dead-letter retention per topic: at most `max_len` entries and none older than
@@ -116,6 +132,24 @@ impl ClientBuilder {
         self
     }
 
+    /// Verify a `rediss://` server with this CA (PEM) instead of the system's trust store.
+    /// The server is always verified: there is no insecure mode.
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca = Some(pem.into());
+        self
+    }
+
+    /// Present this client certificate and key (PEM) to a server that asks for one
+    /// (`tls-auth-clients yes`).
+    pub fn tls_client_cert_pem(
+        mut self,
+        cert: impl Into<Vec<u8>>,
+        key: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls_client = Some((cert.into(), key.into()));
+        self
+    }
+
     /// Largest serialized message accepted, in bytes (default 1 MiB).
     pub fn max_payload(mut self, bytes: usize) -> Self {
         self.max_payload = bytes;
@@ -138,6 +172,8 @@ impl ClientBuilder {
                 reconnect_retries: self.reconnect_retries,
                 dead_max_len: self.dead_max_len,
                 dead_max_age: self.dead_max_age,
+                tls_ca: self.tls_ca,
+                tls_client: self.tls_client,
             },
         )
         .await?;
@@ -277,6 +313,38 @@ fn outcome(id: MessageId, written: Written) -> PublishOutcome {
     }
 }
 
+/// A setting of the Redis server that puts messages at risk; see
+/// [`Client::server_warnings`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ServerWarning {
+    /// What is wrong.
+    pub kind: WarningKind,
+    /// One sentence saying what and how to fix it.
+    pub message: String,
+}
+
+impl std::fmt::Display for ServerWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The kinds of [`ServerWarning`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum WarningKind {
+    /// `maxmemory-policy` is not `noeviction`.
+    EvictionPolicy,
+    /// Neither AOF nor RDB snapshots.
+    PersistenceOff,
+    /// RDB snapshots only.
+    AofOff,
+    /// `CONFIG GET` was refused, so nothing could be checked.
+    Unverified,
+}
+
 /// Where [`Client::cancel`] removed a message from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -325,6 +393,8 @@ impl Client {
             max_payload: DEFAULT_MAX_PAYLOAD,
             dead_max_len: DEFAULT_DEAD_LETTER_MAX_LEN,
             dead_max_age: DEFAULT_DEAD_LETTER_MAX_AGE,
+            tls_ca: None,
+            tls_client: None,
         }
     }
 
@@ -634,40 +704,57 @@ impl Client {
         self.inner.store.resume(&keys).await
     }
 
-    /// Settings of the Redis server that put messages at risk, one sentence each:
-    /// an eviction policy other than `noeviction` (Redis may delete queued messages when
-    /// full) and persistence switched off (a restart loses everything). Empty when all is
-    /// well or when the server does not allow `CONFIG GET`.
-    pub async fn server_warnings(&self) -> Result<Vec<String>> {
-        let Some(config) = self
+    /// Settings of the Redis server that put messages at risk: an eviction policy other
+    /// than `noeviction` (Redis may delete queued messages when full), persistence switched
+    /// off (a restart loses everything), or a server that refuses `CONFIG GET` (managed
+    /// services, ACL users without `+config|get`), so that nothing could be verified.
+    /// Empty when all is well.
+    pub async fn server_warnings(&self) -> Result<Vec<ServerWarning>> {
+        let config = match self
             .inner
             .store
             .config_get(&["maxmemory-policy", "appendonly", "save"])
             .await?
-        else {
-            return Ok(Vec::new());
+        {
+            Ok(config) => config,
+            Err(refusal) => {
+                return Ok(vec![ServerWarning {
+                    kind: WarningKind::Unverified,
+                    message: format!(
+                        "could not verify that Redis keeps messages safe (eviction policy, persistence): CONFIG GET was refused ({refusal}). Check `maxmemory-policy noeviction` and `appendonly yes` by hand."
+                    ),
+                }])
+            }
         };
         let mut warnings = Vec::new();
         if let Some(policy) = config.get("maxmemory-policy") {
             if policy != "noeviction" {
-                warnings.push(format!(
-                    "Redis maxmemory-policy is {policy:?}: when memory fills up Redis will evict queued messages. Set `maxmemory-policy noeviction`."
-                ));
+                warnings.push(ServerWarning {
+                    kind: WarningKind::EvictionPolicy,
+                    message: format!(
+                        "Redis maxmemory-policy is {policy:?}: when memory fills up Redis will evict queued messages. Set `maxmemory-policy noeviction`."
+                    ),
+                });
             }
         }
         let aof = config.get("appendonly").is_some_and(|v| v == "yes");
         let rdb = config.get("save").is_some_and(|v| !v.trim().is_empty());
         if !aof && !rdb {
-            warnings.push(
-                "Redis persistence is off (no AOF, no RDB snapshots): a Redis restart loses every queued message. Set `appendonly yes`."
-                    .to_owned(),
-            );
+            warnings.push(ServerWarning {
+                kind: WarningKind::PersistenceOff,
+                message: "Redis persistence is off (no AOF, no RDB snapshots): a Redis restart loses every queued message. Set `appendonly yes`.".to_owned(),
+            });
         } else if !aof {
-            warnings.push(
-                "Redis AOF is off: a crash loses the messages published since the last RDB snapshot. Set `appendonly yes`."
-                    .to_owned(),
-            );
+            warnings.push(ServerWarning {
+                kind: WarningKind::AofOff,
+                message: "Redis AOF is off: a crash loses the messages published since the last RDB snapshot. Set `appendonly yes`.".to_owned(),
+            });
         }
         Ok(warnings)
+    }
+
+    /// The largest serialized message this client accepts.
+    pub fn max_payload(&self) -> usize {
+        self.inner.max_payload
     }
 }

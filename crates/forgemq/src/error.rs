@@ -81,6 +81,10 @@ pub enum Error {
     /// A worker was built without any subscription.
     #[error("the worker has no subscriptions: call subscribe() before build()")]
     NoSubscriptions,
+    /// The worker was told to refuse a Redis server that puts messages at risk
+    /// (`WorkerBuilder::require_safe_redis`), and this one does.
+    #[error("refusing to run on this Redis: {}", .0.join(" "))]
+    UnsafeRedis(Vec<String>),
     /// Redis answered with an error, or could not be reached within the timeout.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
@@ -114,6 +118,12 @@ impl Error {
             Error::Timeout(_) => true,
             _ => false,
         }
+    }
+
+    /// True when Redis refused a write because it is out of memory (`maxmemory` reached
+    /// with `noeviction`): nothing was written; consume or raise `maxmemory`, then retry.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::Redis(e) if e.code() == Some("OOM") || e.to_string().contains("OOM command not allowed"))
     }
 
     /// True for [`Error::NotFound`].

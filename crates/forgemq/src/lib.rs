@@ -46,6 +46,7 @@ pub mod worker;
 
 pub use client::{
     Cancelled, Client, ClientBuilder, DeadLetter, PublishOptions, PublishOutcome, QueueStats,
+    ServerWarning, WarningKind,
 };
 pub use delivery::Delivery;
 pub use error::{Error, Result};

@@ -29,6 +29,10 @@ pub(crate) struct ConnSettings {
     pub(crate) dead_max_len: u64,
     /// Longest a dead letter is kept (zero = forever).
     pub(crate) dead_max_age: Duration,
+    /// PEM CA to verify the server with, instead of the system's roots (`rediss://` only).
+    pub(crate) tls_ca: Option<Vec<u8>>,
+    /// PEM client certificate and key for mutual TLS.
+    pub(crate) tls_client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// One message to publish.
@@ -129,7 +133,21 @@ pub(crate) struct Store {
 
 impl Store {
     pub(crate) async fn connect(url: &str, ns: Namespace, settings: ConnSettings) -> Result<Self> {
-        let client = redis::Client::open(url)?;
+        let client = if settings.tls_ca.is_some() || settings.tls_client.is_some() {
+            let certs = redis::TlsCertificates {
+                client_tls: settings
+                    .tls_client
+                    .clone()
+                    .map(|(cert, key)| redis::ClientTlsConfig {
+                        client_cert: cert,
+                        client_key: key,
+                    }),
+                root_cert: settings.tls_ca.clone(),
+            };
+            redis::Client::build_with_tls(url, certs)?
+        } else {
+            redis::Client::open(url)?
+        };
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(settings.response_timeout))
             .set_connection_timeout(Some(settings.connect_timeout))
@@ -599,12 +617,12 @@ impl Store {
             .collect())
     }
 
-    /// `CONFIG GET` of the given parameters; `None` when the server refuses `CONFIG`
-    /// (managed services often rename or disable it).
+    /// `CONFIG GET` of the given parameters, or why the server refused it (managed
+    /// services rename or disable `CONFIG`; an ACL user may lack `+config|get`).
     pub(crate) async fn config_get(
         &self,
         params: &[&str],
-    ) -> Result<Option<HashMap<String, String>>> {
+    ) -> Result<std::result::Result<HashMap<String, String>, String>> {
         let mut out = HashMap::new();
         for p in params {
             let get = redis::cmd("CONFIG").arg("GET").arg(p).to_owned();
@@ -613,16 +631,13 @@ impl Store {
                 .await
             {
                 Ok(map) => out.extend(map),
-                Err(Error::Redis(e))
-                    if e.kind()
-                        == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
-                {
-                    return Ok(None)
+                Err(Error::Redis(e)) if matches!(e.kind(), redis::ErrorKind::Server(_)) => {
+                    return Ok(Err(e.to_string()))
                 }
                 Err(e) => return Err(e),
             }
         }
-        Ok(Some(out))
+        Ok(Ok(out))
     }
 
     pub(crate) fn blocking_conn(&self) -> BlockingConn {

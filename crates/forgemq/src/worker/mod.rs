@@ -267,6 +267,7 @@ pub(crate) struct Settings {
     pub(crate) recover_interval: Duration,
     pub(crate) max_recoveries: u32,
     pub(crate) idle_wait: Duration,
+    pub(crate) require_safe_redis: bool,
 }
 
 /// Builds a [`Worker`]; start with [`Worker::builder`].
@@ -500,6 +501,14 @@ impl WorkerBuilder {
         self
     }
 
+    /// Refuse to start (`run_until` returns [`Error::UnsafeRedis`]) when the Redis server
+    /// would evict messages or keeps no persistence, instead of only warning. A server
+    /// that does not let us check (`CONFIG GET` refused) is warned about, not refused.
+    pub fn require_safe_redis(mut self, strict: bool) -> Self {
+        self.settings.require_safe_redis = strict;
+        self
+    }
+
     /// Checks the settings.
     pub fn build(self) -> Result<Worker> {
         if let Some(e) = self.error {
@@ -617,6 +626,7 @@ impl Worker {
                 recover_interval: Duration::from_secs(5),
                 max_recoveries: 3,
                 idle_wait: Duration::from_secs(5),
+                require_safe_redis: false,
             },
             error: None,
         }
@@ -628,8 +638,16 @@ impl Worker {
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         match self.client.server_warnings().await {
             Ok(warnings) => {
-                for w in warnings {
+                for w in &warnings {
                     tracing::warn!("{w}");
+                }
+                let risks: Vec<String> = warnings
+                    .into_iter()
+                    .filter(|w| w.kind != crate::client::WarningKind::Unverified)
+                    .map(|w| w.message)
+                    .collect();
+                if self.settings.require_safe_redis && !risks.is_empty() {
+                    return Err(Error::UnsafeRedis(risks));
                 }
             }
             Err(e) => tracing::warn!(error = %e, "could not read the Redis configuration"),

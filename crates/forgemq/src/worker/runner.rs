@@ -206,6 +206,16 @@ impl Runner {
     /// What a handler receives, or the verdict for a body that does not decode (running
     /// it cannot help, and it must not block the queue).
     fn message(&self, t: &Tracked) -> std::result::Result<Message<Value>, Verdict> {
+        let limit = self.client.max_payload();
+        if t.fetched.body.len() > limit {
+            // Planted behind the client's back: decoding it could take unbounded memory.
+            return Err(Verdict::Dead {
+                error: format!(
+                    "stored body of {} bytes is over the {limit}-byte payload limit",
+                    t.fetched.body.len()
+                ),
+            });
+        }
         match Envelope::decode(&t.fetched.body) {
             Ok(envelope) => Ok(Message {
                 id: MessageId::from_stored(t.fetched.id.clone()),

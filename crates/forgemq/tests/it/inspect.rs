@@ -77,12 +77,16 @@ async fn server_warnings_name_eviction_and_missing_persistence() {
     let mq = forgemq::Client::connect(&risky.url()).await.unwrap();
     let warnings = mq.server_warnings().await.unwrap();
     assert_eq!(warnings.len(), 2, "{warnings:?}");
-    assert!(warnings[0].contains("allkeys-lru") && warnings[0].contains("noeviction"));
-    assert!(warnings[1].contains("persistence is off"));
+    assert_eq!(warnings[0].kind, forgemq::WarningKind::EvictionPolicy);
+    assert!(
+        warnings[0].message.contains("allkeys-lru") && warnings[0].message.contains("noeviction")
+    );
+    assert_eq!(warnings[1].kind, forgemq::WarningKind::PersistenceOff);
+    assert!(warnings[1].message.contains("persistence is off"));
 
     let safe = RedisServer::start_with(RedisOptions::new().aof(Aof::Always));
     let mq = forgemq::Client::connect(&safe.url()).await.unwrap();
-    assert_eq!(mq.server_warnings().await.unwrap(), Vec::<String>::new());
+    assert_eq!(mq.server_warnings().await.unwrap(), Vec::new());
 }
 
 /// `pop_message` takes without blocking, returns None when empty; 100 calls drain at
