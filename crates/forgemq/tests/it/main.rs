@@ -9,12 +9,15 @@
 mod common;
 
 mod bad_input;
+mod chaos;
 mod delayed;
 mod faults;
 mod features;
+mod hostile;
 mod inspect;
 mod publish;
 mod regressions;
+mod soak;
 mod worker;
 
 /// Entry point for child processes spawned by fault tests; not a test by itself, so it
