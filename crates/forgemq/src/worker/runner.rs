@@ -413,34 +413,23 @@ impl Runner {
     async fn apply(&self, outcomes: &[Outcome], abandon: &watch::Receiver<bool>) {
         let ops: Vec<SettleOp> = outcomes
             .iter()
-            .map(|o| match &o.verdict {
-                Verdict::Ack => SettleOp::Ack,
-                Verdict::Retry { error, after } => {
-                    self.log_failure(&o.id, error);
-                    failure_op(
-                        &o.body,
-                        &self.keys.topic,
-                        &o.id,
-                        error,
-                        false,
-                        *after,
-                        self.sub.max_retry,
-                        &self.sub.backoff,
-                    )
-                }
-                Verdict::Dead { error } => {
-                    self.log_failure(&o.id, error);
-                    failure_op(
-                        &o.body,
-                        &self.keys.topic,
-                        &o.id,
-                        error,
-                        true,
-                        None,
-                        self.sub.max_retry,
-                        &self.sub.backoff,
-                    )
-                }
+            .map(|o| {
+                let (error, fatal, after) = match &o.verdict {
+                    Verdict::Ack => return SettleOp::Ack,
+                    Verdict::Retry { error, after } => (error, false, *after),
+                    Verdict::Dead { error } => (error, true, None),
+                };
+                tracing::info!(topic = %self.keys.topic, id = %o.id, error = %error, "handler failed");
+                failure_op(
+                    &o.body,
+                    &self.keys.topic,
+                    &o.id,
+                    error,
+                    fatal,
+                    after,
+                    self.sub.max_retry,
+                    &self.sub.backoff,
+                )
             })
             .collect();
         let args: Vec<(&str, &str, &SettleOp)> = outcomes
@@ -465,10 +454,6 @@ impl Runner {
                 tracing::warn!(topic = %self.keys.topic, id = %o.id, "dead-lettered");
             }
         }
-    }
-
-    fn log_failure(&self, id: &str, error: &str) {
-        tracing::info!(topic = %self.keys.topic, id = %id, error = %error, "handler failed");
     }
 
     /// Renews the leases of everything in flight every third of the lease.

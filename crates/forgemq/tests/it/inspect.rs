@@ -185,7 +185,7 @@ async fn idle_worker_does_not_poll() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_per_processed_message_stay_bounded() {
     let (server, mq) = setup().await;
-    let n = 2000_u64;
+    let n = 10_000_u64;
     let ids = mq
         .publish_batch("bench.c1", (0..n).map(|i| json!({"i": i})))
         .await
