@@ -1,22 +1,36 @@
--- reprocess: move one dead letter back to pending with a fresh set of retries.
+-- reprocess: move dead letters back to pending, each with a fresh set of retries.
 -- KEYS[1] dead     ZSET
 -- KEYS[2] msg      HASH
 -- KEYS[3] pending  LIST
 -- KEYS[4] wake     LIST
 -- KEYS[5] stats    HASH
--- ARGV[1] id
--- Returns 1, or 0 when no dead letter has that id.
+-- ARGV    ids (at most 1,000)
+-- Returns one integer per id: 1 requeued, 0 no dead letter has that id.
 
-local id = ARGV[1]
-local body = redis.call('HGET', KEYS[2], id)
-if not redis.call('ZSCORE', KEYS[1], id) or not body then
-  return 0
+local results, bodies = {}, {}
+-- Preconditions first: which ids are dead letters with a body (an id given twice counts once).
+for i, id in ipairs(ARGV) do
+  local body = redis.call('HGET', KEYS[2], id)
+  if body and not bodies[id] and redis.call('ZSCORE', KEYS[1], id) then
+    bodies[id] = body
+    results[i] = 1
+  else
+    results[i] = 0
+  end
 end
 
-body = set_field(set_field(body, 'retry', 0), 'recoveries', 0)
-redis.call('ZREM', KEYS[1], id)
-redis.call('HSET', KEYS[2], id, body)
-redis.call('RPUSH', KEYS[3], id)
-redis.call('HINCRBY', KEYS[5], 'reprocessed', 1)
-wake(KEYS[4])
-return 1
+local n = 0
+for i, id in ipairs(ARGV) do
+  if results[i] == 1 then
+    local body = set_field(set_field(bodies[id], 'retry', 0), 'recoveries', 0)
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HSET', KEYS[2], id, body)
+    redis.call('RPUSH', KEYS[3], id)
+    n = n + 1
+  end
+end
+if n > 0 then
+  redis.call('HINCRBY', KEYS[5], 'reprocessed', n)
+  wake(KEYS[4])
+end
+return results

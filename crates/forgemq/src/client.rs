@@ -10,7 +10,9 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::keys::{validate_topic, Namespace, TopicKeys};
 use crate::message::{from_millis, Envelope, MessageId};
-use crate::store::{CancelState, ConnSettings, PublishItem, Store, Written};
+use crate::store::{
+    CancelState, ConnSettings, PeekState, PublishItem, Store, Written, MAX_PER_CALL,
+};
 
 /// Default namespace: keys look like `mq:{user.welcome}:pending`.
 pub const DEFAULT_NAMESPACE: &str = "mq";
@@ -294,6 +296,8 @@ pub struct QueueStats {
     pub deduplicated: u64,
     /// Dead letters deleted by retention (count or age limit).
     pub dead_trimmed: u64,
+    /// Dead letters deleted by hand (`delete_dead_letter`, `purge_dead_letters`).
+    pub dead_deleted: u64,
     /// Whether the topic is paused.
     pub paused: bool,
 }
@@ -354,6 +358,60 @@ pub enum Cancelled {
     Delayed,
     /// It was waiting to run.
     Pending,
+}
+
+/// The states a stored message can be in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum MessageState {
+    /// Waiting to run.
+    Pending,
+    /// Waiting for its due time (delayed publish or retry backoff).
+    Delayed,
+    /// Being handled under a lease.
+    Active,
+    /// In the dead-letter queue.
+    Dead,
+}
+
+impl std::str::FromStr for MessageState {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "pending" => Ok(MessageState::Pending),
+            "delayed" => Ok(MessageState::Delayed),
+            "active" => Ok(MessageState::Active),
+            "dead" => Ok(MessageState::Dead),
+            other => Err(Error::Config(format!(
+                "unknown state {other:?}: use pending, delayed, active or dead"
+            ))),
+        }
+    }
+}
+
+/// A stored message as [`Client::peek`] sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct PeekedMessage {
+    /// The message id.
+    pub id: MessageId,
+    /// Its topic.
+    pub topic: String,
+    /// The state it was found in.
+    pub state: MessageState,
+    /// The published data (`null` when the body does not decode).
+    pub data: Value,
+    /// Failed attempts so far.
+    pub retry: u32,
+    /// The last error, if it failed before (or why the body does not decode).
+    pub error: Option<String>,
+    /// Due time (delayed), lease deadline (active) or time of death (dead); Redis clock.
+    pub at: Option<SystemTime>,
+    /// The stored envelope as a JSON object (`null` when it does not decode).
+    pub envelope: Value,
+    /// The stored envelope as text, exactly as in Redis.
+    pub raw: String,
 }
 
 /// A message in the dead-letter queue.
@@ -586,6 +644,7 @@ impl Client {
             cancelled: c("cancelled"),
             deduplicated: c("deduplicated"),
             dead_trimmed: c("dead_trimmed"),
+            dead_deleted: c("dead_deleted"),
             paused: raw.paused,
         })
     }
@@ -609,32 +668,75 @@ impl Client {
         topic: &str,
         range: Range<usize>,
     ) -> Result<Vec<DeadLetter>> {
+        Ok(self
+            .peek(topic, MessageState::Dead, range)
+            .await?
+            .into_iter()
+            .map(|p| DeadLetter {
+                id: p.id,
+                topic: p.topic,
+                data: p.data,
+                retry: p.retry,
+                error: p.error,
+                died_at: p.at.unwrap_or(SystemTime::UNIX_EPOCH),
+                envelope: p.raw,
+            })
+            .collect())
+    }
+
+    /// Looks at the messages of one state without taking them, in order (pending: next
+    /// to run first; delayed: soonest due first; active: soonest lease expiry first; dead:
+    /// oldest first). `0..20` is the first 20.
+    pub async fn peek(
+        &self,
+        topic: &str,
+        state: MessageState,
+        range: Range<usize>,
+    ) -> Result<Vec<PeekedMessage>> {
         let keys = self.keys(topic)?;
         if range.is_empty() {
             return Ok(Vec::new());
         }
+        let which = match state {
+            MessageState::Pending => PeekState::Pending,
+            MessageState::Delayed => PeekState::Delayed,
+            MessageState::Active => PeekState::Active,
+            MessageState::Dead => PeekState::Dead,
+        };
+        let end = range.end.min(range.start.saturating_add(MAX_PER_CALL));
         let rows = self
             .inner
             .store
-            .dead_letters(&keys, range.start, range.end - 1)
+            .peek(&keys, which, range.start, end - 1)
             .await?;
         Ok(rows
             .into_iter()
-            .filter_map(|(id, body, died)| {
+            .filter_map(|(id, score, body)| {
+                // Gone between the two reads (acked, trimmed): not there any more.
                 let body = body?;
-                let text = String::from_utf8_lossy(&body).into_owned();
-                let (data, retry, error) = match Envelope::decode(&body) {
-                    Ok(env) => (env.data, env.retry, env.last_error),
-                    Err(e) => (Value::Null, 0, Some(format!("undecodable envelope: {e}"))),
+                let raw = String::from_utf8_lossy(&body).into_owned();
+                let (data, retry, error, envelope) = match Envelope::decode(&body) {
+                    Ok(env) => {
+                        let envelope = serde_json::to_value(&env).unwrap_or(Value::Null);
+                        (env.data, env.retry, env.last_error, envelope)
+                    }
+                    Err(e) => (
+                        Value::Null,
+                        0,
+                        Some(format!("undecodable envelope: {e}")),
+                        Value::Null,
+                    ),
                 };
-                Some(DeadLetter {
+                Some(PeekedMessage {
                     id: MessageId::from_stored(id),
                     topic: topic.to_owned(),
+                    state,
                     data,
                     retry,
                     error,
-                    died_at: from_millis(died),
-                    envelope: text,
+                    at: score.map(from_millis),
+                    envelope,
+                    raw,
                 })
             })
             .collect())
@@ -644,14 +746,69 @@ impl Client {
     /// [`Error::NotFound`] when `topic` has no dead letter with that id.
     pub async fn reprocess_dead_letter(&self, topic: &str, id: &MessageId) -> Result<()> {
         let keys = self.keys(topic)?;
-        if self.inner.store.reprocess(&keys, id.as_str()).await? {
+        let done = self.inner.store.reprocess(&keys, &[id.as_str()]).await?;
+        if done.first().copied().unwrap_or(false) {
             Ok(())
         } else {
-            Err(Error::NotFound {
-                topic: topic.to_owned(),
-                id: id.to_string(),
-                what: "dead letter",
-            })
+            Err(self.no_dead_letter(topic, id))
+        }
+    }
+
+    /// Moves every dead letter of `topic` back to the queue (oldest first, 1,000 per
+    /// script call); returns how many.
+    pub async fn reprocess_all_dead_letters(&self, topic: &str) -> Result<u64> {
+        let keys = self.keys(topic)?;
+        let mut total = 0;
+        loop {
+            let page = self
+                .inner
+                .store
+                .peek(&keys, PeekState::Dead, 0, MAX_PER_CALL - 1)
+                .await?;
+            if page.is_empty() {
+                return Ok(total);
+            }
+            let ids: Vec<&str> = page.iter().map(|(id, _, _)| id.as_str()).collect();
+            let done = self.inner.store.reprocess(&keys, &ids).await?;
+            let n = done.iter().filter(|d| **d).count() as u64;
+            total += n;
+            if n == 0 {
+                // Only entries without bodies left: nothing more can be requeued.
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Deletes one dead letter for good. [`Error::NotFound`] when there is none with that id.
+    pub async fn delete_dead_letter(&self, topic: &str, id: &MessageId) -> Result<()> {
+        let keys = self.keys(topic)?;
+        let gone = self.inner.store.drop_dead(&keys, &[id.as_str()], 0).await?;
+        if gone.is_empty() {
+            Err(self.no_dead_letter(topic, id))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Deletes every dead letter of `topic` for good (1,000 per script call); returns how
+    /// many. The other states are untouched.
+    pub async fn purge_dead_letters(&self, topic: &str) -> Result<u64> {
+        let keys = self.keys(topic)?;
+        let mut total = 0;
+        loop {
+            let gone = self.inner.store.drop_dead(&keys, &[], MAX_PER_CALL).await?;
+            if gone.is_empty() {
+                return Ok(total);
+            }
+            total += gone.len() as u64;
+        }
+    }
+
+    fn no_dead_letter(&self, topic: &str, id: &MessageId) -> Error {
+        Error::NotFound {
+            topic: topic.to_owned(),
+            id: id.to_string(),
+            what: "dead letter",
         }
     }
 

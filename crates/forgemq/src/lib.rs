@@ -44,9 +44,24 @@ mod scripts;
 mod store;
 pub mod worker;
 
+/// Entry points for the fuzz targets in `fuzz/` (crate-private parsers made reachable);
+/// not part of the API and not covered by semver.
+#[doc(hidden)]
+pub mod __fuzz {
+    /// Whether `bytes` decode as a stored envelope (`Envelope::decode`).
+    pub fn decode_envelope(bytes: &[u8]) -> bool {
+        crate::message::Envelope::decode(bytes).is_ok()
+    }
+
+    /// Whether `s` is accepted as a topic name (`keys::validate_topic`).
+    pub fn validate_topic(s: &str) -> bool {
+        crate::keys::validate_topic(s).is_ok()
+    }
+}
+
 pub use client::{
-    Cancelled, Client, ClientBuilder, DeadLetter, PublishOptions, PublishOutcome, QueueStats,
-    ServerWarning, WarningKind,
+    Cancelled, Client, ClientBuilder, DeadLetter, MessageState, PeekedMessage, PublishOptions,
+    PublishOutcome, QueueStats, ServerWarning, WarningKind,
 };
 pub use delivery::Delivery;
 pub use error::{Error, Result};

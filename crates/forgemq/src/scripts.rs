@@ -48,11 +48,12 @@ pub(crate) struct Scripts {
     pub(crate) purge: Lua,
     pub(crate) cancel: Lua,
     pub(crate) resume: Lua,
+    pub(crate) drop_dead: Lua,
 }
 
 impl Scripts {
     /// Every script, for loading them all at connect time.
-    pub(crate) fn all(&self) -> [&Lua; 10] {
+    pub(crate) fn all(&self) -> [&Lua; 11] {
         [
             &self.publish,
             &self.fetch,
@@ -64,6 +65,7 @@ impl Scripts {
             &self.recover,
             &self.reprocess,
             &self.purge,
+            &self.drop_dead,
         ]
     }
 
@@ -79,6 +81,7 @@ impl Scripts {
             purge: script!("purge.lua"),
             cancel: script!("cancel.lua"),
             resume: script!("resume.lua"),
+            drop_dead: script!("drop_dead.lua"),
         }
     }
 }

@@ -70,6 +70,15 @@ pub(crate) enum SettleOp {
     },
 }
 
+/// A state to look into with [`Store::peek`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PeekState {
+    Pending,
+    Delayed,
+    Active,
+    Dead,
+}
+
 /// Where `cancel` found a message.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum CancelState {
@@ -476,7 +485,8 @@ impl Store {
         self.run(script, &call).await
     }
 
-    pub(crate) async fn reprocess(&self, keys: &TopicKeys, id: &str) -> Result<bool> {
+    /// Requeues dead letters (at most [`MAX_PER_CALL`] ids); per id, whether it was one.
+    pub(crate) async fn reprocess(&self, keys: &TopicKeys, ids: &[&str]) -> Result<Vec<bool>> {
         let script = &self.scripts.reprocess;
         let mut call = Self::evalsha(
             script,
@@ -488,8 +498,76 @@ impl Store {
                 &keys.stats,
             ],
         );
-        call.arg(id);
-        Ok(self.run::<i64>(script, &call).await? == 1)
+        call.arg(ids);
+        self.run_flags(script, &call).await
+    }
+
+    /// Deletes the given dead letters, or (ids empty) up to `oldest` of the oldest ones;
+    /// returns the ids deleted.
+    pub(crate) async fn drop_dead(
+        &self,
+        keys: &TopicKeys,
+        ids: &[&str],
+        oldest: usize,
+    ) -> Result<Vec<String>> {
+        let script = &self.scripts.drop_dead;
+        let mut call = Self::evalsha(script, &[&keys.dead, &keys.msg, &keys.stats]);
+        if ids.is_empty() {
+            call.arg("oldest").arg(oldest.clamp(1, MAX_PER_CALL));
+        } else {
+            call.arg("ids").arg(ids);
+        }
+        self.run(script, &call).await
+    }
+
+    /// Ids of one state ranked `start..=stop` with their scores (due time, lease deadline,
+    /// time of death; `None` for pending), and their bodies.
+    pub(crate) async fn peek(
+        &self,
+        keys: &TopicKeys,
+        state: PeekState,
+        start: usize,
+        stop: usize,
+    ) -> Result<Vec<(String, Option<f64>, Option<Vec<u8>>)>> {
+        let ranked: Vec<(String, Option<f64>)> = match state {
+            PeekState::Pending => {
+                let range = redis::cmd("LRANGE")
+                    .arg(&keys.pending)
+                    .arg(start)
+                    .arg(stop)
+                    .to_owned();
+                let ids: Vec<String> = self.exec(Req::Cmd(&range), None).await?;
+                ids.into_iter().map(|id| (id, None)).collect()
+            }
+            PeekState::Delayed | PeekState::Active | PeekState::Dead => {
+                let key = match state {
+                    PeekState::Delayed => &keys.delayed,
+                    PeekState::Active => &keys.active,
+                    _ => &keys.dead,
+                };
+                let range = redis::cmd("ZRANGE")
+                    .arg(key)
+                    .arg(start)
+                    .arg(stop)
+                    .arg("WITHSCORES")
+                    .to_owned();
+                let ids: Vec<(String, f64)> = self.exec(Req::Cmd(&range), None).await?;
+                ids.into_iter().map(|(id, s)| (id, Some(s))).collect()
+            }
+        };
+        if ranked.is_empty() {
+            return Ok(Vec::new());
+        }
+        let hmget = redis::cmd("HMGET")
+            .arg(&keys.msg)
+            .arg(ranked.iter().map(|(id, _)| id).collect::<Vec<_>>())
+            .to_owned();
+        let bodies: Vec<Option<Vec<u8>>> = self.exec(Req::Cmd(&hmget), None).await?;
+        Ok(ranked
+            .into_iter()
+            .zip(bodies)
+            .map(|((id, score), body)| (id, score, body))
+            .collect())
     }
 
     pub(crate) async fn purge(&self, keys: &TopicKeys) -> Result<u64> {
@@ -585,36 +663,6 @@ impl Store {
         let mut topics: Vec<String> = self.exec(Req::Cmd(&members), None).await?;
         topics.sort();
         Ok(topics)
-    }
-
-    /// Dead letters ranked `start..=stop` by the time they died, oldest first:
-    /// `(id, body, died_at_ms)`; the body is `None` if it vanished meanwhile.
-    pub(crate) async fn dead_letters(
-        &self,
-        keys: &TopicKeys,
-        start: usize,
-        stop: usize,
-    ) -> Result<Vec<(String, Option<Vec<u8>>, f64)>> {
-        let range = redis::cmd("ZRANGE")
-            .arg(&keys.dead)
-            .arg(start)
-            .arg(stop)
-            .arg("WITHSCORES")
-            .to_owned();
-        let ranked: Vec<(String, f64)> = self.exec(Req::Cmd(&range), None).await?;
-        if ranked.is_empty() {
-            return Ok(Vec::new());
-        }
-        let hmget = redis::cmd("HMGET")
-            .arg(&keys.msg)
-            .arg(ranked.iter().map(|(id, _)| id).collect::<Vec<_>>())
-            .to_owned();
-        let bodies: Vec<Option<Vec<u8>>> = self.exec(Req::Cmd(&hmget), None).await?;
-        Ok(ranked
-            .into_iter()
-            .zip(bodies)
-            .map(|((id, died), body)| (id, body, died))
-            .collect())
     }
 
     /// `CONFIG GET` of the given parameters, or why the server refused it (managed

@@ -239,3 +239,94 @@ async fn commands_per_processed_message_stay_bounded() {
     assert!(per_msg < 20.0, "{per_msg:.2} commands per message");
     invariants(&server, "bench.c1", &strings(&ids));
 }
+
+/// `peek` shows each state in order without taking anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peek_shows_each_state_without_taking_anything() {
+    let (server, mq) = setup().await;
+    let topic = "peek.topic";
+    let pending = mq
+        .publish_batch(topic, (0..3).map(|i| json!({"p": i})))
+        .await
+        .unwrap();
+    let later = mq
+        .publish_with_delay(topic, json!({"d": 1}), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let taken = mq.pop_message(topic).await.unwrap().unwrap();
+    let dead_one = mq.pop_message(topic).await.unwrap().unwrap();
+    let dead_id = dead_one.id().clone();
+    dead_one.dead("no such user").await.unwrap();
+    use forgemq::MessageState as S;
+    let p = mq.peek(topic, S::Pending, 0..10).await.unwrap();
+    assert_eq!(
+        p.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+        vec![pending[2].clone()]
+    );
+    assert_eq!(p[0].data, json!({"p": 2}));
+    assert_eq!(p[0].envelope["topic"], topic);
+    let d = mq.peek(topic, S::Delayed, 0..10).await.unwrap();
+    assert_eq!(d[0].id, later);
+    assert!(d[0].at.unwrap() > std::time::SystemTime::now() + Duration::from_secs(50));
+    let a = mq.peek(topic, S::Active, 0..10).await.unwrap();
+    assert_eq!(a[0].id, *taken.id());
+    let x = mq.peek(topic, S::Dead, 0..10).await.unwrap();
+    assert_eq!(
+        (x[0].id.clone(), x[0].error.as_deref()),
+        (dead_id.clone(), Some("no such user"))
+    );
+    assert!("bogus".parse::<S>().is_err());
+    // Nothing moved.
+    let s = mq.stats(topic).await.unwrap();
+    assert_eq!((s.pending, s.delayed, s.active, s.dead), (1, 1, 1, 1));
+    taken.ack().await.unwrap();
+    let mut all = strings(&pending);
+    all.push(later.to_string());
+    invariants(&server, topic, &all);
+}
+
+/// Dead letters: requeue all, delete one, purge the rest; other states untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_can_be_requeued_all_deleted_one_or_purged() {
+    let (server, mq) = setup().await;
+    let topic = "dlq.ops";
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(mq.publish(topic, json!({"i": i})).await.unwrap());
+        mq.pop_message(topic)
+            .await
+            .unwrap()
+            .unwrap()
+            .dead("bad")
+            .await
+            .unwrap();
+    }
+    let waiting = mq.publish(topic, json!({"waiting": true})).await.unwrap();
+    mq.delete_dead_letter(topic, &ids[0]).await.unwrap();
+    assert!(mq
+        .delete_dead_letter(topic, &ids[0])
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert_eq!(mq.reprocess_all_dead_letters(topic).await.unwrap(), 5);
+    let s = mq.stats(topic).await.unwrap();
+    assert_eq!((s.dead, s.pending, s.dead_deleted), (0, 6, 1));
+    // Kill them again and purge the dead-letter queue only.
+    for _ in 0..5 {
+        let d = mq.pop_message(topic).await.unwrap().unwrap();
+        if d.id() == &waiting {
+            d.nack(Duration::ZERO, "not now").await.unwrap();
+            continue;
+        }
+        d.dead("bad again").await.unwrap();
+    }
+    let dead_before = mq.stats(topic).await.unwrap().dead;
+    assert_eq!(mq.purge_dead_letters(topic).await.unwrap(), dead_before);
+    let s = mq.stats(topic).await.unwrap();
+    assert_eq!(s.dead, 0);
+    assert!(s.pending >= 1, "pending untouched: {s:?}");
+    let mut all = strings(&ids);
+    all.push(waiting.to_string());
+    let report = invariants(&server, topic, &all);
+    assert_eq!(report.dead.len(), 0);
+}
