@@ -1,0 +1,429 @@
+//! `forgemq`: the operator's command line for ForgeMQ queues on Redis.
+//!
+//! Every command takes `--redis URL` (else `$REDIS_URL`, else `redis://127.0.0.1:6379`) and
+//! `--namespace NS` (default `mq`); read commands take `--json` for stable machine output.
+//! Errors are one line on stderr; the exit code is 2 for usage errors, 1 for runtime errors.
+//!
+//! # Layout
+//! - `main.rs`: the command-line grammar (clap) and dispatch.
+//! - `output.rs`: aligned tables and the JSON shapes of read commands.
+
+mod output;
+
+use std::io::{BufRead, Read};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{CommandFactory, Parser, Subcommand};
+use forgemq::{Client, MessageId, MessageState, PublishOptions, PublishOutcome};
+use serde_json::Value;
+
+/// Most messages `publish --file` sends per round trip.
+const FILE_CHUNK: usize = 1000;
+
+/// ForgeMQ: a reliable message queue on Redis.
+///
+/// Publish messages, look at queues, browse and replay the dead-letter queue, pause topics.
+/// Topics are names like `user.welcome` or `order.payment.check`.
+#[derive(Debug, Parser)]
+#[command(name = "forgemq", version, propagate_version = true)]
+struct Cli {
+    /// Redis to use.
+    #[arg(
+        long,
+        global = true,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    redis: String,
+    /// Key namespace (the prefix of every key ForgeMQ writes).
+    #[arg(long, global = true, default_value = "mq")]
+    namespace: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Publish one message (prints its id), or many from a JSON-lines file.
+    Publish {
+        /// The topic, e.g. `user.welcome`.
+        topic: String,
+        /// The message data as JSON, or `-` to read it from stdin.
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        data: Option<String>,
+        /// Deliver no earlier than this from now, e.g. `30s`, `15m`, `24h`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        delay: Option<Duration>,
+        /// Retries before the dead-letter queue (default: the consumer's setting, 3).
+        #[arg(long)]
+        max_retry: Option<u32>,
+        /// Publish at most one message with this key per `--unique-ttl`.
+        #[arg(long)]
+        unique_key: Option<String>,
+        /// How long a unique key holds.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "24h", requires = "unique_key")]
+        unique_ttl: Duration,
+        /// Publish every line of this JSON-lines file as one message (prints the ids).
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+    },
+    /// Counts per state and counters of one topic, or of all topics.
+    Stats {
+        /// The topic; all topics when omitted.
+        topic: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// All topics with their counts per state.
+    Queues {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Look at messages of one state without taking them.
+    Peek {
+        /// The topic.
+        topic: String,
+        /// Which state: pending, delayed, active or dead.
+        #[arg(long, default_value = "pending")]
+        state: String,
+        /// How many to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The dead-letter queue: list, retry, delete, purge.
+    #[command(subcommand)]
+    Dlq(Dlq),
+    /// Cancel a delayed or pending message (e.g. the payment check of a paid order).
+    Cancel {
+        /// The topic.
+        topic: String,
+        /// The message id.
+        id: String,
+    },
+    /// Pause a topic: workers everywhere stop taking its messages; publishing still works.
+    Pause {
+        /// The topic.
+        topic: String,
+    },
+    /// Resume a paused topic.
+    Resume {
+        /// The topic.
+        topic: String,
+    },
+    /// Delete every message of a topic in every state (counters stay).
+    Purge {
+        /// The topic.
+        topic: String,
+    },
+    /// Print shell completions, e.g. `forgemq completions bash > /etc/bash_completion.d/forgemq`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Dlq {
+    /// List dead letters, oldest first, with the error that killed each.
+    List {
+        /// The topic.
+        topic: String,
+        /// How many to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send one dead letter (or all of them) back to the queue with fresh retries.
+    Retry {
+        /// The topic.
+        topic: String,
+        /// The message id.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every dead letter of the topic.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete one dead letter for good.
+    Delete {
+        /// The topic.
+        topic: String,
+        /// The message id.
+        id: String,
+    },
+    /// Delete every dead letter of the topic for good.
+    Purge {
+        /// The topic.
+        topic: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the cause chain joined, so scripts can log it as is.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The data of `publish`: JSON from the argument, or from stdin for `-`.
+fn parse_data(arg: &str) -> Result<Value> {
+    let text = if arg == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("could not read the data from stdin")?;
+        s
+    } else {
+        arg.to_owned()
+    };
+    serde_json::from_str(&text).context("the data is not valid JSON (quote strings: '\"text\"')")
+}
+
+async fn connect(cli: &Cli) -> Result<Client> {
+    Client::builder(&cli.redis)
+        .namespace(&cli.namespace)
+        .build()
+        .await
+        .with_context(|| {
+            format!(
+                "could not connect to {} (set --redis or REDIS_URL)",
+                redact(&cli.redis)
+            )
+        })
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn parse_id(id: &str) -> Result<MessageId> {
+    MessageId::new(id).with_context(|| format!("{id:?} is not a message id"))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    if let Command::Completions { shell } = &cli.command {
+        clap_complete::generate(
+            *shell,
+            &mut Cli::command(),
+            "forgemq",
+            &mut std::io::stdout(),
+        );
+        return Ok(());
+    }
+    // Check the data before connecting: bad input is refused the same way with Redis down.
+    let data = match &cli.command {
+        Command::Publish {
+            data: Some(data), ..
+        } => Some(parse_data(data)?),
+        _ => None,
+    };
+    let mq = connect(&cli).await?;
+    match cli.command {
+        Command::Publish {
+            topic,
+            data: _,
+            delay,
+            max_retry,
+            unique_key,
+            unique_ttl,
+            file,
+        } => {
+            let mut options = PublishOptions::new();
+            if let Some(d) = delay {
+                options = options.delay(d);
+            }
+            if let Some(n) = max_retry {
+                options = options.max_retry(n);
+            }
+            if let Some(k) = unique_key {
+                options = options.unique_key(k, unique_ttl);
+            }
+            match (file, data) {
+                (Some(path), _) => publish_file(&mq, &topic, &path, &options).await,
+                (None, Some(value)) => {
+                    match mq.publish_with(&topic, value, options).await? {
+                        PublishOutcome::Duplicate(id) => {
+                            eprintln!("duplicate: message {id} already holds this unique key or id; nothing published");
+                            println!("{id}");
+                        }
+                        outcome => println!("{}", outcome.id()),
+                    }
+                    Ok(())
+                }
+                (None, None) => bail!("give the data as an argument, `-` for stdin, or --file"),
+            }
+        }
+        Command::Stats { topic, json } => {
+            let stats = match topic {
+                Some(t) => vec![mq.stats(&t).await?],
+                None => mq.get_all_queues().await?,
+            };
+            if json && stats.len() == 1 {
+                output::print_json(&stats[0])
+            } else if json {
+                output::print_json(&stats)
+            } else {
+                output::stats_table(&stats);
+                Ok(())
+            }
+        }
+        Command::Queues { json } => {
+            let all = mq.get_all_queues().await?;
+            if json {
+                output::print_json(&all)
+            } else {
+                output::stats_table(&all);
+                Ok(())
+            }
+        }
+        Command::Peek {
+            topic,
+            state,
+            limit,
+            json,
+        } => {
+            let state: MessageState = state.parse()?;
+            let found = mq.peek(&topic, state, 0..limit).await?;
+            if json {
+                output::print_json(&output::envelopes(&found))
+            } else {
+                output::peek_table(&found);
+                Ok(())
+            }
+        }
+        Command::Dlq(Dlq::List { topic, limit, json }) => {
+            let found = mq.peek(&topic, MessageState::Dead, 0..limit).await?;
+            if json {
+                output::print_json(&output::envelopes(&found))
+            } else {
+                output::peek_table(&found);
+                Ok(())
+            }
+        }
+        Command::Dlq(Dlq::Retry { topic, id, all }) => {
+            if all {
+                let n = mq.reprocess_all_dead_letters(&topic).await?;
+                eprintln!("requeued {n} dead letters of {topic}");
+            } else if let Some(id) = id {
+                mq.reprocess_dead_letter(&topic, &parse_id(&id)?).await?;
+                eprintln!("requeued {id}");
+            }
+            Ok(())
+        }
+        Command::Dlq(Dlq::Delete { topic, id }) => {
+            mq.delete_dead_letter(&topic, &parse_id(&id)?).await?;
+            eprintln!("deleted dead letter {id}");
+            Ok(())
+        }
+        Command::Dlq(Dlq::Purge { topic }) => {
+            let n = mq.purge_dead_letters(&topic).await?;
+            eprintln!("deleted {n} dead letters of {topic}");
+            Ok(())
+        }
+        Command::Cancel { topic, id } => {
+            let from = mq.cancel(&topic, &parse_id(&id)?).await?;
+            eprintln!("cancelled {id} (it was {})", output::cancelled(from));
+            Ok(())
+        }
+        Command::Pause { topic } => {
+            mq.pause(&topic).await?;
+            eprintln!("paused {topic}: workers stop taking its messages; publishing still works");
+            Ok(())
+        }
+        Command::Resume { topic } => {
+            let was = mq.resume(&topic).await?;
+            eprintln!(
+                "{}",
+                if was {
+                    format!("resumed {topic}")
+                } else {
+                    format!("{topic} was not paused")
+                }
+            );
+            Ok(())
+        }
+        Command::Purge { topic } => {
+            let n = mq.purge_queue(&topic).await?;
+            eprintln!("deleted {n} messages of {topic}");
+            Ok(())
+        }
+        Command::Completions { .. } => Ok(()),
+    }
+}
+
+/// Publishes every line of a JSON-lines file, 1,000 per round trip, with a progress bar
+/// on stderr; prints the ids on stdout. Every line is checked before anything is sent.
+async fn publish_file(
+    mq: &Client,
+    topic: &str,
+    path: &std::path::Path,
+    options: &PublishOptions,
+) -> Result<()> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("could not open {}", path.display()))?;
+    let mut items = Vec::new();
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("could not read {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{}: not valid JSON", path.display(), n + 1))?;
+        items.push(value);
+    }
+    let bar = indicatif::ProgressBar::new(items.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} messages {per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut published = 0;
+    let mut items = items.into_iter().peekable();
+    while items.peek().is_some() {
+        let chunk: Vec<(Value, PublishOptions)> = items
+            .by_ref()
+            .take(FILE_CHUNK)
+            .map(|v| (v, options.clone()))
+            .collect();
+        let n = chunk.len() as u64;
+        for outcome in mq.publish_batch_with(topic, chunk).await? {
+            if !outcome.is_duplicate() {
+                published += 1;
+            }
+            println!("{}", outcome.id());
+        }
+        bar.inc(n);
+    }
+    bar.finish_and_clear();
+    eprintln!("published {published} messages to {topic}");
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! Human tables and the stable JSON shapes of read commands.
+
+use std::time::SystemTime;
+
+use anyhow::Result;
+use forgemq::{Cancelled, MessageState, PeekedMessage, QueueStats};
+use serde_json::{json, Value};
+
+/// Prints any value as pretty JSON on stdout.
+pub(crate) fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// The JSON shape of `peek` and `dlq list`: the stored envelope, plus `"error"` and
+/// `"died_at"` for dead letters, `"due_at"` for delayed and `"lease_until"` for active ones.
+pub(crate) fn envelopes(found: &[PeekedMessage]) -> Vec<Value> {
+    found
+        .iter()
+        .map(|m| {
+            let mut v = match &m.envelope {
+                Value::Object(_) => m.envelope.clone(),
+                _ => json!({"id": m.id, "topic": m.topic, "data": null, "raw": m.raw}),
+            };
+            if let Value::Object(obj) = &mut v {
+                let at = m.at.map(rfc3339);
+                match m.state {
+                    MessageState::Dead => {
+                        obj.insert("error".into(), json!(m.error));
+                        obj.insert("died_at".into(), json!(at));
+                    }
+                    MessageState::Delayed => {
+                        obj.insert("due_at".into(), json!(at));
+                    }
+                    MessageState::Active => {
+                        obj.insert("lease_until".into(), json!(at));
+                    }
+                    _ => {}
+                }
+            }
+            v
+        })
+        .collect()
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Prints rows as columns padded to their widest cell; numbers align right.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| {
+                if c.parse::<f64>().is_ok() {
+                    format!("{c:>w$}")
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| (*h).to_owned()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+pub(crate) fn stats_table(stats: &[QueueStats]) {
+    if stats.is_empty() {
+        eprintln!("no topics yet: publish a message to create one");
+        return;
+    }
+    let rows: Vec<Vec<String>> = stats
+        .iter()
+        .map(|s| {
+            vec![
+                if s.paused {
+                    format!("{} (paused)", s.topic)
+                } else {
+                    s.topic.clone()
+                },
+                s.pending.to_string(),
+                s.active.to_string(),
+                s.delayed.to_string(),
+                s.dead.to_string(),
+                s.processed.to_string(),
+                s.failed.to_string(),
+                s.retried.to_string(),
+                s.recovered.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "TOPIC",
+            "PENDING",
+            "ACTIVE",
+            "DELAYED",
+            "DEAD",
+            "PROCESSED",
+            "FAILED",
+            "RETRIED",
+            "RECOVERED",
+        ],
+        &rows,
+    );
+}
+
+pub(crate) fn peek_table(found: &[PeekedMessage]) {
+    if found.is_empty() {
+        eprintln!("no messages in that state");
+        return;
+    }
+    let rows: Vec<Vec<String>> = found
+        .iter()
+        .map(|m| {
+            let mut data = m.data.to_string();
+            if data.chars().count() > 60 {
+                data = data.chars().take(57).collect::<String>() + "...";
+            }
+            vec![
+                m.id.to_string(),
+                m.retry.to_string(),
+                m.at.map(rfc3339).unwrap_or_default(),
+                m.error.clone().unwrap_or_default(),
+                data,
+            ]
+        })
+        .collect();
+    let when = match found[0].state {
+        MessageState::Delayed => "DUE",
+        MessageState::Active => "LEASE UNTIL",
+        MessageState::Dead => "DIED",
+        _ => "",
+    };
+    table(&["ID", "RETRY", when, "ERROR", "DATA"], &rows);
+}
+
+pub(crate) fn cancelled(from: Cancelled) -> &'static str {
+    match from {
+        Cancelled::Delayed => "delayed",
+        _ => "pending",
+    }
+}

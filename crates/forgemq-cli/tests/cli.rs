@@ -1,0 +1,280 @@
+//! The `forgemq` command against a private redis-server: outputs, JSON shapes, exit codes.
+
+use std::process::{Command, Output, Stdio};
+
+use forgemq_test_support::RedisServer;
+use serde_json::{json, Value};
+
+fn forgemq(server: &RedisServer, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_forgemq"))
+        .args(args)
+        .env("REDIS_URL", server.url())
+        .output()
+        .unwrap()
+}
+
+fn ok(server: &RedisServer, args: &[&str]) -> String {
+    let out = forgemq(server, args);
+    assert!(
+        out.status.success(),
+        "forgemq {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json_of(server: &RedisServer, args: &[&str]) -> Value {
+    serde_json::from_str(&ok(server, args)).unwrap()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+/// `publish` prints only the id; the message is stored with its data, delay and retries.
+#[test]
+fn publish_prints_only_the_id_and_stores_the_message() {
+    let server = RedisServer::start();
+    let id = ok(
+        &server,
+        &[
+            "publish",
+            "order.paid",
+            r#"{"order_id":"ORD1","amount":299.99}"#,
+        ],
+    );
+    let id = id.trim();
+    assert_eq!(id.len(), 36, "{id:?}");
+    ok(
+        &server,
+        &[
+            "publish",
+            "order.reminder",
+            "{}",
+            "--delay",
+            "30s",
+            "--max-retry",
+            "5",
+        ],
+    );
+    let peek = json_of(&server, &["peek", "order.paid", "--json"]);
+    assert_eq!(peek[0]["id"], id);
+    assert_eq!(
+        peek[0]["data"],
+        json!({"order_id": "ORD1", "amount": 299.99})
+    );
+    let delayed = json_of(
+        &server,
+        &["peek", "order.reminder", "--state", "delayed", "--json"],
+    );
+    assert_eq!(delayed[0]["max_retry"], 5);
+    assert!(delayed[0]["due_at"].is_string());
+}
+
+/// Data from stdin (`-`) and many messages from a JSON-lines file.
+#[test]
+fn publish_reads_stdin_and_jsonl_files() {
+    let server = RedisServer::start();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_forgemq"))
+        .args(["publish", "user.welcome", "-"])
+        .env("REDIS_URL", server.url())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"user_id":"42"}"#)
+        .unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("m.jsonl");
+    let lines: String = (0..2500).map(|i| format!("{{\"i\":{i}}}\n")).collect();
+    std::fs::write(&file, lines).unwrap();
+    let ids = ok(
+        &server,
+        &["publish", "user.welcome", "--file", file.to_str().unwrap()],
+    );
+    assert_eq!(ids.lines().count(), 2500);
+    let stats = json_of(&server, &["stats", "user.welcome", "--json"]);
+    assert_eq!(stats["pending"], 2501);
+}
+
+/// `stats TOPIC --json` is one object with every state and counter; `queues --json` an array.
+#[test]
+fn stats_and_queues_json_shapes() {
+    let server = RedisServer::start();
+    ok(&server, &["publish", "a.one", "1"]);
+    ok(&server, &["publish", "b.two", "2"]);
+    let s = json_of(&server, &["stats", "a.one", "--json"]);
+    for field in [
+        "topic",
+        "pending",
+        "active",
+        "delayed",
+        "dead",
+        "processed",
+        "failed",
+        "retried",
+        "recovered",
+    ] {
+        assert!(s.get(field).is_some(), "stats lacks {field}: {s}");
+    }
+    assert_eq!(
+        (s["topic"].as_str(), s["pending"].as_u64()),
+        (Some("a.one"), Some(1))
+    );
+    let q = json_of(&server, &["queues", "--json"]);
+    let topics: Vec<&str> = q
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["topic"].as_str().unwrap())
+        .collect();
+    assert_eq!(topics, vec!["a.one", "b.two"]);
+    let table = ok(&server, &["queues"]);
+    assert!(table.starts_with("TOPIC"), "{table}");
+    assert!(table.lines().nth(1).unwrap().starts_with("a.one"));
+}
+
+/// The dead-letter queue: list with the error, retry one, retry all, purge.
+#[test]
+fn dlq_list_retry_and_purge() {
+    let server = RedisServer::start();
+    let mq_url = server.url();
+    let ids: Vec<String> = runtime().block_on(async {
+        let mq = forgemq::Client::connect(&mq_url).await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(
+                mq.publish("email.send", json!({"i": i}))
+                    .await
+                    .unwrap()
+                    .to_string(),
+            );
+            let d = mq.pop_message("email.send").await.unwrap().unwrap();
+            d.dead(&format!("550 mailbox {i} unavailable"))
+                .await
+                .unwrap();
+        }
+        ids
+    });
+    let list = json_of(&server, &["dlq", "list", "email.send", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 3);
+    assert_eq!(list[0]["id"], ids[0]);
+    assert_eq!(list[0]["error"], "550 mailbox 0 unavailable");
+    assert!(list[0]["died_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(list[0]["data"], json!({"i": 0}));
+    ok(&server, &["dlq", "retry", "email.send", &ids[0]]);
+    assert_eq!(
+        json_of(&server, &["stats", "email.send", "--json"])["pending"],
+        1
+    );
+    let missing = forgemq(&server, &["dlq", "retry", "email.send", &ids[0]]);
+    assert_eq!(missing.status.code(), Some(1));
+    ok(&server, &["dlq", "retry", "email.send", "--all"]);
+    assert_eq!(
+        json_of(&server, &["stats", "email.send", "--json"])["pending"],
+        3
+    );
+    runtime().block_on(async {
+        let mq = forgemq::Client::connect(&mq_url).await.unwrap();
+        for d in mq.pop_messages("email.send", 10).await.unwrap() {
+            d.dead("again").await.unwrap();
+        }
+    });
+    ok(&server, &["dlq", "delete", "email.send", &ids[1]]);
+    ok(&server, &["dlq", "purge", "email.send"]);
+    let s = json_of(&server, &["stats", "email.send", "--json"]);
+    assert_eq!(
+        (s["dead"].as_u64(), s["dead_deleted"].as_u64()),
+        (Some(0), Some(3))
+    );
+}
+
+/// cancel, pause, resume and purge change what they say.
+#[test]
+fn cancel_pause_resume_purge() {
+    let server = RedisServer::start();
+    let id = ok(
+        &server,
+        &["publish", "order.payment.check", "{}", "--delay", "30m"],
+    );
+    ok(&server, &["cancel", "order.payment.check", id.trim()]);
+    assert_eq!(
+        json_of(&server, &["stats", "order.payment.check", "--json"])["delayed"],
+        0
+    );
+    let again = forgemq(&server, &["cancel", "order.payment.check", id.trim()]);
+    assert_eq!(again.status.code(), Some(1));
+    ok(&server, &["pause", "order.payment.check"]);
+    assert_eq!(
+        json_of(&server, &["stats", "order.payment.check", "--json"])["paused"],
+        true
+    );
+    ok(&server, &["resume", "order.payment.check"]);
+    assert_eq!(
+        json_of(&server, &["stats", "order.payment.check", "--json"])["paused"],
+        false
+    );
+    for _ in 0..3 {
+        ok(&server, &["publish", "order.payment.check", "{}"]);
+    }
+    ok(&server, &["purge", "order.payment.check"]);
+    assert_eq!(
+        json_of(&server, &["stats", "order.payment.check", "--json"])["pending"],
+        0
+    );
+}
+
+/// Errors: one line on stderr; exit 2 for usage, 1 for runtime; nothing written.
+#[test]
+fn errors_are_one_line_with_the_right_exit_code() {
+    let server = RedisServer::start();
+    for (args, code) in [
+        (vec!["publish", "bad topic", "{}"], 1),
+        (vec!["publish", "t.ok", "{not json"], 1),
+        (vec!["peek", "t.ok", "--state", "sideways"], 1),
+        (vec!["cancel", "t.ok", "no-such-id"], 1),
+        (vec!["frobnicate"], 2),
+        (vec!["publish"], 2),
+        (vec!["dlq", "retry", "t.ok"], 2),
+    ] {
+        let out = forgemq(&server, &args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        if code == 1 {
+            assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+            assert!(err.starts_with("error: "), "{err}");
+        }
+    }
+    let dbsize: u64 = redis::cmd("DBSIZE").query(&mut server.conn()).unwrap();
+    assert_eq!(dbsize, 0, "bad input wrote something");
+    let down = Command::new(env!("CARGO_BIN_EXE_forgemq"))
+        .args(["--redis", "redis://127.0.0.1:1", "queues"])
+        .output()
+        .unwrap();
+    assert_eq!(down.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&down.stderr).contains("could not connect"));
+}
+
+/// `--help` explains itself and completions are generated.
+#[test]
+fn help_and_completions() {
+    let server = RedisServer::start();
+    let help = ok(&server, &["--help"]);
+    assert!(
+        help.contains("dead-letter queue") && help.contains("--redis"),
+        "{help}"
+    );
+    let bash = ok(&server, &["completions", "bash"]);
+    assert!(bash.contains("forgemq"));
+}
