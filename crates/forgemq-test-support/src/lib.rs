@@ -3,7 +3,9 @@
 //! - [`RedisServer`]: a private `redis-server` per test (own port, own
 //!   temporary directory), which can be killed with SIGKILL, restarted on the
 //!   same port and data, or frozen with SIGSTOP, so crash and stall scenarios
-//!   are testable without disturbing other tests.
+//!   are testable without disturbing other tests. It can also serve TLS on a
+//!   second port ([`RedisOptions::tls`]) and create ACL users
+//!   ([`RedisServer::acl_setuser`], [`RedisServer::url_as`]).
 //! - [`check_invariants`] / [`assert_none_lost`]: read ForgeMQ's keys and fail
 //!   loudly if a message is in two states, lost its body or lease, or vanished
 //!   without being processed. They restate the key layout on purpose (see
@@ -34,4 +36,4 @@ mod server;
 pub use invariants::{
     assert_none_lost, check_invariants, Layout, State, StateReport, DEFAULT_NAMESPACE,
 };
-pub use server::{Aof, RedisOptions, RedisServer};
+pub use server::{Aof, RedisOptions, RedisServer, TlsFiles};

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::thread;
@@ -63,6 +63,41 @@ pub struct RedisOptions {
     pub maxmemory_policy: Option<String>,
     /// Additional `redis-server` arguments, passed verbatim after all others.
     pub extra_args: Vec<String>,
+    /// Also serve TLS on a second port (see [`RedisOptions::tls`]).
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for a TLS port: what the server presents and which CA it trusts
+/// for client certificates. See [`RedisOptions::tls`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The server's certificate chain (`--tls-cert-file`).
+    pub cert: PathBuf,
+    /// The server's private key (`--tls-key-file`).
+    pub key: PathBuf,
+    /// The CA that signs client certificates (`--tls-ca-cert-file`).
+    pub ca: PathBuf,
+    /// `--tls-auth-clients yes` (a client certificate is required) or `no`.
+    pub auth_clients: bool,
+}
+
+impl TlsFiles {
+    /// TLS with these files; clients need no certificate of their own.
+    pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>, ca: impl Into<PathBuf>) -> Self {
+        Self {
+            cert: cert.into(),
+            key: key.into(),
+            ca: ca.into(),
+            auth_clients: false,
+        }
+    }
+
+    /// Requires (`true`) or does not require a client certificate signed by the CA.
+    #[must_use]
+    pub fn auth_clients(mut self, required: bool) -> Self {
+        self.auth_clients = required;
+        self
+    }
 }
 
 impl RedisOptions {
@@ -92,6 +127,17 @@ impl RedisOptions {
         self
     }
 
+    /// Serves TLS on a second port ([`RedisServer::tls_port`],
+    /// [`RedisServer::tls_url`]) besides the plain one, which stays open for
+    /// the readiness check and for test setup (ACL users, `INFO`).
+    ///
+    /// `redis-server` must be built with TLS support (Debian's is).
+    #[must_use]
+    pub fn tls(mut self, files: TlsFiles) -> Self {
+        self.tls = Some(files);
+        self
+    }
+
     /// Appends several raw arguments.
     #[must_use]
     pub fn args<I, S>(mut self, args: I) -> Self
@@ -103,8 +149,9 @@ impl RedisOptions {
         self
     }
 
-    /// The arguments that express these options, in `redis-server` syntax.
-    fn to_args(&self) -> Vec<String> {
+    /// The arguments that express these options, in `redis-server` syntax;
+    /// `tls_port` is where TLS is served when [`RedisOptions::tls`] is set.
+    fn to_args(&self, tls_port: Option<u16>) -> Vec<String> {
         let mut args: Vec<String> = vec!["--save".into(), String::new()];
         match self.aof {
             Aof::Off => args.extend(["--appendonly".into(), "no".into()]),
@@ -125,6 +172,21 @@ impl RedisOptions {
         if let Some(policy) = &self.maxmemory_policy {
             args.extend(["--maxmemory-policy".into(), policy.clone()]);
         }
+        if let (Some(tls), Some(port)) = (&self.tls, tls_port) {
+            let path = |p: &Path| p.to_string_lossy().into_owned();
+            args.extend([
+                "--tls-port".into(),
+                port.to_string(),
+                "--tls-cert-file".into(),
+                path(&tls.cert),
+                "--tls-key-file".into(),
+                path(&tls.key),
+                "--tls-ca-cert-file".into(),
+                path(&tls.ca),
+                "--tls-auth-clients".into(),
+                if tls.auth_clients { "yes" } else { "no" }.into(),
+            ]);
+        }
         args.extend(self.extra_args.iter().cloned());
         args
     }
@@ -141,6 +203,8 @@ pub struct RedisServer {
     /// that `is_running`/`pid` can reap an exited child through `&self`.
     child: Mutex<Option<Child>>,
     port: u16,
+    /// The TLS port, when the options asked for TLS.
+    tls_port: Option<u16>,
     options: RedisOptions,
     /// Declared after `child` only for clarity: `Drop` kills the child
     /// explicitly before the directory is removed.
@@ -167,12 +231,14 @@ impl RedisServer {
         let mut failures = Vec::new();
         for _ in 0..MAX_PORT_ATTEMPTS {
             let port = free_port();
-            let mut child = spawn(dir.path(), port, &options);
+            let tls_port = options.tls.as_ref().map(|_| free_port_besides(port));
+            let mut child = spawn(dir.path(), port, tls_port, &options);
             match wait_ready(&mut child, port, dir.path(), &options) {
                 Ok(()) => {
                     return RedisServer {
                         child: Mutex::new(Some(child)),
                         port,
+                        tls_port,
                         options,
                         dir,
                     };
@@ -202,6 +268,62 @@ impl RedisServer {
     /// The TCP port; stays the same across [`restart`](Self::restart).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The TLS port, if the server was started with [`RedisOptions::tls`].
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
+    }
+
+    /// Connection URL of the TLS port, `rediss://127.0.0.1:PORT/`.
+    ///
+    /// Panics if the server was started without [`RedisOptions::tls`].
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/", self.expect_tls_port())
+    }
+
+    /// Connection URL of the plain port for an ACL user:
+    /// `redis://USER:PASSWORD@127.0.0.1:PORT/`. Both must be URL-safe.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("redis://{user}:{password}@127.0.0.1:{}/", self.port)
+    }
+
+    /// Connection URL of the TLS port for an ACL user:
+    /// `rediss://USER:PASSWORD@127.0.0.1:PORT/`. Both must be URL-safe.
+    ///
+    /// Panics if the server was started without [`RedisOptions::tls`].
+    pub fn tls_url_as(&self, user: &str, password: &str) -> String {
+        format!(
+            "rediss://{user}:{password}@127.0.0.1:{}/",
+            self.expect_tls_port()
+        )
+    }
+
+    fn expect_tls_port(&self) -> u16 {
+        self.tls_port
+            .expect("this redis-server was started without RedisOptions::tls")
+    }
+
+    /// Creates or changes an ACL user: `ACL SETUSER name rule...`, e.g.
+    /// `acl_setuser("app", &["on", ">secret", "~mq:*", "+@all", "-config"])`.
+    ///
+    /// Panics if Redis refuses a rule (the error names it).
+    pub fn acl_setuser(&self, name: &str, rules: &[&str]) {
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(name)
+            .arg(rules)
+            .exec(&mut self.conn())
+            .unwrap_or_else(|e| panic!("ACL SETUSER {name} {rules:?} failed: {e}"));
+    }
+
+    /// A synchronous connection as an ACL user, on the plain port.
+    ///
+    /// Panics if the server cannot be reached or refuses the credentials.
+    pub fn conn_as(&self, user: &str, password: &str) -> redis::Connection {
+        redis::Client::open(self.url_as(user, password))
+            .and_then(|c| c.get_connection())
+            .unwrap_or_else(|e| panic!("cannot connect as {user} on port {}: {e}", self.port))
     }
 
     /// The server's working directory (AOF files, `redis.log`).
@@ -250,7 +372,7 @@ impl RedisServer {
     /// a crash-restart. Panics if the server does not come back.
     pub fn restart(&mut self) {
         self.kill9();
-        let mut child = spawn(self.dir.path(), self.port, &self.options);
+        let mut child = spawn(self.dir.path(), self.port, self.tls_port, &self.options);
         if let Err(failure) = wait_ready(&mut child, self.port, self.dir.path(), &self.options) {
             reap(&mut child);
             panic!("restart failed: {}", failure.message);
@@ -352,8 +474,18 @@ fn free_port() -> u16 {
         .expect("cannot bind 127.0.0.1:0 to find a free port")
 }
 
+/// A free port other than `taken` (which is free too until redis binds it).
+fn free_port_besides(taken: u16) -> u16 {
+    loop {
+        let port = free_port();
+        if port != taken {
+            return port;
+        }
+    }
+}
+
 /// Launches `redis-server` without waiting for it.
-fn spawn(dir: &Path, port: u16, options: &RedisOptions) -> Child {
+fn spawn(dir: &Path, port: u16, tls_port: Option<u16>, options: &RedisOptions) -> Child {
     let stdio = File::options()
         .create(true)
         .append(true)
@@ -371,7 +503,7 @@ fn spawn(dir: &Path, port: u16, options: &RedisOptions) -> Child {
         .arg("--logfile")
         .arg(dir.join(LOG_FILE))
         .args(["--daemonize", "no", "--protected-mode", "no"])
-        .args(options.to_args())
+        .args(options.to_args(tls_port))
         .stdin(Stdio::null())
         .stdout(stdio)
         .stderr(stderr)
@@ -545,7 +677,7 @@ mod tests {
             .aof(Aof::Always)
             .maxmemory_policy("noeviction")
             .args(["--maxmemory", "10mb"])
-            .to_args();
+            .to_args(None);
         assert_eq!(
             args,
             [
@@ -561,5 +693,33 @@ mod tests {
                 "10mb"
             ]
         );
+    }
+
+    #[test]
+    fn tls_options_to_args() {
+        let options = RedisOptions::new().tls(TlsFiles::new("/c.pem", "/k.pem", "/ca.pem"));
+        let args = options.to_args(Some(7000));
+        let tls: Vec<&str> = args.iter().skip(4).map(String::as_str).collect();
+        assert_eq!(
+            tls,
+            [
+                "--tls-port",
+                "7000",
+                "--tls-cert-file",
+                "/c.pem",
+                "--tls-key-file",
+                "/k.pem",
+                "--tls-ca-cert-file",
+                "/ca.pem",
+                "--tls-auth-clients",
+                "no"
+            ]
+        );
+        let strict = RedisOptions::new()
+            .tls(TlsFiles::new("/c.pem", "/k.pem", "/ca.pem").auth_clients(true))
+            .to_args(Some(7000));
+        assert_eq!(strict.last().map(String::as_str), Some("yes"));
+        // Without a chosen port nothing about TLS is passed.
+        assert_eq!(options.to_args(None).len(), 4);
     }
 }

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use forgemq_test_support::{
-    assert_none_lost, check_invariants, Aof, Layout, RedisOptions, RedisServer, State,
+    assert_none_lost, check_invariants, Aof, Layout, RedisOptions, RedisServer, State, TlsFiles,
 };
 
 fn ping(conn: &mut redis::Connection) -> redis::RedisResult<String> {
@@ -391,4 +391,88 @@ fn invariants_panic_on_double_state() {
         .exec(&mut conn)
         .unwrap();
     check_invariants(&mut conn, &layout, &ids(&["p", "d", "a", "x"]));
+}
+
+/// A CA and a server certificate for 127.0.0.1, as PEM files in `dir`; returns the CA PEM.
+fn write_test_pki(dir: &std::path::Path) -> String {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    ca_cert.pem()
+}
+
+#[test]
+fn tls_port_serves_tls_and_survives_restart() {
+    // The redis crate's rustls needs a crypto provider; ignored if one is installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pki = tempfile::tempdir().unwrap();
+    let ca = write_test_pki(pki.path());
+    let files = TlsFiles::new(
+        pki.path().join("server.pem"),
+        pki.path().join("server.key"),
+        pki.path().join("ca.pem"),
+    );
+    let mut server = RedisServer::start_with(RedisOptions::new().tls(files));
+    let tls_port = server.tls_port().expect("a TLS port");
+    assert_ne!(tls_port, server.port());
+    assert_eq!(server.tls_url(), format!("rediss://127.0.0.1:{tls_port}/"));
+    let tls_ping = |server: &RedisServer| {
+        let client = redis::Client::build_with_tls(
+            server.tls_url(),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.clone().into_bytes()),
+            },
+        )
+        .unwrap();
+        ping(&mut client.get_connection().unwrap())
+    };
+    assert_eq!(tls_ping(&server).unwrap(), "PONG");
+    // The plain port stays open for setup.
+    assert_eq!(ping(&mut server.conn()).unwrap(), "PONG");
+    server.restart();
+    assert_eq!(server.tls_port(), Some(tls_port));
+    assert_eq!(tls_ping(&server).unwrap(), "PONG");
+}
+
+#[test]
+fn a_server_without_tls_has_no_tls_port() {
+    let server = RedisServer::start();
+    assert_eq!(server.tls_port(), None);
+    let message = panic_message(|| {
+        let _ = server.tls_url();
+    });
+    assert!(message.contains("without RedisOptions::tls"), "{message}");
+}
+
+#[test]
+fn acl_helpers_create_and_use_a_user() {
+    let server = RedisServer::start();
+    server.acl_setuser("reader", &["on", ">pw", "~allowed:*", "+get", "+ping"]);
+    assert_eq!(
+        server.url_as("reader", "pw"),
+        format!("redis://reader:pw@127.0.0.1:{}/", server.port())
+    );
+    let mut conn = server.conn_as("reader", "pw");
+    assert_eq!(ping(&mut conn).unwrap(), "PONG");
+    let value: Option<String> = redis::cmd("GET").arg("allowed:x").query(&mut conn).unwrap();
+    assert_eq!(value, None);
+    let err = redis::cmd("GET")
+        .arg("other:x")
+        .query::<Option<String>>(&mut conn)
+        .unwrap_err();
+    assert_eq!(err.code(), Some("NOPERM"), "{err}");
+    let message = panic_message(|| server.acl_setuser("bad", &["+no-such-command"]));
+    assert!(message.contains("ACL SETUSER bad"), "{message}");
 }

@@ -13,7 +13,10 @@
 -- ARGV[1] dead_max_len   dead letters kept; older ones are deleted (0 = no cap)
 -- ARGV[2] dead_max_age   ms a dead letter is kept (0 = forever)
 -- ARGV[3] dedup_ttl      ms an acked id stays in the processed ledger (0 = no ledger)
--- ARGV    then groups of 5: op ('ack' | 'retry' | 'dead'), token, id, envelope, delay_ms
+-- ARGV    then groups of 5: op ('ack' | 'retry' | 'dead' | 'dead_as_is'), token, id,
+--         envelope (for dead_as_is: the error text), delay_ms
+--         dead_as_is keeps the stored body (too large or unreadable to rewrite in the
+--         worker) and only appends last_error to it.
 -- Returns one integer per group: 1 applied, 0 lease lost (nothing written for it).
 
 local G = 5
@@ -59,6 +62,13 @@ for i = 1, n do
       end
       retried = retried + 1
       ready = true
+    elseif op == 'dead_as_is' then
+      local body = redis.call('HGET', KEYS[3], id)
+      if body then
+        redis.call('HSET', KEYS[3], id, set_field(body, 'last_error', ARGV[base + 4]))
+      end
+      redis.call('ZADD', KEYS[6], now, id)
+      dead = dead + 1
     else
       redis.call('HSET', KEYS[3], id, ARGV[base + 4])
       redis.call('ZADD', KEYS[6], now, id)

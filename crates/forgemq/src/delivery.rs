@@ -60,7 +60,11 @@ impl Delivery {
     }
 
     async fn settle(&self, op: SettleOp) -> Result<()> {
-        let outcome = [(self.token.as_str(), self.message.id.as_str(), &op)];
+        let outcome = [(
+            self.token.as_str(),
+            self.message.id.as_str().as_bytes(),
+            &op,
+        )];
         let flags = self
             .client
             .store()
@@ -153,6 +157,19 @@ impl Client {
         let fetched = store.fetch(&keys, n, lease, &token, false, false).await?;
         let mut out = Vec::with_capacity(fetched.messages.len());
         for m in fetched.messages {
+            if m.body.len() > self.max_payload() {
+                let op = SettleOp::DeadAsIs {
+                    error: format!(
+                        "stored body of {} bytes is over the {}-byte payload limit",
+                        m.body.len(),
+                        self.max_payload()
+                    ),
+                };
+                store
+                    .settle(&keys, &[(&token, m.id.as_bytes(), &op)], Duration::ZERO)
+                    .await?;
+                continue;
+            }
             match Envelope::decode(&m.body) {
                 Ok(env) => {
                     let message = Message {
@@ -187,7 +204,7 @@ impl Client {
                         &Backoff::default(),
                     );
                     store
-                        .settle(&keys, &[(&token, &m.id, &op)], Duration::ZERO)
+                        .settle(&keys, &[(&token, m.id.as_bytes(), &op)], Duration::ZERO)
                         .await?;
                 }
             }

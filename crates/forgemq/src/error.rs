@@ -106,14 +106,9 @@ impl Error {
                     || e.is_timeout()
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
-                    || matches!(
-                        e.kind(),
-                        redis::ErrorKind::Server(
-                            redis::ServerErrorKind::BusyLoading
-                                | redis::ServerErrorKind::TryAgain
-                                | redis::ServerErrorKind::MasterDown
-                        )
-                    )
+                    || server_codes(e).iter().any(|c| {
+                        matches!(c.as_str(), "LOADING" | "TRYAGAIN" | "MASTERDOWN" | "BUSY")
+                    })
             }
             Error::Timeout(_) => true,
             _ => false,
@@ -123,7 +118,7 @@ impl Error {
     /// True when Redis refused a write because it is out of memory (`maxmemory` reached
     /// with `noeviction`): nothing was written; consume or raise `maxmemory`, then retry.
     pub fn is_out_of_memory(&self) -> bool {
-        matches!(self, Error::Redis(e) if e.code() == Some("OOM") || e.to_string().contains("OOM command not allowed"))
+        matches!(self, Error::Redis(e) if server_codes(e).iter().any(|c| c == "OOM"))
     }
 
     /// True for [`Error::NotFound`].
@@ -148,6 +143,16 @@ impl Error {
                 | Error::Config(_)
         )
     }
+}
+
+/// The error codes (`OOM`, `LOADING`, ...) of a Redis error, also those of the commands of
+/// a failed pipeline (a publish is one: the topic registration and its script).
+fn server_codes(e: &redis::RedisError) -> Vec<String> {
+    let mut codes: Vec<String> = e.code().map(str::to_owned).into_iter().collect();
+    if let Some(errors) = e.clone().into_server_errors() {
+        codes.extend(errors.iter().map(|(_, se)| se.code().to_owned()));
+    }
+    codes
 }
 
 /// `Result` with ForgeMQ's [`Error`].

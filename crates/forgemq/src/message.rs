@@ -150,15 +150,24 @@ impl Envelope {
     /// last occurrence of a key wins; the plain struct decode refuses duplicates, so such
     /// bodies take the slower path through a map.
     pub(crate) fn decode(body: &[u8]) -> std::result::Result<Self, serde_json::Error> {
-        match serde_json::from_slice::<Envelope>(body) {
-            Ok(env) => Ok(env),
+        let env = match serde_json::from_slice::<Envelope>(body) {
+            Ok(env) => env,
             Err(first) => {
                 let Ok(map) = serde_json::from_slice::<Map<String, Value>>(body) else {
                     return Err(first);
                 };
-                serde_json::from_value(Value::Object(map))
+                serde_json::from_value(Value::Object(map))?
             }
+        };
+        // serde_json reads an integer beyond 64 bits as a float, silently rounded; a
+        // handler must not act on a changed number. Checked only when the data holds such
+        // a float, so ordinary messages pay nothing.
+        if has_huge_float(&env.data) && has_integer_beyond_64_bits(body) {
+            return Err(<serde_json::Error as serde::de::Error>::custom(
+                "an integer in the data does not fit in 64 bits and would be rounded",
+            ));
         }
+        Ok(env)
     }
 
     pub(crate) fn encode(&self) -> String {
@@ -184,6 +193,72 @@ impl Envelope {
     pub(crate) fn timestamp(&self) -> SystemTime {
         humantime::parse_rfc3339_weak(&self.timestamp).unwrap_or(SystemTime::UNIX_EPOCH)
     }
+}
+
+/// Whether `v` holds a float at or beyond the 64-bit integer range (what an integer
+/// literal too large for i64/u64 becomes).
+fn has_huge_float(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => n.is_f64() && n.as_f64().is_some_and(|f| f.abs() >= 9.2e18),
+        Value::Array(a) => a.iter().any(has_huge_float),
+        Value::Object(o) => o.values().any(has_huge_float),
+        _ => false,
+    }
+}
+
+/// Whether the JSON text has an integer literal (no fraction, no exponent) outside
+/// strings that fits neither u64 nor i64.
+fn has_integer_beyond_64_bits(json: &[u8]) -> bool {
+    let mut i = 0;
+    let mut in_string = false;
+    while i < json.len() {
+        let b = json[i];
+        if in_string {
+            match b {
+                b'\\' => i += 1,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        if b == b'"' {
+            in_string = true;
+            i += 1;
+            continue;
+        }
+        if b == b'-' || b.is_ascii_digit() {
+            let start = i;
+            while i < json.len()
+                && matches!(json[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+            {
+                i += 1;
+            }
+            let token = &json[start..i];
+            if !token.iter().any(|c| matches!(c, b'.' | b'e' | b'E')) {
+                let (negative, digits) = match token.split_first() {
+                    Some((b'-', rest)) => (true, rest),
+                    _ => (false, token),
+                };
+                let fits = std::str::from_utf8(digits)
+                    .ok()
+                    .and_then(|d| d.parse::<u128>().ok())
+                    .is_some_and(|n| {
+                        if negative {
+                            n <= 1u128 << 63
+                        } else {
+                            n <= u128::from(u64::MAX)
+                        }
+                    });
+                if !fits {
+                    return true;
+                }
+            }
+            continue;
+        }
+        i += 1;
+    }
+    false
 }
 
 /// An envelope that stands in for a stored body that does not decode: it keeps the
@@ -319,6 +394,29 @@ mod tests {
         assert_eq!(env.recoveries, 2);
         assert_eq!(env.data["p"], serde_json::json!(299.99));
         assert_eq!(env.data["x"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn integers_beyond_64_bits_do_not_decode_but_floats_and_u64_do() {
+        let env = |data: &str| {
+            format!(r#"{{"id":"a","topic":"t","data":{data},"timestamp":"","retry":0}}"#)
+        };
+        for bad in [
+            "123456789012345678901234567890",
+            "[-9223372036854775809]",
+            r#"{"n":18446744073709551616}"#,
+        ] {
+            assert!(Envelope::decode(env(bad).as_bytes()).is_err(), "{bad}");
+        }
+        for good in [
+            "18446744073709551615",
+            "-9223372036854775808",
+            "1e30",
+            "1.5e300",
+            r#""123456789012345678901234567890""#,
+        ] {
+            assert!(Envelope::decode(env(good).as_bytes()).is_ok(), "{good}");
+        }
     }
 
     #[test]

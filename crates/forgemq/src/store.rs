@@ -68,6 +68,11 @@ pub(crate) enum SettleOp {
     Dead {
         body: String,
     },
+    /// To the dead-letter queue with the stored body kept as it is (too large to read, or
+    /// with an unreadable id); Lua appends `last_error` to it.
+    DeadAsIs {
+        error: String,
+    },
 }
 
 /// A state to look into with [`Store::peek`].
@@ -142,6 +147,13 @@ pub(crate) struct Store {
 
 impl Store {
     pub(crate) async fn connect(url: &str, ns: Namespace, settings: ConnSettings) -> Result<Self> {
+        if url.starts_with("rediss") || settings.tls_ca.is_some() {
+            // rustls needs a process-wide crypto provider; install ring's unless the
+            // application chose one already.
+            if rustls::crypto::CryptoProvider::get_default().is_none() {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+            }
+        }
         let client = if settings.tls_ca.is_some() || settings.tls_client.is_some() {
             let certs = redis::TlsCertificates {
                 client_tls: settings
@@ -326,12 +338,27 @@ impl Store {
         let (now_ms, next_due, flat, paused): (i64, i64, Vec<Value>, i64) =
             self.run(script, &call).await?;
         let mut messages = Vec::with_capacity(flat.len() / 2);
+        let mut unreadable = Vec::new();
         let mut it = flat.into_iter();
         while let (Some(id), Some(body)) = (it.next(), it.next()) {
-            messages.push(Fetched {
-                id: redis::from_redis_value(id).map_err(redis::RedisError::from)?,
-                body: redis::from_redis_value(body).map_err(redis::RedisError::from)?,
-            });
+            let id: Vec<u8> = redis::from_redis_value(id).map_err(redis::RedisError::from)?;
+            let body: Vec<u8> = redis::from_redis_value(body).map_err(redis::RedisError::from)?;
+            match String::from_utf8(id) {
+                Ok(id) => messages.push(Fetched { id, body }),
+                // Planted by hand: no handler could be told its id. Dead-letter it here
+                // rather than fail the whole fetch.
+                Err(e) => unreadable.push(e.into_bytes()),
+            }
+        }
+        if !unreadable.is_empty() {
+            let op = SettleOp::DeadAsIs {
+                error: "message id is not valid UTF-8".to_owned(),
+            };
+            let outcomes: Vec<(&str, &[u8], &SettleOp)> = unreadable
+                .iter()
+                .map(|id| (token, id.as_slice(), &op))
+                .collect();
+            self.settle(keys, &outcomes, Duration::ZERO).await?;
         }
         Ok(FetchResult {
             now_ms,
@@ -347,7 +374,7 @@ impl Store {
     pub(crate) async fn settle(
         &self,
         keys: &TopicKeys,
-        outcomes: &[(&str, &str, &SettleOp)],
+        outcomes: &[(&str, &[u8], &SettleOp)],
         dedup_ttl: Duration,
     ) -> Result<Vec<bool>> {
         let mut flags = Vec::with_capacity(outcomes.len());
@@ -360,7 +387,7 @@ impl Store {
     async fn settle_chunk(
         &self,
         keys: &TopicKeys,
-        outcomes: &[(&str, &str, &SettleOp)],
+        outcomes: &[(&str, &[u8], &SettleOp)],
         dedup_ttl: Duration,
     ) -> Result<Vec<bool>> {
         let script = &self.scripts.settle;
@@ -391,6 +418,9 @@ impl Store {
                     .arg(body)
                     .arg(millis(*delay)),
                 SettleOp::Dead { body } => call.arg("dead").arg(token).arg(id).arg(body).arg(0),
+                SettleOp::DeadAsIs { error } => {
+                    call.arg("dead_as_is").arg(token).arg(id).arg(error).arg(0)
+                }
             };
         }
         self.run_flags(script, &call).await
@@ -529,14 +559,15 @@ impl Store {
         start: usize,
         stop: usize,
     ) -> Result<Vec<(String, Option<f64>, Option<Vec<u8>>)>> {
-        let ranked: Vec<(String, Option<f64>)> = match state {
+        // Ids read as bytes: one planted by hand that is not UTF-8 must not hide the rest.
+        let ranked: Vec<(Vec<u8>, Option<f64>)> = match state {
             PeekState::Pending => {
                 let range = redis::cmd("LRANGE")
                     .arg(&keys.pending)
                     .arg(start)
                     .arg(stop)
                     .to_owned();
-                let ids: Vec<String> = self.exec(Req::Cmd(&range), None).await?;
+                let ids: Vec<Vec<u8>> = self.exec(Req::Cmd(&range), None).await?;
                 ids.into_iter().map(|id| (id, None)).collect()
             }
             PeekState::Delayed | PeekState::Active | PeekState::Dead => {
@@ -551,7 +582,7 @@ impl Store {
                     .arg(stop)
                     .arg("WITHSCORES")
                     .to_owned();
-                let ids: Vec<(String, f64)> = self.exec(Req::Cmd(&range), None).await?;
+                let ids: Vec<(Vec<u8>, f64)> = self.exec(Req::Cmd(&range), None).await?;
                 ids.into_iter().map(|(id, s)| (id, Some(s))).collect()
             }
         };
@@ -566,7 +597,7 @@ impl Store {
         Ok(ranked
             .into_iter()
             .zip(bodies)
-            .map(|((id, score), body)| (id, score, body))
+            .map(|((id, score), body)| (String::from_utf8_lossy(&id).into_owned(), score, body))
             .collect())
     }
 

@@ -502,7 +502,8 @@ impl WorkerBuilder {
     }
 
     /// Refuse to start (`run_until` returns [`Error::UnsafeRedis`]) when the Redis server
-    /// would evict messages or keeps no persistence, instead of only warning. A server
+    /// would evict messages or has no AOF (snapshots alone lose what came after the last
+    /// one), instead of only warning. A server
     /// that does not let us check (`CONFIG GET` refused) is warned about, not refused.
     pub fn require_safe_redis(mut self, strict: bool) -> Self {
         self.settings.require_safe_redis = strict;

@@ -71,6 +71,10 @@ pub(crate) enum Verdict {
     Dead {
         error: String,
     },
+    /// Dead-letter the stored body unread (over the payload limit).
+    DeadAsIs {
+        error: String,
+    },
 }
 
 impl Verdict {
@@ -208,8 +212,9 @@ impl Runner {
     fn message(&self, t: &Tracked) -> std::result::Result<Message<Value>, Verdict> {
         let limit = self.client.max_payload();
         if t.fetched.body.len() > limit {
-            // Planted behind the client's back: decoding it could take unbounded memory.
-            return Err(Verdict::Dead {
+            // Planted behind the client's back: decoding or rewriting it could take
+            // unbounded memory, so it is dead-lettered as it is.
+            return Err(Verdict::DeadAsIs {
                 error: format!(
                     "stored body of {} bytes is over the {limit}-byte payload limit",
                     t.fetched.body.len()
@@ -416,6 +421,12 @@ impl Runner {
             .map(|o| {
                 let (error, fatal, after) = match &o.verdict {
                     Verdict::Ack => return SettleOp::Ack,
+                    Verdict::DeadAsIs { error } => {
+                        tracing::warn!(topic = %self.keys.topic, id = %o.id, error = %error, "dead-lettering a stored body unread");
+                        return SettleOp::DeadAsIs {
+                            error: error.clone(),
+                        };
+                    }
                     Verdict::Retry { error, after } => (error, false, *after),
                     Verdict::Dead { error } => (error, true, None),
                 };
@@ -432,10 +443,10 @@ impl Runner {
                 )
             })
             .collect();
-        let args: Vec<(&str, &str, &SettleOp)> = outcomes
+        let args: Vec<(&str, &[u8], &SettleOp)> = outcomes
             .iter()
             .zip(&ops)
-            .map(|(o, op)| (&*o.token, o.id.as_str(), op))
+            .map(|(o, op)| (&*o.token, o.id.as_bytes(), op))
             .collect();
         let store = self.client.store();
         let dedup = self.sub.dedup_ttl.unwrap_or_default();
