@@ -208,7 +208,30 @@ impl Store {
     /// cache) it loads `script` and sends again; after a timeout it replaces the connection.
     async fn exec<T: FromRedisValue>(&self, req: Req<'_>, script: Option<&Lua>) -> Result<T> {
         let manager = self.manager();
-        let mut conn = (*manager).clone();
+        // One bound for the whole call, reconnecting included: the manager's own connect
+        // retries are not covered by the response timeout, and a caller stuck behind them
+        // (a worker shutting down during a partition) must get an answer in time.
+        let limit = self
+            .settings
+            .response_timeout
+            .saturating_mul(2)
+            .saturating_add(self.settings.connect_timeout);
+        match tokio::time::timeout(limit, self.exec_on(&manager, req, script)).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.replace(&manager);
+                Err(Error::Timeout(limit))
+            }
+        }
+    }
+
+    async fn exec_on<T: FromRedisValue>(
+        &self,
+        manager: &Arc<ConnectionManager>,
+        req: Req<'_>,
+        script: Option<&Lua>,
+    ) -> Result<T> {
+        let mut conn = (**manager).clone();
         let mut result = req.query(&mut conn).await;
         if let (Err(e), Some(script)) = (&result, script) {
             if is_noscript(e) {
@@ -225,7 +248,7 @@ impl Store {
         }
         if let Err(e) = &result {
             if e.is_timeout() {
-                self.replace(&manager);
+                self.replace(manager);
             }
         }
         Ok(result?)

@@ -166,7 +166,9 @@ impl Runner {
             let _ = services.abandon.send(true);
             tracing::warn!(topic = %self.keys.topic, "could not record every outcome before shutdown; those messages will be recovered after their lease");
         }
+        // Nothing is left to renew; a renewal stuck on a dead link must not hold us up.
         let _ = services.renew_stop.send(true);
+        services.renewer.abort();
         let _ = services.renewer.await;
     }
 
@@ -379,7 +381,14 @@ impl Runner {
             return;
         }
         let mut delay = RetryDelay::default();
-        for attempt in 1..=5 {
+        // Bounded by the shutdown timeout: if Redis stays unreachable the leases expire and
+        // the recoverer of another worker hands these messages back.
+        let deadline = tokio::time::Instant::now()
+            + self
+                .settings
+                .shutdown_timeout
+                .min(Duration::from_secs(3600));
+        for attempt in 1.. {
             match self.client.store().release(&self.keys, &unfinished).await {
                 Ok(flags) => {
                     let released = flags.iter().filter(|f| **f).count();
@@ -388,7 +397,11 @@ impl Runner {
                 }
                 Err(e) => {
                     tracing::warn!(topic = %self.keys.topic, attempt, error = %e, "could not return unfinished messages; retrying");
-                    tokio::time::sleep(delay.next()).await;
+                    let pause = delay.next();
+                    if tokio::time::Instant::now() + pause >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(pause).await;
                 }
             }
         }

@@ -129,19 +129,35 @@ pub fn strings<T: ToString>(ids: &[T]) -> Vec<String> {
 
 /// Child processes: this test binary run again with a role in its environment.
 pub mod child {
+    use std::io::{BufRead, BufReader};
     use std::process::{Child, Command, Stdio};
-    use std::time::Duration;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
 
     use forgemq::{Client, HandlerError, Message, Subscription, Worker};
     use serde_json::{json, Value};
 
-    /// A child process, killed when dropped.
-    pub struct ChildProc(Option<Child>);
+    /// A child process, killed when dropped. Its stdout and stderr are read as they come
+    /// (each stdout line stamped with the parent's clock when it arrived), so a test can
+    /// watch what the child says while it runs.
+    pub struct ChildProc {
+        child: Option<Child>,
+        out: Arc<Mutex<Vec<(Instant, String)>>>,
+        err: Arc<Mutex<String>>,
+        readers: Vec<std::thread::JoinHandle<()>>,
+    }
 
     impl ChildProc {
         pub fn spawn(role: &str, url: &str, topic: &str) -> Self {
+            Self::spawn_with(role, url, topic, &[])
+        }
+
+        /// As [`ChildProc::spawn`], with extra environment variables (e.g. `LD_PRELOAD`
+        /// of libfaketime, so that signals still reach the child itself, not a wrapper).
+        pub fn spawn_with(role: &str, url: &str, topic: &str, env: &[(&str, String)]) -> Self {
             let exe = std::env::current_exe().unwrap();
-            let child = Command::new(exe)
+            let mut command = Command::new(exe);
+            command
                 .args([
                     "child_process_entry",
                     "--exact",
@@ -154,14 +170,45 @@ pub mod child {
                 .env("FORGEMQ_CHILD_TOPIC", topic)
                 .env("RUST_LOG", "forgemq=warn")
                 .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
+                .stderr(Stdio::piped());
+            for (k, v) in env {
+                command.env(k, v);
+            }
+            let mut child = command
                 .spawn()
-                .unwrap();
-            Self(Some(child))
+                .unwrap_or_else(|e| panic!("cannot start child {role}: {e}"));
+            let out = Arc::new(Mutex::new(Vec::new()));
+            let err = Arc::new(Mutex::new(String::new()));
+            let stdout = child.stdout.take().unwrap();
+            let stderr = child.stderr.take().unwrap();
+            let o = out.clone();
+            let e = err.clone();
+            let readers = vec![
+                std::thread::spawn(move || {
+                    for line in BufReader::new(stdout).lines() {
+                        let Ok(line) = line else { break };
+                        o.lock().unwrap().push((Instant::now(), line));
+                    }
+                }),
+                std::thread::spawn(move || {
+                    for line in BufReader::new(stderr).lines() {
+                        let Ok(line) = line else { break };
+                        let mut e = e.lock().unwrap();
+                        e.push_str(&line);
+                        e.push('\n');
+                    }
+                }),
+            ];
+            Self {
+                child: Some(child),
+                out,
+                err,
+                readers,
+            }
         }
 
         fn child(&mut self) -> &mut Child {
-            self.0.as_mut().expect("child already reaped")
+            self.child.as_mut().expect("child already reaped")
         }
 
         pub fn pid(&mut self) -> u32 {
@@ -171,6 +218,11 @@ pub mod child {
         pub fn kill9(&mut self) {
             let _ = self.child().kill();
             let _ = self.child().wait();
+        }
+
+        /// True once the child has exited (it is reaped then).
+        pub fn has_exited(&mut self) -> bool {
+            self.child().try_wait().ok().flatten().is_some()
         }
 
         pub fn signal(&mut self, sig: &str) {
@@ -183,16 +235,38 @@ pub mod child {
             assert!(ok, "kill -{sig} failed");
         }
 
+        /// After the child exited: waits until all it wrote has been read.
+        pub fn finish_reading(&mut self) {
+            for r in self.readers.drain(..) {
+                let _ = r.join();
+            }
+        }
+
+        /// Stdout lines so far, each with the parent's time of arrival.
+        pub fn stdout_lines(&self) -> Vec<(Instant, String)> {
+            self.out.lock().unwrap().clone()
+        }
+
+        /// Stdout so far.
+        pub fn stdout_now(&self) -> String {
+            let lines = self.out.lock().unwrap();
+            lines.iter().map(|(_, l)| format!("{l}\n")).collect()
+        }
+
+        /// Stderr so far.
+        pub fn stderr_now(&self) -> String {
+            self.err.lock().unwrap().clone()
+        }
+
         /// Waits for the child to exit by itself; returns stdout and stderr.
         pub fn wait_output(mut self) -> (String, String) {
-            let child = self.0.take().expect("child already reaped");
-            let out = child.wait_with_output().unwrap();
-            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            let mut child = self.child.take().expect("child already reaped");
+            let status = child.wait().unwrap();
+            self.finish_reading();
+            let (stdout, stderr) = (self.stdout_now(), self.stderr_now());
             assert!(
-                out.status.success(),
-                "child failed: {:?}\n{stdout}\n{stderr}",
-                out.status
+                status.success(),
+                "child failed: {status:?}\n{stdout}\n{stderr}"
             );
             (stdout, stderr)
         }
@@ -200,7 +274,7 @@ pub mod child {
 
     impl Drop for ChildProc {
         fn drop(&mut self) {
-            if let Some(mut child) = self.0.take() {
+            if let Some(mut child) = self.child.take() {
                 let _ = child.kill();
                 let _ = child.wait();
             }
@@ -277,19 +351,97 @@ pub mod child {
                         .unwrap();
                     println!("published {id}");
                 }
+                // A worker configured through the environment whose handler does what
+                // each message's data says: `sleep_ms` (sleep), `until_lost` (sleep until
+                // the lease is lost, at most `sleep_ms`), `abort` (crash the process).
+                // SIGTERM stops it gracefully. Prints its wall clock, each start and
+                // finish, and how long the shutdown took.
+                "chaos-worker" => chaos_worker(&url, &topic).await,
                 other => panic!("unknown child role {other}"),
             }
         });
+    }
+
+    fn env_u64(name: &str, default: u64) -> u64 {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
+    fn env_ms(name: &str, default: u64) -> Duration {
+        Duration::from_millis(env_u64(name, default))
+    }
+
+    async fn chaos_worker(url: &str, topic: &str) {
+        use tokio::signal::unix::{signal, SignalKind};
+        // First of all, so that a SIGTERM sent as soon as the parent sees work in flight
+        // starts a graceful shutdown instead of killing the process.
+        let mut term = signal(SignalKind::terminate()).unwrap();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        println!("clock {wall}");
+        let mq = Client::builder(url)
+            .response_timeout(env_ms("FORGEMQ_CHILD_RESPONSE_TIMEOUT_MS", 5000))
+            .build()
+            .await
+            .unwrap();
+        let concurrency = env_u64("FORGEMQ_CHILD_CONCURRENCY", 10) as usize;
+        let sub = Subscription::new()
+            .concurrency(concurrency)
+            .lease(env_ms("FORGEMQ_CHILD_LEASE_MS", 1000))
+            .backoff(forgemq::Backoff::fixed(Duration::from_millis(200)));
+        let stop_at = Arc::new(Mutex::new(None::<Instant>));
+        let s = stop_at.clone();
+        Worker::builder(mq)
+            .subscribe_with(topic, sub, |msg: Message<Value>| async move {
+                println!(
+                    "started {} retry={} recoveries={}",
+                    msg.id, msg.retry, msg.recoveries
+                );
+                let sleep = Duration::from_millis(msg.data["sleep_ms"].as_u64().unwrap_or(0));
+                if msg.data["until_lost"] == json!(true) {
+                    let t0 = Instant::now();
+                    while !msg.is_lease_lost() && t0.elapsed() < sleep {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                } else {
+                    tokio::time::sleep(sleep).await;
+                }
+                if msg.data["abort"] == json!(true) {
+                    println!("aborting {}", msg.id);
+                    std::process::abort();
+                }
+                println!("finished {} lease_lost={}", msg.id, msg.is_lease_lost());
+                Ok::<(), HandlerError>(())
+            })
+            .recover_interval(env_ms("FORGEMQ_CHILD_RECOVER_MS", 500))
+            .shutdown_timeout(env_ms("FORGEMQ_CHILD_SHUTDOWN_MS", 10_000))
+            .build()
+            .unwrap()
+            .run_until(async move {
+                term.recv().await;
+                *s.lock().unwrap() = Some(Instant::now());
+            })
+            .await
+            .unwrap();
+        let took = stop_at.lock().unwrap().map(|t| t.elapsed().as_millis());
+        println!("stopped after {} ms", took.unwrap_or(0));
     }
 }
 
 /// A TCP proxy in front of Redis that can "blackhole" the connections it carries: bytes
 /// stop flowing both ways with no RST, as in a network partition, while connections
-/// opened afterwards work.
+/// opened afterwards work. It can also [`partition`](Proxy::partition) every connection,
+/// old and new, holding what was sent, until [`heal`](Proxy::heal) lets it all through.
 pub struct Proxy {
     pub port: u16,
     generation: Arc<std::sync::atomic::AtomicU64>,
     dead_before: Arc<std::sync::atomic::AtomicU64>,
+    /// `true` while partitioned; every pump holds its bytes until it turns `false`.
+    partitioned: Arc<tokio::sync::watch::Sender<bool>>,
     task: JoinHandle<()>,
 }
 
@@ -300,11 +452,13 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let generation = Arc::new(std::sync::atomic::AtomicU64::new(1));
         let dead_before = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (g, d) = (generation.clone(), dead_before.clone());
+        let partitioned = Arc::new(tokio::sync::watch::Sender::new(false));
+        let (g, d, p) = (generation.clone(), dead_before.clone(), partitioned.clone());
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let my_gen = g.load(Ordering::SeqCst);
                 let d = d.clone();
+                let (gate_in, gate_out) = (p.subscribe(), p.subscribe());
                 tokio::spawn(async move {
                     let Ok(outbound) =
                         tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
@@ -315,8 +469,8 @@ impl Proxy {
                     let (ro, wo) = outbound.into_split();
                     let alive = move || d.load(Ordering::SeqCst) < my_gen;
                     let a = alive.clone();
-                    tokio::spawn(pump(ri, wo, a));
-                    pump(ro, wi, alive).await;
+                    tokio::spawn(pump(ri, wo, a, gate_in));
+                    pump(ro, wi, alive, gate_out).await;
                 });
             }
         });
@@ -324,6 +478,7 @@ impl Proxy {
             port,
             generation,
             dead_before,
+            partitioned,
             task,
         }
     }
@@ -333,6 +488,18 @@ impl Proxy {
         use std::sync::atomic::Ordering;
         let current = self.generation.fetch_add(1, Ordering::SeqCst);
         self.dead_before.store(current, Ordering::SeqCst);
+    }
+
+    /// Every connection, open or opened from now on, stops forwarding (no RST, no error):
+    /// what is sent either way is held, until [`heal`](Proxy::heal).
+    pub fn partition(&self) {
+        self.partitioned.send_replace(true);
+    }
+
+    /// Ends a [`partition`](Proxy::partition): held bytes are delivered, in order, and
+    /// traffic flows again.
+    pub fn heal(&self) {
+        self.partitioned.send_replace(false);
     }
 
     pub fn url(&self) -> String {
@@ -350,6 +517,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     alive: impl Fn() -> bool,
+    mut gate: tokio::sync::watch::Receiver<bool>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -363,6 +531,10 @@ async fn pump(
         if !alive() {
             // Swallow everything from now on, never closing: a silent partition.
             std::future::pending::<()>().await;
+        }
+        // Partitioned: hold these bytes (and read no more) until healed.
+        if gate.wait_for(|partitioned| !partitioned).await.is_err() {
+            return;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
