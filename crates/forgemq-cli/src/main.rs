@@ -7,8 +7,10 @@
 //! # Layout
 //! - `main.rs`: the command-line grammar (clap) and dispatch.
 //! - `output.rs`: aligned tables and the JSON shapes of read commands.
+//! - `serve.rs`: `forgemq serve`, the HTTP API and health endpoints.
 
 mod output;
+mod serve;
 
 use std::io::{BufRead, Read};
 use std::process::ExitCode;
@@ -121,6 +123,16 @@ enum Command {
     Purge {
         /// The topic.
         topic: String,
+    },
+    /// Serve the HTTP API (`/api/v1`, OpenAPI at `/api/v1/openapi.json`), `/healthz` and
+    /// `/readyz`.
+    Serve {
+        /// Address to listen on. Anything but loopback requires a token.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        bind: std::net::SocketAddr,
+        /// Require `Authorization: Bearer <token>` on the API.
+        #[arg(long, env = "FORGEMQ_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Print shell completions, e.g. `forgemq completions bash > /etc/bash_completion.d/forgemq`.
     Completions {
@@ -377,6 +389,7 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("deleted {n} messages of {topic}");
             Ok(())
         }
+        Command::Serve { bind, token } => serve::serve(mq, bind, token).await,
         Command::Completions { .. } => Ok(()),
     }
 }

@@ -910,6 +910,12 @@ impl Client {
         Ok(warnings)
     }
 
+    /// Checks that Redis answers and accepts writes (for readiness probes): writes a
+    /// marker key `NS:readyz` that expires after 10 s.
+    pub async fn check_writable(&self) -> Result<()> {
+        self.inner.store.check_writable().await
+    }
+
     /// The largest serialized message this client accepts.
     pub fn max_payload(&self) -> usize {
         self.inner.max_payload

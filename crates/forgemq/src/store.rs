@@ -254,6 +254,18 @@ impl Store {
         Ok(result?)
     }
 
+    /// Proves Redis answers and accepts writes (not read-only, not out of memory): a
+    /// short-lived marker key in the namespace.
+    pub(crate) async fn check_writable(&self) -> Result<()> {
+        let set = redis::cmd("SET")
+            .arg(format!("{}:readyz", self.ns.name()))
+            .arg(1)
+            .arg("PX")
+            .arg(10_000)
+            .to_owned();
+        self.exec::<()>(Req::Cmd(&set), None).await
+    }
+
     /// Loads every script in one round trip, so that the first calls need no `NOSCRIPT`
     /// detour; it also proves Redis answers.
     pub(crate) async fn load_scripts(&self) -> Result<()> {

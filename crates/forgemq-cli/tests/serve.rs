@@ -1,0 +1,453 @@
+//! `forgemq serve` as a real process: routes, status codes, auth, health, OpenAPI.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use forgemq_test_support::RedisServer;
+use serde_json::{json, Value};
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(redis: &RedisServer, extra: &[&str]) -> Server {
+    let port = free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let child = Command::new(env!("CARGO_BIN_EXE_forgemq"))
+        .args(["serve", "--bind", &bind])
+        .args(extra)
+        .env("REDIS_URL", redis.url())
+        .env_remove("FORGEMQ_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server { child, port };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return server;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("forgemq serve did not start");
+}
+
+/// A minimal HTTP/1.1 client: returns the status and the body parsed as JSON (or as a
+/// JSON string when it is not JSON).
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    let value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    (status, value)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+/// Publish, stats, peek, cancel, pause/resume and purge through the API.
+#[test]
+fn api_publishes_inspects_and_manages_topics() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &[]);
+    let p = server.port;
+    let (status, body) = http(
+        p,
+        "POST",
+        "/api/v1/topics/user.welcome/messages",
+        None,
+        Some(r#"{"data":{"user_id":"1","amount":299.99}}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    let (status, body) = http(
+        p,
+        "POST",
+        "/api/v1/topics/order.reminder/messages",
+        None,
+        Some(r#"{"data":{},"delay_ms":60000,"max_retry":5,"unique_key":"r1"}"#),
+    );
+    assert_eq!(status, 201);
+    let reminder = body["id"].as_str().unwrap().to_owned();
+    let (status, dup) = http(
+        p,
+        "POST",
+        "/api/v1/topics/order.reminder/messages",
+        None,
+        Some(r#"{"data":{},"unique_key":"r1"}"#),
+    );
+    assert_eq!((status, dup["duplicate"].as_bool()), (200, Some(true)));
+    assert_eq!(dup["id"], reminder.as_str());
+    let (status, batch) = http(
+        p,
+        "POST",
+        "/api/v1/topics/user.welcome/messages/batch",
+        None,
+        Some(r#"[{"data":1},{"data":2}]"#),
+    );
+    assert_eq!(status, 201);
+    assert_eq!(batch["ids"].as_array().unwrap().len(), 2);
+    let (_, stats) = http(p, "GET", "/api/v1/topics/user.welcome", None, None);
+    assert_eq!(
+        (stats["topic"].as_str(), stats["pending"].as_u64()),
+        (Some("user.welcome"), Some(3))
+    );
+    let (_, topics) = http(p, "GET", "/api/v1/topics", None, None);
+    assert_eq!(topics.as_array().unwrap().len(), 2);
+    let (_, peeked) = http(
+        p,
+        "GET",
+        "/api/v1/topics/user.welcome/messages?state=pending&limit=1",
+        None,
+        None,
+    );
+    assert_eq!(peeked[0]["id"], id.as_str());
+    assert_eq!(peeked[0]["data"], json!({"user_id": "1", "amount": 299.99}));
+    let (status, cancelled) = http(
+        p,
+        "DELETE",
+        &format!("/api/v1/topics/order.reminder/messages/{reminder}"),
+        None,
+        None,
+    );
+    assert_eq!((status, cancelled["was"].as_str()), (200, Some("delayed")));
+    let (status, _) = http(
+        p,
+        "DELETE",
+        &format!("/api/v1/topics/order.reminder/messages/{reminder}"),
+        None,
+        None,
+    );
+    assert_eq!(status, 404);
+    assert_eq!(
+        http(p, "POST", "/api/v1/topics/user.welcome/pause", None, None).0,
+        200
+    );
+    assert_eq!(
+        http(p, "GET", "/api/v1/topics/user.welcome", None, None).1["paused"],
+        true
+    );
+    assert_eq!(
+        http(p, "POST", "/api/v1/topics/user.welcome/resume", None, None).1["was_paused"],
+        true
+    );
+    let (_, purged) = http(p, "POST", "/api/v1/topics/user.welcome/purge", None, None);
+    assert_eq!(purged["deleted"], 3);
+}
+
+/// Dead letters: list with the error, retry one, retry all, delete one, purge.
+#[test]
+fn api_manages_dead_letters() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let ids: Vec<String> = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mq = forgemq::Client::connect(&url).await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..4 {
+            ids.push(
+                mq.publish("email.send", json!({"i": i}))
+                    .await
+                    .unwrap()
+                    .to_string(),
+            );
+            mq.pop_message("email.send")
+                .await
+                .unwrap()
+                .unwrap()
+                .dead(&format!("bounce {i}"))
+                .await
+                .unwrap();
+        }
+        ids
+    });
+    let server = start(&redis, &[]);
+    let p = server.port;
+    let (_, dead) = http(
+        p,
+        "GET",
+        "/api/v1/topics/email.send/dead-letters",
+        None,
+        None,
+    );
+    assert_eq!(dead.as_array().unwrap().len(), 4);
+    assert_eq!(
+        (dead[0]["error"].as_str(), dead[0]["id"].as_str()),
+        (Some("bounce 0"), Some(ids[0].as_str()))
+    );
+    assert!(dead[0]["died_at"].is_string());
+    assert_eq!(
+        http(
+            p,
+            "POST",
+            &format!("/api/v1/topics/email.send/dead-letters/{}/retry", ids[0]),
+            None,
+            None
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        http(
+            p,
+            "POST",
+            &format!("/api/v1/topics/email.send/dead-letters/{}/retry", ids[0]),
+            None,
+            None
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        http(
+            p,
+            "DELETE",
+            &format!("/api/v1/topics/email.send/dead-letters/{}", ids[1]),
+            None,
+            None
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        http(
+            p,
+            "POST",
+            "/api/v1/topics/email.send/dead-letters/retry",
+            None,
+            None
+        )
+        .1["requeued"],
+        2
+    );
+    let (_, stats) = http(p, "GET", "/api/v1/topics/email.send", None, None);
+    assert_eq!(
+        (stats["dead"].as_u64(), stats["pending"].as_u64()),
+        (Some(0), Some(3))
+    );
+    assert_eq!(
+        http(
+            p,
+            "DELETE",
+            "/api/v1/topics/email.send/dead-letters",
+            None,
+            None
+        )
+        .1["deleted"],
+        0
+    );
+}
+
+/// Bad input: 400 for a bad topic or malformed JSON, 413 over the payload limit, 404 for
+/// an unknown id; each with `{"error"}` and nothing written.
+#[test]
+fn api_refuses_bad_input_with_4xx_and_writes_nothing() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &[]);
+    let p = server.port;
+    for (path, body, want) in [
+        ("/api/v1/topics/bad%20topic/messages", r#"{"data":1}"#, 400),
+        ("/api/v1/topics/a%7Bb%7D/messages", r#"{"data":1}"#, 400),
+        ("/api/v1/topics/ok.topic/messages", r#"{"data":"#, 400),
+        ("/api/v1/topics/ok.topic/messages", r#"{"dta":1}"#, 400),
+        (
+            "/api/v1/topics/ok.topic/messages",
+            r#"{"data":1,"delay_ms":"soon"}"#,
+            400,
+        ),
+    ] {
+        let (status, err) = http(p, "POST", path, None, Some(body));
+        assert_eq!(status, want, "{path} {body}: {err}");
+        assert!(
+            err["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{err}"
+        );
+    }
+    let big = format!(r#"{{"data":"{}"}}"#, "x".repeat(1024 * 1024 + 10));
+    let (status, err) = http(
+        p,
+        "POST",
+        "/api/v1/topics/ok.topic/messages",
+        None,
+        Some(&big),
+    );
+    assert_eq!(status, 413, "{err}");
+    let (status, _) = http(
+        p,
+        "POST",
+        "/api/v1/topics/ok.topic/dead-letters/nope/retry",
+        None,
+        None,
+    );
+    assert_eq!(status, 404);
+    let (status, _) = http(
+        p,
+        "GET",
+        "/api/v1/topics/ok.topic/messages?state=sideways",
+        None,
+        None,
+    );
+    assert_eq!(status, 400);
+    let dbsize: u64 = redis::cmd("DBSIZE").query(&mut redis.conn()).unwrap();
+    assert_eq!(dbsize, 0);
+}
+
+/// With a token, the API needs `Authorization: Bearer`; health stays open.
+#[test]
+fn token_guards_the_api() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &["--token", "s3cret"]);
+    let p = server.port;
+    assert_eq!(http(p, "GET", "/api/v1/topics", None, None).0, 401);
+    assert_eq!(http(p, "GET", "/api/v1/topics", Some("wrong"), None).0, 401);
+    assert_eq!(
+        http(p, "GET", "/api/v1/topics", Some("s3cret"), None).0,
+        200
+    );
+    assert_eq!(http(p, "GET", "/healthz", None, None).0, 200);
+}
+
+/// A non-loopback bind without a token is refused at start-up, saying why.
+#[test]
+fn non_loopback_bind_without_token_is_refused() {
+    let redis = RedisServer::start();
+    let out = Command::new(env!("CARGO_BIN_EXE_forgemq"))
+        .args(["serve", "--bind", "0.0.0.0:0"])
+        .env("REDIS_URL", redis.url())
+        .env_remove("FORGEMQ_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("without a token") && err.contains("--token"),
+        "{err}"
+    );
+}
+
+/// `/healthz` is the process; `/readyz` is Redis reachable and writable (503 otherwise).
+#[test]
+fn readyz_follows_redis() {
+    let mut redis = RedisServer::start();
+    let server = start(&redis, &[]);
+    let p = server.port;
+    assert_eq!(http(p, "GET", "/readyz", None, None).0, 200);
+    redis.kill9();
+    let (status, body) = http(p, "GET", "/readyz", None, None);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(http(p, "GET", "/healthz", None, None).0, 200);
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http(p, "GET", "/readyz", None, None).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not ready again after Redis came back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The OpenAPI document lists every route the server has.
+#[test]
+fn openapi_matches_the_routes() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &[]);
+    let (status, doc) = http(server.port, "GET", "/api/v1/openapi.json", None, None);
+    assert_eq!(status, 200);
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/topics/{topic}/messages", "post"),
+        ("/topics/{topic}/messages", "get"),
+        ("/topics/{topic}/messages/batch", "post"),
+        ("/topics", "get"),
+        ("/topics/{topic}", "get"),
+        ("/topics/{topic}/messages/{id}", "delete"),
+        ("/topics/{topic}/dead-letters", "get"),
+        ("/topics/{topic}/dead-letters", "delete"),
+        ("/topics/{topic}/dead-letters/{id}/retry", "post"),
+        ("/topics/{topic}/dead-letters/{id}", "delete"),
+        ("/topics/{topic}/dead-letters/retry", "post"),
+        ("/topics/{topic}/pause", "post"),
+        ("/topics/{topic}/resume", "post"),
+        ("/topics/{topic}/purge", "post"),
+    ] {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "openapi lacks {method} {path}"
+        );
+    }
+    // And every documented route answers (not 404/405) on this server.
+    for (path, item) in paths {
+        for method in item.as_object().unwrap().keys() {
+            let concrete = path.replace("{topic}", "doc.check").replace("{id}", "x");
+            let (status, _) = http(
+                server.port,
+                &method.to_uppercase(),
+                &format!("/api/v1{concrete}"),
+                None,
+                Some("{\"data\":1}"),
+            );
+            assert!(
+                // A 404 is only acceptable for the made-up id `x`.
+                status != 405 && (status != 404 || concrete.contains("/x")),
+                "{method} {concrete}: {status}"
+            );
+        }
+    }
+}
