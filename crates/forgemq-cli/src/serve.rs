@@ -129,6 +129,7 @@ pub(crate) fn router(mq: Client, token: Option<String>) -> Router {
         .with_state(state.clone());
     Router::new()
         .nest("/api/v1", api)
+        .route("/metrics", axum::routing::get(metrics))
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .route("/readyz", axum::routing::get(readyz))
         .with_state(state)
@@ -176,6 +177,98 @@ async fn readyz(State(state): State<AppState>) -> Response {
         )
         .into_response(),
     }
+}
+
+/// Prometheus text format, read from Redis at each scrape: the counters live in Redis
+/// (kept by the Lua scripts), so every ForgeMQ process reports the same totals.
+async fn metrics(State(state): State<AppState>) -> Response {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    type Labels = Vec<(&'static str, String)>;
+
+    let topics = match state.mq.get_all_queues().await {
+        Ok(t) => t,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let depth = Family::<Labels, Gauge>::default();
+    let paused = Family::<Labels, Gauge>::default();
+    registry.register(
+        "forgemq_messages",
+        "Messages per topic and state",
+        depth.clone(),
+    );
+    registry.register(
+        "forgemq_paused",
+        "1 while the topic is paused",
+        paused.clone(),
+    );
+    let counters: Vec<(&str, &str, Family<Labels, Counter>)> = [
+        ("forgemq_published", "Messages published"),
+        (
+            "forgemq_processed",
+            "Messages acknowledged (handler succeeded)",
+        ),
+        ("forgemq_failed", "Failed attempts"),
+        ("forgemq_retried", "Failed attempts scheduled to run again"),
+        ("forgemq_dead", "Messages moved to the dead-letter queue"),
+        (
+            "forgemq_recovered",
+            "Deliveries whose lease expired and that were handed out again",
+        ),
+        (
+            "forgemq_deduplicated",
+            "Redeliveries of already-processed ids that were skipped",
+        ),
+    ]
+    .into_iter()
+    .map(|(name, help)| {
+        let family = Family::<Labels, Counter>::default();
+        registry.register(name, help, family.clone());
+        (name, help, family)
+    })
+    .collect();
+    for s in &topics {
+        let topic = || vec![("topic", s.topic.clone())];
+        for (name, value) in [
+            ("pending", s.pending),
+            ("active", s.active),
+            ("delayed", s.delayed),
+            ("dead", s.dead),
+        ] {
+            let mut labels = topic();
+            labels.push(("state", name.to_owned()));
+            depth
+                .get_or_create(&labels)
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+        paused.get_or_create(&topic()).set(i64::from(s.paused));
+        let totals = [
+            s.published,
+            s.processed,
+            s.failed,
+            s.retried,
+            s.dead_lettered,
+            s.recovered,
+            s.deduplicated,
+        ];
+        for ((_, _, family), value) in counters.iter().zip(totals) {
+            family.get_or_create(&topic()).inc_by(value);
+        }
+    }
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
+        return ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// An error response: `{"error": "..."}` with a status that says whose fault it is.

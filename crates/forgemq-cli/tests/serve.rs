@@ -403,6 +403,47 @@ fn readyz_follows_redis() {
     }
 }
 
+/// `/metrics` has per-topic depth by state and the totals, `forgemq_` prefixed.
+#[test]
+fn metrics_report_depth_and_totals_per_topic() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &[]);
+    let p = server.port;
+    for _ in 0..3 {
+        http(
+            p,
+            "POST",
+            "/api/v1/topics/user.welcome/messages",
+            None,
+            Some(r#"{"data":1}"#),
+        );
+    }
+    http(
+        p,
+        "POST",
+        "/api/v1/topics/order.reminder/messages",
+        None,
+        Some(r#"{"data":1,"delay_ms":60000}"#),
+    );
+    let (status, body) = http(p, "GET", "/metrics", None, None);
+    assert_eq!(status, 200);
+    let text = body.as_str().unwrap();
+    for line in [
+        r#"forgemq_messages{topic="user.welcome",state="pending"} 3"#,
+        r#"forgemq_messages{topic="order.reminder",state="delayed"} 1"#,
+        r#"forgemq_published_total{topic="user.welcome"} 3"#,
+        r#"forgemq_processed_total{topic="user.welcome"} 0"#,
+        r#"forgemq_dead_total{topic="order.reminder"} 0"#,
+        r#"forgemq_recovered_total{topic="user.welcome"} 0"#,
+        r#"forgemq_deduplicated_total{topic="user.welcome"} 0"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line} in:\n{text}"
+        );
+    }
+}
+
 /// The OpenAPI document lists every route the server has.
 #[test]
 fn openapi_matches_the_routes() {
