@@ -7,8 +7,10 @@
 //! # Layout
 //! - `main.rs`: the command-line grammar (clap) and dispatch.
 //! - `output.rs`: aligned tables and the JSON shapes of read commands.
-//! - `serve.rs`: `forgemq serve`, the HTTP API and health endpoints.
+//! - `serve.rs`: `forgemq serve`, the HTTP API, metrics and health endpoints.
+//! - `dev.rs`: `forgemq dev`, a private redis-server plus `serve`, with no configuration.
 
+mod dev;
 mod output;
 mod serve;
 
@@ -31,14 +33,9 @@ const FILE_CHUNK: usize = 1000;
 #[derive(Debug, Parser)]
 #[command(name = "forgemq", version, propagate_version = true)]
 struct Cli {
-    /// Redis to use.
-    #[arg(
-        long,
-        global = true,
-        env = "REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    redis: String,
+    /// Redis to use [default: redis://127.0.0.1:6379; `dev` starts its own].
+    #[arg(long, global = true, env = "REDIS_URL")]
+    redis: Option<String>,
     /// Key namespace (the prefix of every key ForgeMQ writes).
     #[arg(long, global = true, default_value = "mq")]
     namespace: String,
@@ -134,6 +131,13 @@ enum Command {
         #[arg(long, env = "FORGEMQ_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Zero-configuration start on one machine: starts a private redis-server (AOF on,
+    /// data under ./.forgemq/) unless --redis or REDIS_URL is given, then serves the API.
+    Dev {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        bind: std::net::SocketAddr,
+    },
     /// Print shell completions, e.g. `forgemq completions bash > /etc/bash_completion.d/forgemq`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -215,15 +219,26 @@ fn parse_data(arg: &str) -> Result<Value> {
     serde_json::from_str(&text).context("the data is not valid JSON (quote strings: '\"text\"')")
 }
 
+/// Redis when neither `--redis` nor `REDIS_URL` says otherwise.
+const DEFAULT_REDIS: &str = "redis://127.0.0.1:6379";
+
 async fn connect(cli: &Cli) -> Result<Client> {
-    Client::builder(&cli.redis)
-        .namespace(&cli.namespace)
+    connect_to(
+        cli.redis.as_deref().unwrap_or(DEFAULT_REDIS),
+        &cli.namespace,
+    )
+    .await
+}
+
+async fn connect_to(url: &str, namespace: &str) -> Result<Client> {
+    Client::builder(url)
+        .namespace(namespace)
         .build()
         .await
         .with_context(|| {
             format!(
                 "could not connect to {} (set --redis or REDIS_URL)",
-                redact(&cli.redis)
+                redact(url)
             )
         })
 }
@@ -259,6 +274,9 @@ async fn run(cli: Cli) -> Result<()> {
         } => Some(parse_data(data)?),
         _ => None,
     };
+    if let Command::Dev { bind } = &cli.command {
+        return dev::run(cli.redis.as_deref(), &cli.namespace, *bind).await;
+    }
     let mq = connect(&cli).await?;
     match cli.command {
         Command::Publish {
@@ -390,7 +408,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Serve { bind, token } => serve::serve(mq, bind, token).await,
-        Command::Completions { .. } => Ok(()),
+        Command::Completions { .. } | Command::Dev { .. } => Ok(()),
     }
 }
 

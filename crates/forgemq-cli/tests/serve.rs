@@ -492,3 +492,57 @@ fn openapi_matches_the_routes() {
         }
     }
 }
+
+/// `forgemq dev` with no Redis given starts its own (AOF on, under ./.forgemq/), serves
+/// the API, and stops that Redis when it is stopped.
+#[test]
+fn dev_starts_a_private_redis_and_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_forgemq"))
+        .args(["dev", "--bind", &format!("127.0.0.1:{port}")])
+        .current_dir(dir.path())
+        .env_remove("REDIS_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "forgemq dev did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(http(port, "GET", "/readyz", None, None).0, 200);
+    let (status, _) = http(
+        port,
+        "POST",
+        "/api/v1/topics/user.welcome/messages",
+        None,
+        Some(r#"{"data":{"hello":"dev"}}"#),
+    );
+    assert_eq!(status, 201);
+    assert!(dir.path().join(".forgemq").exists());
+    let ok = Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let redis_port: u16 = log
+        .split("private redis-server on port ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in: {log}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", redis_port)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the private redis-server outlived forgemq dev"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
