@@ -499,7 +499,7 @@ fn openapi_matches_the_routes() {
 fn dev_starts_a_private_redis_and_serves() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_forgemq"))
+    let child = Command::new(env!("CARGO_BIN_EXE_forgemq"))
         .args(["dev", "--bind", &format!("127.0.0.1:{port}")])
         .current_dir(dir.path())
         .env_remove("REDIS_URL")
