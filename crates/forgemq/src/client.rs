@@ -29,6 +29,31 @@ const PUBLISH_CHUNK: usize = 1000;
 /// first attempt, so a retry after an unknown outcome never stores a second copy.
 const PUBLISH_ATTEMPTS: u32 = 3;
 
+/// Deepest nesting of arrays and objects accepted in `data`: the decoder (serde_json)
+/// stops at 128 levels with the envelope around it, so deeper data could be published but
+/// never consumed.
+pub const MAX_NESTING: usize = 100;
+
+/// Nesting depth of a JSON value, without recursion (the value may be deep).
+fn nesting(v: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(v, 1)];
+    while let Some((v, depth)) = stack.pop() {
+        match v {
+            Value::Array(a) => {
+                deepest = deepest.max(depth);
+                stack.extend(a.iter().map(|x| (x, depth + 1)));
+            }
+            Value::Object(o) => {
+                deepest = deepest.max(depth);
+                stack.extend(o.values().map(|x| (x, depth + 1)));
+            }
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// A connection to ForgeMQ on one Redis server: publishes and inspects queues.
 ///
 /// Cheap to clone; clones share one multiplexed connection that reconnects by itself.
@@ -586,6 +611,11 @@ impl Client {
             }
         }
         let data = serde_json::to_value(data).map_err(Error::Serialize)?;
+        if nesting(&data) > MAX_NESTING {
+            return Err(Error::InvalidData(format!(
+                "data is nested more than {MAX_NESTING} levels deep; consumers could not decode it"
+            )));
+        }
         let body = Envelope::new(id, topic, data, options.max_retry).encode();
         if body.len() > self.inner.max_payload {
             return Err(Error::PayloadTooLarge {

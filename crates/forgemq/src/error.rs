@@ -41,6 +41,9 @@ pub enum Error {
         /// The configured limit in bytes.
         limit: usize,
     },
+    /// The data can be serialized but would not decode again on the consuming side.
+    #[error("message data refused: {0}")]
+    InvalidData(String),
     /// The data could not be serialized to JSON.
     #[error("message data is not serializable to JSON: {0}")]
     Serialize(#[source] serde_json::Error),
@@ -139,6 +142,7 @@ impl Error {
                 | Error::InvalidNamespace { .. }
                 | Error::InvalidId { .. }
                 | Error::PayloadTooLarge { .. }
+                | Error::InvalidData(_)
                 | Error::Serialize(_)
                 | Error::Config(_)
         )

@@ -141,3 +141,34 @@ async fn reprocess_of_an_unknown_id_is_not_found() {
     );
     drop(server);
 }
+
+/// Data nested deeper than consumers can decode is refused at publish, nothing written;
+/// the deepest accepted data round-trips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_nested_too_deep_is_refused_at_publish() {
+    let (server, mq) = setup().await;
+    let nest = |n: usize| -> serde_json::Value {
+        serde_json::from_str(&format!("{}{}", "[".repeat(n), "]".repeat(n))).unwrap()
+    };
+    let err = mq
+        .publish("deep.topic", nest(forgemq::client::MAX_NESTING + 1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidData(_)) && err.is_invalid_input(),
+        "{err}"
+    );
+    assert_eq!(dbsize(&server), 0);
+    let id = mq
+        .publish("deep.topic", nest(forgemq::client::MAX_NESTING))
+        .await
+        .unwrap();
+    let d = mq
+        .pop_message("deep.topic")
+        .await
+        .unwrap()
+        .expect("the deepest accepted data decodes");
+    assert_eq!(d.id(), &id);
+    assert_eq!(d.data(), &nest(forgemq::client::MAX_NESTING));
+    d.ack().await.unwrap();
+}
