@@ -86,9 +86,9 @@ enum Command {
     Peek {
         /// The topic.
         topic: String,
-        /// Which state: pending, delayed, active or dead.
-        #[arg(long, default_value = "pending")]
-        state: String,
+        /// Which state.
+        #[arg(long, value_enum, default_value_t = StateArg::Pending)]
+        state: StateArg,
         /// How many to show.
         #[arg(long, default_value_t = 20)]
         limit: usize,
@@ -145,6 +145,26 @@ enum Command {
     },
 }
 
+/// The states `peek` can look into.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum StateArg {
+    Pending,
+    Delayed,
+    Active,
+    Dead,
+}
+
+impl From<StateArg> for MessageState {
+    fn from(s: StateArg) -> Self {
+        match s {
+            StateArg::Pending => MessageState::Pending,
+            StateArg::Delayed => MessageState::Delayed,
+            StateArg::Active => MessageState::Active,
+            StateArg::Dead => MessageState::Dead,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Dlq {
     /// List dead letters, oldest first, with the error that killed each.
@@ -184,7 +204,21 @@ enum Dlq {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: print them as clap does.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, like every other error; --help has the rest.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid usage");
+            eprintln!("{first} (see `forgemq --help`)");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -314,17 +348,19 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Stats { topic, json } => {
-            let stats = match topic {
-                Some(t) => vec![mq.stats(&t).await?],
-                None => mq.get_all_queues().await?,
-            };
-            if json && stats.len() == 1 {
-                output::print_json(&stats[0])
-            } else if json {
-                output::print_json(&stats)
-            } else {
-                output::stats_table(&stats);
-                Ok(())
+            // The JSON shape follows the arguments, never the data: one object for one
+            // topic, an array without one.
+            match (topic, json) {
+                (Some(t), true) => output::print_json(&mq.stats(&t).await?),
+                (None, true) => output::print_json(&mq.get_all_queues().await?),
+                (Some(t), false) => {
+                    output::stats_table(&[mq.stats(&t).await?]);
+                    Ok(())
+                }
+                (None, false) => {
+                    output::stats_table(&mq.get_all_queues().await?);
+                    Ok(())
+                }
             }
         }
         Command::Queues { json } => {
@@ -342,8 +378,7 @@ async fn run(cli: Cli) -> Result<()> {
             limit,
             json,
         } => {
-            let state: MessageState = state.parse()?;
-            let found = mq.peek(&topic, state, 0..limit).await?;
+            let found = mq.peek(&topic, state.into(), 0..limit).await?;
             if json {
                 output::print_json(&output::envelopes(&found))
             } else {
@@ -407,7 +442,12 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("deleted {n} messages of {topic}");
             Ok(())
         }
-        Command::Serve { bind, token } => serve::serve(mq, bind, token).await,
+        Command::Serve { bind, token } => {
+            if token.as_deref().is_some_and(str::is_empty) {
+                bail!("the token is empty: pass a non-empty --token (or FORGEMQ_TOKEN), or none");
+            }
+            serve::serve(mq, bind, token).await
+        }
         Command::Completions { .. } | Command::Dev { .. } => Ok(()),
     }
 }
@@ -430,6 +470,9 @@ async fn publish_file(
         }
         let value: Value = serde_json::from_str(&line)
             .with_context(|| format!("{}:{}: not valid JSON", path.display(), n + 1))?;
+        // Every line is checked before the first is sent: a bad line writes nothing.
+        mq.validate_message(topic, &value, options)
+            .with_context(|| format!("{}:{}", path.display(), n + 1))?;
         items.push(value);
     }
     let bar = indicatif::ProgressBar::new(items.len() as u64);

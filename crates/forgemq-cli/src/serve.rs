@@ -49,6 +49,7 @@ pub(crate) async fn serve(
     bind: SocketAddr,
     token: Option<String>,
 ) -> anyhow::Result<()> {
+    let token = token.filter(|t| !t.is_empty());
     if !bind.ip().is_loopback() && token.is_none() {
         bail!(
             "refusing to listen on {bind} without a token: anyone who can reach it could read and delete messages; \
@@ -91,9 +92,18 @@ async fn shutdown_signal() {
 /// The whole application: API (behind the token when one is set), OpenAPI, health.
 pub(crate) fn router(mq: Client, token: Option<String>) -> Router {
     let state = AppState { mq, token };
+    // Body limits before parsing: one message is at most max_payload (plus room for the
+    // request's other fields and JSON escaping); a batch has its own, larger bound.
+    let one = state
+        .mq
+        .max_payload()
+        .saturating_mul(2)
+        .saturating_add(64 << 10);
+    let batch = OpenApiRouter::new()
+        .routes(routes!(publish_batch))
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20));
     let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(publish))
-        .routes(routes!(publish_batch))
         .routes(routes!(list_topics))
         .routes(routes!(topic_stats))
         .routes(routes!(peek))
@@ -105,6 +115,8 @@ pub(crate) fn router(mq: Client, token: Option<String>) -> Router {
         .routes(routes!(pause))
         .routes(routes!(resume))
         .routes(routes!(purge))
+        .layer(axum::extract::DefaultBodyLimit::max(one))
+        .merge(batch)
         .split_for_parts();
     let doc_json = doc.to_json().unwrap_or_else(|_| "{}".to_owned());
     let api = api
@@ -454,8 +466,9 @@ struct PeekQuery {
 }
 
 fn page(q: &PeekQuery) -> std::ops::Range<usize> {
-    let offset = q.offset.unwrap_or(0);
-    offset..offset + q.limit.unwrap_or(20).min(1000)
+    // Far past any real queue, and within Redis's integer range.
+    let offset = q.offset.unwrap_or(0).min(1 << 40);
+    offset..offset.saturating_add(q.limit.unwrap_or(20).min(1000))
 }
 
 /// Look at messages of one state without taking them.

@@ -237,7 +237,7 @@ fn errors_are_one_line_with_the_right_exit_code() {
     for (args, code) in [
         (vec!["publish", "bad topic", "{}"], 1),
         (vec!["publish", "t.ok", "{not json"], 1),
-        (vec!["peek", "t.ok", "--state", "sideways"], 1),
+        (vec!["peek", "t.ok", "--state", "sideways"], 2),
         (vec!["cancel", "t.ok", "no-such-id"], 1),
         (vec!["frobnicate"], 2),
         (vec!["publish"], 2),
@@ -251,10 +251,8 @@ fn errors_are_one_line_with_the_right_exit_code() {
             String::from_utf8_lossy(&out.stderr)
         );
         let err = String::from_utf8_lossy(&out.stderr);
-        if code == 1 {
-            assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
-            assert!(err.starts_with("error: "), "{err}");
-        }
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{err}");
     }
     let dbsize: u64 = redis::cmd("DBSIZE").query(&mut server.conn()).unwrap();
     assert_eq!(dbsize, 0, "bad input wrote something");
@@ -264,6 +262,34 @@ fn errors_are_one_line_with_the_right_exit_code() {
         .unwrap();
     assert_eq!(down.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&down.stderr).contains("could not connect"));
+}
+
+/// `stats --json` is an object for one topic and an array without one, whatever the data;
+/// a JSON-lines file with one bad line writes nothing.
+#[test]
+fn stats_shape_follows_arguments_and_bad_files_write_nothing() {
+    let server = RedisServer::start();
+    ok(&server, &["publish", "only.topic", "1"]);
+    assert!(json_of(&server, &["stats", "--json"]).is_array());
+    assert!(json_of(&server, &["stats", "only.topic", "--json"]).is_object());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("m.jsonl");
+    let mut lines: String = (0..1500).map(|i| format!("{{\"i\":{i}}}\n")).collect();
+    lines.push_str(&format!("{{\"blob\":\"{}\"}}\n", "x".repeat(2 << 20)));
+    std::fs::write(&file, lines).unwrap();
+    let out = forgemq(
+        &server,
+        &["publish", "file.topic", "--file", file.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("m.jsonl:1501"), "{err}");
+    let topics = json_of(&server, &["queues", "--json"]);
+    assert_eq!(
+        topics.as_array().unwrap().len(),
+        1,
+        "file.topic must not exist: {topics}"
+    );
 }
 
 /// `--help` explains itself and completions are generated.

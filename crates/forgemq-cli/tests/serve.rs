@@ -363,6 +363,32 @@ fn token_guards_the_api() {
     assert_eq!(http(p, "GET", "/healthz", None, None).0, 200);
 }
 
+/// An empty token is refused (it would let anyone in), and paging past anything is empty.
+#[test]
+fn empty_token_is_refused_and_huge_offsets_are_harmless() {
+    let redis = RedisServer::start();
+    let out = Command::new(env!("CARGO_BIN_EXE_forgemq"))
+        .args(["serve", "--bind", "0.0.0.0:0", "--token", ""])
+        .env("REDIS_URL", redis.url())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = start(&redis, &[]);
+    let (status, body) = http(
+        server.port,
+        "GET",
+        "/api/v1/topics/t.x/messages?offset=18446744073709551615&limit=1000",
+        None,
+        None,
+    );
+    assert_eq!((status, body), (200, json!([])));
+}
+
 /// A non-loopback bind without a token is refused at start-up, saying why.
 #[test]
 fn non_loopback_bind_without_token_is_refused() {

@@ -23,7 +23,8 @@ for i = 1, #ARGV, G do
   local id, uk = ARGV[i], tonumber(ARGV[i + 3])
   local holder = false
   if uk > 0 then
-    holder = claimed[uk] or redis.call('GET', KEYS[uk])
+    -- By key name: two messages of one call may carry the same unique key.
+    holder = claimed[KEYS[uk]] or redis.call('GET', KEYS[uk])
   end
   if holder then
     results[#results + 1] = holder
@@ -33,7 +34,7 @@ for i = 1, #ARGV, G do
   else
     seen[id] = true
     if uk > 0 then
-      claimed[uk] = id
+      claimed[KEYS[uk]] = id
     end
     results[#results + 1] = 1
   end

@@ -593,6 +593,20 @@ impl Client {
         Ok(outcomes)
     }
 
+    /// Checks a message as [`Client::publish_with`] would (topic name, serializable data,
+    /// nesting, size, options) without sending anything: for tools that must refuse a whole
+    /// import before writing any of it.
+    pub fn validate_message<D: Serialize>(
+        &self,
+        topic: &str,
+        data: D,
+        options: &PublishOptions,
+    ) -> Result<()> {
+        validate_topic(topic)?;
+        let id = options.id.clone().unwrap_or_else(MessageId::generate);
+        self.prepare(topic, &id, data, options).map(|_| ())
+    }
+
     fn prepare<D: Serialize>(
         &self,
         topic: &str,
@@ -785,28 +799,30 @@ impl Client {
     }
 
     /// Moves every dead letter of `topic` back to the queue (oldest first, 1,000 per
-    /// script call); returns how many.
+    /// script call); returns how many. Bounded by the dead letters there were when it
+    /// started: ones that die again meanwhile are not chased.
     pub async fn reprocess_all_dead_letters(&self, topic: &str) -> Result<u64> {
         let keys = self.keys(topic)?;
-        let mut total = 0;
-        loop {
+        let at_start = self.inner.store.stats(&keys).await?.dead;
+        let (mut requeued, mut skipped) = (0u64, 0u64);
+        while requeued + skipped < at_start {
+            // Entries that can't be requeued (no body) stay at the front: step past them.
+            let from = usize::try_from(skipped).unwrap_or(usize::MAX);
             let page = self
                 .inner
                 .store
-                .peek(&keys, PeekState::Dead, 0, MAX_PER_CALL - 1)
+                .peek(&keys, PeekState::Dead, from, from + MAX_PER_CALL - 1)
                 .await?;
             if page.is_empty() {
-                return Ok(total);
+                break;
             }
             let ids: Vec<&str> = page.iter().map(|(id, _, _)| id.as_str()).collect();
             let done = self.inner.store.reprocess(&keys, &ids).await?;
             let n = done.iter().filter(|d| **d).count() as u64;
-            total += n;
-            if n == 0 {
-                // Only entries without bodies left: nothing more can be requeued.
-                return Ok(total);
-            }
+            requeued += n;
+            skipped += done.len() as u64 - n;
         }
+        Ok(requeued)
     }
 
     /// Deletes one dead letter for good. [`Error::NotFound`] when there is none with that id.
@@ -824,14 +840,17 @@ impl Client {
     /// many. The other states are untouched.
     pub async fn purge_dead_letters(&self, topic: &str) -> Result<u64> {
         let keys = self.keys(topic)?;
+        // Bounded by what was there at the start: messages dying meanwhile don't keep it going.
+        let at_start = self.inner.store.stats(&keys).await?.dead;
         let mut total = 0;
-        loop {
+        while total < at_start {
             let gone = self.inner.store.drop_dead(&keys, &[], MAX_PER_CALL).await?;
             if gone.is_empty() {
-                return Ok(total);
+                break;
             }
             total += gone.len() as u64;
         }
+        Ok(total)
     }
 
     fn no_dead_letter(&self, topic: &str, id: &MessageId) -> Error {
