@@ -115,6 +115,7 @@ pub(crate) fn router(mq: Client, token: Option<String>) -> Router {
         .routes(routes!(pause))
         .routes(routes!(resume))
         .routes(routes!(purge))
+        .routes(routes!(throughput))
         .layer(axum::extract::DefaultBodyLimit::max(one))
         .merge(batch)
         .split_for_parts();
@@ -602,4 +603,15 @@ async fn purge(State(state): State<AppState>, Path(topic): Path<String>) -> ApiR
     Ok(Json(
         json!({"deleted": state.mq.purge_queue(&topic).await?}),
     ))
+}
+
+/// Published, processed and failed per minute over the last hour, oldest first.
+#[utoipa::path(get, path = "/topics/{topic}/throughput", tag = "topics",
+    params(("topic" = String, Path, description = "Topic name")),
+    responses((status = 200, description = "60 entries `{\"minute\", \"published\", \"processed\", \"failed\"}`", body = Vec<Object>)))]
+async fn throughput(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(json!(state.mq.throughput(&topic).await?)))
 }

@@ -188,6 +188,22 @@ fn api_publishes_inspects_and_manages_topics() {
         http(p, "POST", "/api/v1/topics/user.welcome/resume", None, None).1["was_paused"],
         true
     );
+    let (_, chart) = http(
+        p,
+        "GET",
+        "/api/v1/topics/user.welcome/throughput",
+        None,
+        None,
+    );
+    let chart = chart.as_array().unwrap();
+    assert_eq!(chart.len(), 60);
+    assert_eq!(
+        chart
+            .iter()
+            .map(|m| m["published"].as_u64().unwrap())
+            .sum::<u64>(),
+        3
+    );
     let (_, purged) = http(p, "POST", "/api/v1/topics/user.welcome/purge", None, None);
     assert_eq!(purged["deleted"], 3);
 }
@@ -493,6 +509,7 @@ fn openapi_matches_the_routes() {
         ("/topics/{topic}/pause", "post"),
         ("/topics/{topic}/resume", "post"),
         ("/topics/{topic}/purge", "post"),
+        ("/topics/{topic}/throughput", "get"),
     ] {
         assert!(
             paths.get(path).and_then(|p| p.get(method)).is_some(),

@@ -68,3 +68,15 @@ local function trim_dead(dead_key, msg_key, stats_key, now, max_len, max_age)
     redis.call('HINCRBY', stats_key, 'dead_trimmed', #doomed)
   end
 end
+
+-- Adds n to a per-minute counter of a topic for the dashboard's throughput chart: a ring
+-- of 60 one-minute slots in one hash (`<slot>:m` holds the minute a slot counts, `<slot>:<kind>`
+-- the count), so the hash never holds more than an hour, however sparse the traffic.
+local function count_minute(key, now, kind, n)
+  local minute = math.floor(now / 60000)
+  local slot = minute % 60
+  if tonumber(redis.call('HGET', key, slot .. ':m')) ~= minute then
+    redis.call('HSET', key, slot .. ':m', minute, slot .. ':p', 0, slot .. ':d', 0, slot .. ':f', 0)
+  end
+  redis.call('HINCRBY', key, slot .. ':' .. kind, n)
+end

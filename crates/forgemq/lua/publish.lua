@@ -5,7 +5,8 @@
 -- KEYS[4] wake       LIST  wake-up token for blocked workers
 -- KEYS[5] stats      HASH  counters
 -- KEYS[6] processed  ZSET  ledger of recently processed ids (deduplicating workers)
--- KEYS[7..] unique-key STRINGs (id of the message that holds the key), as referenced below
+-- KEYS[7] minutes    HASH  per-minute counters (see count_minute)
+-- KEYS[8..] unique-key STRINGs (id of the message that holds the key), as referenced below
 -- ARGV    groups of 5: id, delay_ms (0 = now), envelope, unique_key_index (0 = none; else
 --         an index into KEYS), unique_ttl_ms
 -- Returns one value per message: 1 written; 0 an envelope with that id already exists or
@@ -59,6 +60,7 @@ end
 
 if written > 0 then
   redis.call('HINCRBY', KEYS[5], 'published', written)
+  count_minute(KEYS[7], now, 'p', written)
   -- A delayed message may be due before the time a blocked worker is waiting for, so it
   -- wakes a worker too; the worker recomputes its wait from the delayed set.
   wake(KEYS[4])

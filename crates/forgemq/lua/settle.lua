@@ -10,6 +10,7 @@
 -- KEYS[7] wake       LIST
 -- KEYS[8] stats      HASH
 -- KEYS[9] processed  ZSET  id -> until when a redelivery counts as a duplicate (ms)
+-- KEYS[10] minutes   HASH  per-minute counters (see count_minute)
 -- ARGV[1] dead_max_len   dead letters kept; older ones are deleted (0 = no cap)
 -- ARGV[2] dead_max_age   ms a dead letter is kept (0 = forever)
 -- ARGV[3] dedup_ttl      ms an acked id stays in the processed ledger (0 = no ledger)
@@ -90,6 +91,7 @@ end
 if #acked > 0 then
   redis.call('HDEL', KEYS[3], unpack(acked))
   redis.call('HINCRBY', KEYS[8], 'processed', #acked)
+  count_minute(KEYS[10], now, 'd', #acked)
   if dedup_ttl > 0 then
     local zargs = {}
     for _, id in ipairs(acked) do
@@ -102,6 +104,9 @@ end
 if dedup_ttl > 0 then
   -- Expired ledger entries go whenever a deduplicating worker settles: bounded ledger.
   redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', '(' .. now)
+end
+if retried + dead > 0 then
+  count_minute(KEYS[10], now, 'f', retried + dead)
 end
 if retried > 0 then
   redis.call('HINCRBY', KEYS[8], 'failed', retried)

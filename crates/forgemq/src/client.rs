@@ -385,6 +385,25 @@ pub enum Cancelled {
     Pending,
 }
 
+/// One minute of a topic's throughput; see [`Client::throughput`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct MinuteCounts {
+    /// The start of the minute (Redis clock).
+    #[serde(serialize_with = "rfc3339_ser")]
+    pub minute: SystemTime,
+    /// Messages published in it.
+    pub published: u64,
+    /// Messages acknowledged in it.
+    pub processed: u64,
+    /// Failed attempts in it.
+    pub failed: u64,
+}
+
+fn rfc3339_ser<S: serde::Serializer>(t: &SystemTime, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&crate::message::rfc3339(*t))
+}
+
 /// The states a stored message can be in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -957,6 +976,29 @@ impl Client {
             });
         }
         Ok(warnings)
+    }
+
+    /// Messages published, processed and failed per minute over the last 60 minutes,
+    /// oldest first, one entry per minute (zeros included), counted by the scripts
+    /// themselves (every process sees the same numbers).
+    pub async fn throughput(&self, topic: &str) -> Result<Vec<MinuteCounts>> {
+        let keys = self.keys(topic)?;
+        let (now_ms, slots) = self.inner.store.minutes(&keys).await?;
+        let this_minute = now_ms.div_euclid(60_000);
+        Ok((this_minute - 59..=this_minute)
+            .map(|minute| {
+                let (published, processed, failed) = slots
+                    .iter()
+                    .find(|s| s.0 == minute)
+                    .map_or((0, 0, 0), |s| (s.1, s.2, s.3));
+                MinuteCounts {
+                    minute: from_millis((minute * 60_000) as f64),
+                    published,
+                    processed,
+                    failed,
+                }
+            })
+            .collect())
     }
 
     /// Checks that Redis answers and accepts writes (for readiness probes): writes a

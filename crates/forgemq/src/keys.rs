@@ -81,6 +81,7 @@ impl Namespace {
             wake: k("wake"),
             paused: k("paused"),
             processed: k("processed"),
+            minutes: k("minutes"),
             unique_prefix: k("unique:"),
         }
     }
@@ -110,6 +111,8 @@ pub(crate) struct TopicKeys {
     pub(crate) paused: String,
     /// ZSET id → until when (ms) a redelivery of that acked id counts as a duplicate.
     pub(crate) processed: String,
+    /// HASH of per-minute counters, a ring of the last 60 minutes.
+    pub(crate) minutes: String,
     unique_prefix: String,
 }
 

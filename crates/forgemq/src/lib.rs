@@ -60,8 +60,8 @@ pub mod __fuzz {
 }
 
 pub use client::{
-    Cancelled, Client, ClientBuilder, DeadLetter, MessageState, PeekedMessage, PublishOptions,
-    PublishOutcome, QueueStats, ServerWarning, WarningKind,
+    Cancelled, Client, ClientBuilder, DeadLetter, MessageState, MinuteCounts, PeekedMessage,
+    PublishOptions, PublishOutcome, QueueStats, ServerWarning, WarningKind,
 };
 pub use delivery::Delivery;
 pub use error::{Error, Result};

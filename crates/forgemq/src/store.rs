@@ -301,6 +301,7 @@ impl Store {
             keys.wake.clone(),
             keys.stats.clone(),
             keys.processed.clone(),
+            keys.minutes.clone(),
         ];
         let mut args: Vec<(&str, u64, &str, usize, u64)> = Vec::with_capacity(items.len());
         for item in items {
@@ -438,6 +439,7 @@ impl Store {
                 &keys.wake,
                 &keys.stats,
                 &keys.processed,
+                &keys.minutes,
             ],
         );
         call.arg(self.settings.dead_max_len)
@@ -722,6 +724,27 @@ impl Store {
             counters,
             paused,
         })
+    }
+
+    /// The per-minute counter ring of a topic and Redis's current time (ms):
+    /// `(minute, published, processed, failed)` per slot in use.
+    pub(crate) async fn minutes(
+        &self,
+        keys: &TopicKeys,
+    ) -> Result<(i64, Vec<(i64, u64, u64, u64)>)> {
+        let mut pipe = redis::pipe();
+        pipe.hgetall(&keys.minutes).cmd("TIME");
+        let (fields, (secs, micros)): (HashMap<String, i64>, (i64, i64)) =
+            self.exec(Req::Pipe(&pipe), None).await?;
+        let get = |slot: i64, kind: &str| fields.get(&format!("{slot}:{kind}")).copied();
+        let slots = (0..60)
+            .filter_map(|slot| {
+                let minute = get(slot, "m")?;
+                let n = |k| u64::try_from(get(slot, k).unwrap_or(0)).unwrap_or(0);
+                Some((minute, n("p"), n("d"), n("f")))
+            })
+            .collect();
+        Ok((secs * 1000 + micros / 1000, slots))
     }
 
     pub(crate) async fn topics(&self) -> Result<Vec<String>> {

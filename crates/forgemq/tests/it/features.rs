@@ -811,11 +811,22 @@ async fn after_100k_processed_only_counters_remain() {
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
     let mut keys = keys;
     keys.sort();
+    // Counters only: the totals, and the per-minute ring (at most an hour of slots).
     assert_eq!(
         keys,
-        vec!["mq:topics".to_owned(), format!("mq:{{{topic}}}:stats")],
+        vec![
+            "mq:topics".to_owned(),
+            format!("mq:{{{topic}}}:minutes"),
+            format!("mq:{{{topic}}}:stats")
+        ],
         "left behind: {keys:?}"
     );
+    let ring: u64 = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(format!("mq:{{{topic}}}:minutes"))
+        .query(&mut conn)
+        .unwrap();
+    assert!(ring < 8192, "per-minute counters use {ring} bytes");
     let bytes: u64 = redis::cmd("MEMORY")
         .arg("USAGE")
         .arg(format!("mq:{{{topic}}}:stats"))
