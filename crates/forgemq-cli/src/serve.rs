@@ -141,11 +141,22 @@ pub(crate) fn router(mq: Client, token: Option<String>) -> Router {
         ))
         .with_state(state.clone());
     Router::new()
+        .route("/", axum::routing::get(dashboard))
         .nest("/api/v1", api)
         .route("/metrics", axum::routing::get(metrics))
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .route("/readyz", axum::routing::get(readyz))
         .with_state(state)
+}
+
+/// The dashboard: one self-contained page (no CDN, works offline) served from the
+/// binary. It holds no data: everything it shows comes from the API, which asks for the
+/// token when one is set.
+async fn dashboard() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("../assets/dashboard.html"),
+    )
 }
 
 /// `Authorization: Bearer <token>` on every API route when a token is set; compared in
