@@ -39,7 +39,20 @@ pub(crate) async fn run(redis: Option<&str>, namespace: &str, bind: SocketAddr) 
         }
     };
     let mq = crate::connect_to(&url, namespace).await?;
-    eprintln!("forgemq dev: Redis at {}", crate::redact(&url));
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "forgemq".to_owned());
+    // What a newcomer needs: where to look, and one line to paste to see it move.
+    println!("ForgeMQ is running.");
+    println!("  dashboard:  http://{bind}/");
+    println!("  API:        http://{bind}/api/v1  (OpenAPI: /api/v1/openapi.json)");
+    println!("  Redis:      {}", crate::redact(&url));
+    println!("Publish a message from another terminal and watch the topic appear:");
+    println!(
+        "  {exe} --redis {} publish user.welcome '{{\"user_id\":\"123\",\"email\":\"john@example.com\"}}'",
+        crate::redact(&url)
+    );
+    println!("Stop with Ctrl-C.");
     crate::serve::serve(mq, bind, None).await
 }
 

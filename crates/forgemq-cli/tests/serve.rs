@@ -469,7 +469,22 @@ fn metrics_report_depth_and_totals_per_topic() {
     );
     let (status, body) = http(p, "GET", "/metrics", None, None);
     assert_eq!(status, 200);
-    let text = body.as_str().unwrap();
+    let text = body.as_str().unwrap().to_owned();
+    // Every sample line parses as `name{labels} value`.
+    for l in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {l}"));
+        assert!(
+            series.starts_with("forgemq_") && value.parse::<f64>().is_ok(),
+            "bad line {l}"
+        );
+    }
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "OpenMetrics text ends with # EOF"
+    );
     for line in [
         r#"forgemq_messages{topic="user.welcome",state="pending"} 3"#,
         r#"forgemq_messages{topic="order.reminder",state="delayed"} 1"#,
@@ -546,7 +561,7 @@ fn dev_starts_a_private_redis_and_serves() {
         .args(["dev", "--bind", &format!("127.0.0.1:{port}")])
         .current_dir(dir.path())
         .env_remove("REDIS_URL")
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -555,6 +570,11 @@ fn dev_starts_a_private_redis_and_serves() {
         assert!(Instant::now() < deadline, "forgemq dev did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert_eq!(
+        http(port, "GET", "/", None, None).0,
+        200,
+        "the dashboard is served"
+    );
     assert_eq!(http(port, "GET", "/readyz", None, None).0, 200);
     let (status, _) = http(
         port,
@@ -574,6 +594,17 @@ fn dev_starts_a_private_redis_and_serves() {
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
+    // It says where the dashboard is and gives a publish line that works as printed.
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("http://127.0.0.1:{port}/")),
+        "{said}"
+    );
+    let line = said
+        .lines()
+        .find(|l| l.contains(" publish user.welcome "))
+        .unwrap_or_else(|| panic!("no publish line in: {said}"));
+    assert!(line.contains("--redis redis://127.0.0.1:"), "{line}");
     let redis_port: u16 = log
         .split("private redis-server on port ")
         .nth(1)
