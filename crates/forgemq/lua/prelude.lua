@@ -3,9 +3,19 @@
 -- Milliseconds on Redis's own clock. Every lease deadline and due time comes from here,
 -- never from a worker's clock, so skewed workers can neither expire live leases early nor
 -- release delayed messages before they are due (DESIGN.md rule 3).
-local function now_ms()
+-- clock() gives it rounded down (now) and up (the first whole ms not before now).
+-- Due times are set from the rounded-up value and compared with the rounded-down one, so
+-- a delayed message never fires before its whole delay has passed, not even by the
+-- fraction of a millisecond that rounding down alone would give away.
+local function clock()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  return math.floor(us / 1000), math.ceil(us / 1000)
+end
+
+local function now_ms()
+  local now = clock()
+  return now
 end
 
 -- Leaves one wake-up token for a worker blocked on the topic's wake list. One token is

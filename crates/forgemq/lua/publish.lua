@@ -15,7 +15,7 @@
 -- message that is not new.
 
 local G = 5
-local now = now_ms()
+local now, now_up = clock()
 local results = {}
 local seen, claimed = {}, {}
 local ledger = redis.call('EXISTS', KEYS[6]) == 1
@@ -47,7 +47,7 @@ for i = 1, #ARGV, G do
     local id, delay, uk = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 3])
     redis.call('HSET', KEYS[1], id, ARGV[i + 2])
     if delay > 0 then
-      redis.call('ZADD', KEYS[3], now + delay, id)
+      redis.call('ZADD', KEYS[3], now_up + delay, id)
     else
       redis.call('RPUSH', KEYS[2], id)
     end

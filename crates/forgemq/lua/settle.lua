@@ -44,7 +44,7 @@ for i = 1, n do
   end
 end
 
-local now = now_ms()
+local now, now_up = clock()
 local dedup_ttl = tonumber(ARGV[3])
 local acked, retried, dead, ready = {}, 0, 0, false
 for i = 1, n do
@@ -57,7 +57,7 @@ for i = 1, n do
       redis.call('HSET', KEYS[3], id, ARGV[base + 4])
       local delay = tonumber(ARGV[base + 5])
       if delay > 0 then
-        redis.call('ZADD', KEYS[4], now + delay, id)
+        redis.call('ZADD', KEYS[4], now_up + delay, id)
       else
         redis.call('RPUSH', KEYS[5], id)
       end

@@ -2,6 +2,8 @@
 //! blocking wait: a plain subscription is a group of one; `priority` groups several,
 //! strictly ordered or weighted. A batch subscription collects batches instead.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +12,7 @@ use tokio::task::JoinSet;
 
 use super::runner::{random_token, HandlerKind, RetryDelay, Runner, Tracked};
 use super::Priority;
-use crate::store::{FetchResult, Store};
+use crate::store::{BlockingConn, FetchResult, Store};
 
 /// Most messages one fetch leases, whatever the concurrency.
 const MAX_FETCH: usize = 1000;
@@ -77,28 +79,57 @@ impl Group {
     }
 
     /// Waits for a wake-up on any of the group's topics, for at most `wait`.
-    async fn wait(
-        &self,
-        blocking: &mut crate::store::BlockingConn,
+    ///
+    /// The blocking wait on Redis always runs for the full idle wait: Redis times
+    /// blocked commands out only on its own cron tick (every 100 ms at the default
+    /// `hz 10`), so a delayed message due sooner is waited for here, on a local timer,
+    /// while the blocking call stays outstanding for the next wait (DESIGN.md rule 8:
+    /// fire close to the due time, not on a tick).
+    async fn wait<'s>(
+        &'s self,
+        waiter: &mut Waiter<'s>,
         wait: Duration,
         backoff: &mut RetryDelay,
         stop: &mut watch::Receiver<bool>,
     ) {
-        let keys: Vec<&str> = self.runners.iter().map(|r| r.keys.wake.as_str()).collect();
+        let idle = self.idle_wait();
+        let blocked = waiter.outstanding.get_or_insert_with(|| {
+            let mut conn = waiter
+                .conn
+                .take()
+                .unwrap_or_else(|| self.store().blocking_conn());
+            let keys: Vec<String> = self.runners.iter().map(|r| r.keys.wake.clone()).collect();
+            let store = self.store();
+            Box::pin(async move {
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                let woke = store.wait_wake(&mut conn, &keys, idle).await;
+                (conn, woke)
+            })
+        });
+        let due = async {
+            if wait < idle {
+                tokio::time::sleep(wait).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
-            woke = self.store().wait_wake(blocking, &keys, wait) => {
+            (conn, woke) = blocked => {
+                waiter.outstanding = None;
+                waiter.conn = Some(conn);
                 if let Err(e) = woke {
                     tracing::warn!(error = %e, "waiting for work failed; retrying");
                     pause(backoff.next(), stop).await;
                 }
             }
+            () = due => {}
             _ = stop.changed() => {}
         }
     }
 
     async fn fetch_loop(&self, tasks: &mut JoinSet<()>, stop: &mut watch::Receiver<bool>) {
         let slots = Arc::new(Semaphore::new(self.concurrency));
-        let mut blocking = self.store().blocking_conn();
+        let mut waiter = Waiter::default();
         let mut backoff = RetryDelay::default();
         let mut order = Order::new(&self.priority, self.runners.len());
         loop {
@@ -141,7 +172,7 @@ impl Group {
             } else if failed {
                 pause(backoff.next(), stop).await;
             } else {
-                self.wait(&mut blocking, wait, &mut backoff, stop).await;
+                self.wait(&mut waiter, wait, &mut backoff, stop).await;
             }
         }
     }
@@ -157,7 +188,7 @@ impl Group {
     ) {
         let runner = &self.runners[0];
         let slots = Arc::new(Semaphore::new(self.concurrency));
-        let mut blocking = self.store().blocking_conn();
+        let mut waiter = Waiter::default();
         let mut backoff = RetryDelay::default();
         loop {
             while tasks.try_join_next().is_some() {}
@@ -188,7 +219,7 @@ impl Group {
                             }
                             wait = wait.min(left);
                         }
-                        self.wait(&mut blocking, wait, &mut backoff, stop).await;
+                        self.wait(&mut waiter, wait, &mut backoff, stop).await;
                     }
                     Err(e) => {
                         tracing::warn!(topic = %runner.keys.topic, error = %e, "fetch failed; retrying");
@@ -205,6 +236,16 @@ impl Group {
             }
         }
     }
+}
+
+/// A blocking wait that may still be outstanding from an earlier [`Group::wait`], and
+/// its connection while none is.
+#[derive(Default)]
+struct Waiter<'s> {
+    conn: Option<BlockingConn>,
+    #[allow(clippy::type_complexity)]
+    outstanding:
+        Option<Pin<Box<dyn Future<Output = (BlockingConn, crate::Result<bool>)> + Send + 's>>>,
 }
 
 /// Waits for one free slot, then takes up to `max` free slots without waiting.

@@ -155,3 +155,46 @@ async fn delayed_messages_are_delivered_exactly_once_with_three_racing_workers()
     );
     invariants(&server, "order.reminder", &strings(&ids));
 }
+
+/// A delayed message fires on the worker's own timer, not when Redis times out its
+/// blocking wait: Redis does that only on its cron tick (here `hz 1`, once a second), so
+/// a worker relying on it would start these messages up to a second late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_message_fires_on_time_whatever_the_redis_tick() {
+    let server = forgemq_test_support::RedisServer::start_with(
+        forgemq_test_support::RedisOptions::new().args(["--hz", "1"]),
+    );
+    let mq = forgemq::Client::connect(&server.url()).await.unwrap();
+    let runs = Runs::default();
+    let running = Running::start(recording_worker(&mq, "order.reminder", &runs));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut sent = Vec::new();
+    for i in 0..5_u64 {
+        let delay = Duration::from_millis(200 + 150 * i);
+        let t0 = Instant::now();
+        let id = mq
+            .publish_with_delay("order.reminder", json!({"i": i}), delay)
+            .await
+            .unwrap();
+        sent.push((id, t0, delay));
+    }
+    eventually("all delivered", || async { runs.len() == 5 }).await;
+    running.stop().await;
+    for (id, t0, delay) in &sent {
+        let at = runs.of(id.as_str())[0].1 - *t0;
+        assert!(
+            at >= *delay,
+            "{id} started {at:?} after publish, before its {delay:?}"
+        );
+        // Generous for a noisy machine, yet well under the one-second tick.
+        assert!(
+            at < *delay + Duration::from_millis(400),
+            "{id} started {at:?} after publish for a {delay:?} delay: waited for the Redis tick"
+        );
+    }
+    invariants(
+        &server,
+        "order.reminder",
+        &strings(&sent.iter().map(|s| s.0.clone()).collect::<Vec<_>>()),
+    );
+}
