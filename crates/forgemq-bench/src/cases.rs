@@ -1,0 +1,773 @@
+//! The cases. Each runs once against a fresh namespace and returns its figures.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use forgemq::{Client, HandlerError, Message, PublishOptions, Subscription, Worker};
+use forgemq_test_support::RedisServer;
+use redis::aio::MultiplexedConnection;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::report::{CaseReport, Figures};
+
+/// Messages per `publish_batch` call: the chunk size, and the library's own
+/// largest single script call.
+const CHUNK: usize = 1000;
+
+/// How often the timer of a throughput case looks at the `processed` counter. Short next
+/// to the runs it times (a second or more), and a few hundred commands a second next to
+/// the hundred thousand the worker sends.
+const POLL: Duration = Duration::from_millis(2);
+
+/// Longest any case waits for its messages; a stuck worker fails the case instead of
+/// hanging the benchmark.
+const CASE_DEADLINE: Duration = Duration::from_secs(600);
+
+/// The standard payload of message `i`.
+pub(crate) fn payload(i: u64) -> Value {
+    json!({"id": i, "to": format!("user{i}@example.com"), "subject": "hello", "n": 42})
+}
+
+/// Where the benchmark runs and what it has written.
+pub(crate) struct Bench {
+    url: String,
+    /// The private redis-server, when no `--redis` was given; killed on drop.
+    server: Option<RedisServer>,
+    admin: MultiplexedConnection,
+    smoke: bool,
+    /// Namespaces and topics written since the last [`Bench::clean`].
+    written: Mutex<Vec<(String, String)>>,
+}
+
+impl Bench {
+    pub(crate) async fn start(redis: Option<String>, smoke: bool) -> anyhow::Result<Self> {
+        let (url, server) = match redis {
+            Some(url) => (url, None),
+            None => {
+                // A panic inside the support crate (no redis-server on PATH) becomes an
+                // error with the fix in it.
+                let server = std::panic::catch_unwind(RedisServer::start).map_err(|_| {
+                    anyhow::anyhow!(
+                        "could not start a private redis-server; install one (scripts/ensure-redis.sh) or pass --redis URL"
+                    )
+                })?;
+                (server.url(), Some(server))
+            }
+        };
+        let admin = redis::Client::open(url.as_str())
+            .with_context(|| format!("bad Redis URL {url}"))?
+            .get_multiplexed_async_connection()
+            .await
+            .with_context(|| format!("cannot connect to {url}"))?;
+        Ok(Self {
+            url,
+            server,
+            admin,
+            smoke,
+            written: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// One line about where this ran.
+    pub(crate) fn describe(&self) -> String {
+        let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+        match &self.server {
+            Some(_) => format!("private redis-server (no persistence) on loopback, {cpus} CPUs"),
+            None => format!("{} (given with --redis), {cpus} CPUs", self.url),
+        }
+    }
+
+    /// The first JSON line: the machine and the Redis server.
+    pub(crate) async fn environment(&self, runs: usize) -> anyhow::Result<String> {
+        let info = self.info("server").await?;
+        let memory = self.info("memory").await?;
+        Ok(json!({
+            "case": "environment",
+            "redis_version": info.get("redis_version"),
+            "redis_url": if self.server.is_some() { "private" } else { self.url.as_str() },
+            "maxmemory_policy": memory.get("maxmemory_policy"),
+            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "runs": runs,
+            "smoke": self.smoke,
+            "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        })
+        .to_string())
+    }
+
+    /// A count scaled down for `--smoke`.
+    fn n(&self, full: u64) -> u64 {
+        if self.smoke {
+            (full / 100).max(10)
+        } else {
+            full
+        }
+    }
+
+    pub(crate) async fn run_case(
+        &self,
+        case: &str,
+        run: usize,
+        done: &[CaseReport],
+    ) -> anyhow::Result<Figures> {
+        match case {
+            "redis-ceiling" => self.redis_ceiling(run).await,
+            "publish-batch" => self.publish_batch(run).await,
+            "publish-single" => self.publish_single(run, 1).await,
+            "publish-par" => self.publish_single(run, 50).await,
+            "process-c1" => self.process(case, run, self.n(100_000), 1).await,
+            "process-c10" => self.process(case, run, self.n(100_000), 10).await,
+            "process-c50" => self.process(case, run, self.n(100_000), 50).await,
+            "stream" => self.stream(run).await,
+            "latency" => self.latency(run).await,
+            "delayed" => self.delayed(run).await,
+            "backlog" => self.backlog(run).await,
+            "memory" => self.memory(run).await,
+            "commands-per-message" => self.commands_per_message(run, done).await,
+            other => bail!("unknown case {other}"),
+        }
+    }
+
+    /// A client on a namespace of its own, remembered for [`Bench::clean`].
+    async fn client(&self, case: &str, run: usize, topic: &str) -> anyhow::Result<Client> {
+        let ns = format!("bench-{case}-{run}");
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((ns.clone(), topic.to_owned()));
+        Client::builder(self.url.clone())
+            .namespace(ns)
+            .build()
+            .await
+            .with_context(|| format!("cannot connect to {}", self.url))
+    }
+
+    /// Removes what the last run wrote: the whole private server is flushed (so memory
+    /// figures start from the same place); on a given server only the topics it wrote.
+    pub(crate) async fn clean(&self) -> anyhow::Result<()> {
+        let written = std::mem::take(&mut *self.written.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut admin = self.admin.clone();
+        if self.server.is_some() {
+            redis::cmd("FLUSHALL")
+                .exec_async(&mut admin)
+                .await
+                .context("FLUSHALL")?;
+            return Ok(());
+        }
+        for (ns, topic) in written {
+            let mq = Client::builder(self.url.clone())
+                .namespace(ns.clone())
+                .build()
+                .await?;
+            mq.purge_queue(&topic).await?;
+            redis::cmd("DEL")
+                .arg(format!("{ns}:topics"))
+                .arg(format!("{ns}:{{{topic}}}:stats"))
+                .arg(format!("{ns}:{{{topic}}}:minutes"))
+                .exec_async(&mut admin)
+                .await?;
+        }
+        redis::cmd("DEL")
+            .arg("bench:ceiling")
+            .exec_async(&mut admin)
+            .await?;
+        Ok(())
+    }
+
+    /// `INFO <section>` as a map.
+    async fn info(&self, section: &str) -> anyhow::Result<HashMap<String, String>> {
+        let mut admin = self.admin.clone();
+        let text: String = redis::cmd("INFO")
+            .arg(section)
+            .query_async(&mut admin)
+            .await
+            .with_context(|| format!("INFO {section}"))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+            .collect())
+    }
+
+    /// Calls per command since the server started, from `INFO commandstats`.
+    async fn command_calls(&self) -> anyhow::Result<HashMap<String, u64>> {
+        let stats = self.info("commandstats").await?;
+        Ok(stats
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let name = k.strip_prefix("cmdstat_")?;
+                let calls = v.split(',').find_map(|f| f.strip_prefix("calls="))?;
+                Some((name.to_owned(), calls.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// CPU seconds used so far by Redis (`INFO cpu`) and by this process.
+    async fn cpu(&self) -> anyhow::Result<Cpu> {
+        let info = self.info("cpu").await?;
+        let get = |k: &str| {
+            info.get(k)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        Ok(Cpu {
+            redis: get("used_cpu_user") + get("used_cpu_sys"),
+            client: own_cpu_secs(),
+        })
+    }
+
+    async fn used_memory(&self) -> anyhow::Result<f64> {
+        let memory = self.info("memory").await?;
+        memory
+            .get("used_memory")
+            .and_then(|v| v.parse().ok())
+            .context("INFO memory has no used_memory")
+    }
+
+    /// Pipelined LPUSH, then RPOP, of the standard payload: what Redis itself does here.
+    async fn redis_ceiling(&self, _run: usize) -> anyhow::Result<Figures> {
+        let n = self.n(100_000) as usize;
+        let mut conn = self.admin.clone();
+        let body = payload(1).to_string();
+        let t0 = Instant::now();
+        for start in (0..n).step_by(CHUNK) {
+            let mut pipe = redis::pipe();
+            for _ in start..(start + CHUNK).min(n) {
+                pipe.cmd("LPUSH").arg("bench:ceiling").arg(&body).ignore();
+            }
+            pipe.exec_async(&mut conn).await?;
+        }
+        let push = t0.elapsed();
+        let t1 = Instant::now();
+        let mut popped = 0;
+        for start in (0..n).step_by(CHUNK) {
+            let mut pipe = redis::pipe();
+            for _ in start..(start + CHUNK).min(n) {
+                pipe.cmd("RPOP").arg("bench:ceiling");
+            }
+            let got: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+            popped += got.iter().flatten().count();
+        }
+        let pop = t1.elapsed();
+        if popped != n {
+            bail!("RPOP returned {popped} of {n}");
+        }
+        Ok(Figures::from([
+            ("lpush_per_sec".into(), rate(n as u64, push)),
+            ("rpop_per_sec".into(), rate(n as u64, pop)),
+            ("pair_per_sec".into(), rate(n as u64, push + pop)),
+        ]))
+    }
+
+    async fn publish_batch(&self, run: usize) -> anyhow::Result<Figures> {
+        let topic = "bench.publish";
+        let mq = self.client("publish-batch", run, topic).await?;
+        let n = self.n(100_000);
+        let cpu = self.cpu().await?;
+        let t0 = Instant::now();
+        prefill(&mq, topic, n).await?;
+        let elapsed = t0.elapsed();
+        let cpu = self.cpu().await?.since(cpu, elapsed);
+        expect_pending(&mq, topic, n).await?;
+        let mut figures = throughput(n, elapsed);
+        figures.extend(cpu);
+        Ok(figures)
+    }
+
+    /// `n` awaited single publishes, `parallel` of them in flight at a time.
+    async fn publish_single(&self, run: usize, parallel: u64) -> anyhow::Result<Figures> {
+        let topic = "bench.publish";
+        let case = if parallel == 1 {
+            "publish-single"
+        } else {
+            "publish-par"
+        };
+        let mq = self.client(case, run, topic).await?;
+        let n = self.n(20_000);
+        let next = Arc::new(AtomicU64::new(0));
+        let t0 = Instant::now();
+        let tasks: Vec<JoinHandle<forgemq::Result<()>>> = (0..parallel)
+            .map(|_| {
+                let (mq, next) = (mq.clone(), Arc::clone(&next));
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            return Ok(());
+                        }
+                        mq.publish(topic, payload(i)).await?;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await??;
+        }
+        let elapsed = t0.elapsed();
+        expect_pending(&mq, topic, n).await?;
+        Ok(throughput(n, elapsed))
+    }
+
+    /// `n` prefilled messages (untimed), then one worker at `concurrency` with a no-op
+    /// handler, timed from its start to the `n`th ack.
+    async fn process(
+        &self,
+        case: &str,
+        run: usize,
+        n: u64,
+        concurrency: usize,
+    ) -> anyhow::Result<Figures> {
+        let topic = "bench.process";
+        let mq = self.client(case, run, topic).await?;
+        prefill(&mq, topic, n).await?;
+        let before = self.command_calls().await?;
+        let cpu = self.cpu().await?;
+        let t0 = Instant::now();
+        let worker = Running::start(&mq, topic, concurrency, |_| {})?;
+        let polls = wait_processed(&self.url, &mq, topic, n).await?;
+        let elapsed = t0.elapsed();
+        let cpu = self.cpu().await?.since(cpu, elapsed);
+        let after = self.command_calls().await?;
+        worker.stop().await?;
+        let mut figures = throughput(n, elapsed);
+        figures.extend(command_figures(&before, &after, polls, n));
+        figures.extend(cpu);
+        Ok(figures)
+    }
+
+    /// A producer (`publish_batch`, chunks of 1000) and a worker at concurrency 50 at
+    /// once, timed from the start to the last ack.
+    async fn stream(&self, run: usize) -> anyhow::Result<Figures> {
+        let topic = "bench.stream";
+        let mq = self.client("stream", run, topic).await?;
+        let n = self.n(100_000);
+        let t0 = Instant::now();
+        let worker = Running::start(&mq, topic, 50, |_| {})?;
+        let producer = {
+            let mq = mq.clone();
+            tokio::spawn(async move { prefill(&mq, topic, n).await })
+        };
+        let cpu = self.cpu().await?;
+        wait_processed(&self.url, &mq, topic, n).await?;
+        let elapsed = t0.elapsed();
+        let cpu = self.cpu().await?.since(cpu, elapsed);
+        producer.await??;
+        worker.stop().await?;
+        let mut figures = throughput(n, elapsed);
+        figures.extend(cpu);
+        Ok(figures)
+    }
+
+    /// Messages published one at a time at a modest fixed rate to an idle worker: the time
+    /// from the publish call to the handler's start.
+    async fn latency(&self, run: usize) -> anyhow::Result<Figures> {
+        let topic = "bench.latency";
+        let mq = self.client("latency", run, topic).await?;
+        let n = self.n(10_000);
+        // 1,000 a second: far below every throughput figure, so the worker is idle
+        // (blocked) when each message arrives.
+        let every = Duration::from_millis(1);
+        let clock = Clock::new(n);
+        let worker = {
+            let clock = Arc::clone(&clock);
+            Running::start(&mq, topic, 10, move |i| clock.mark_handled(i))?
+        };
+        // The worker reaches its blocking wait before the first message.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for i in 0..n {
+            tick.tick().await;
+            clock.mark_sent(i);
+            mq.publish(topic, payload(i)).await?;
+        }
+        clock.wait_all(Duration::from_secs(30)).await?;
+        worker.stop().await?;
+        let lat = clock.delays(|_| Duration::ZERO);
+        Ok(percentiles(&lat))
+    }
+
+    /// Delayed messages due across 10 s: how late each starts; any early one fails.
+    async fn delayed(&self, run: usize) -> anyhow::Result<Figures> {
+        let topic = "bench.delayed";
+        let mq = self.client("delayed", run, topic).await?;
+        let n = self.n(10_000);
+        let spread = if self.smoke {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(10)
+        };
+        let delay_of =
+            move |i: u64| spread.mul_f64(i as f64 / n as f64) + Duration::from_millis(200);
+        let clock = Clock::new(n);
+        let worker = {
+            let clock = Arc::clone(&clock);
+            Running::start(&mq, topic, 50, move |i| clock.mark_handled(i))?
+        };
+        // Chunks of 100, so that the time taken before a chunk's call is within a
+        // millisecond of the time Redis gives its messages (due = Redis time + delay).
+        for start in (0..n).step_by(100) {
+            let end = (start + 100).min(n);
+            for i in start..end {
+                clock.mark_sent(i);
+            }
+            let items =
+                (start..end).map(|i| (payload(i), PublishOptions::new().delay(delay_of(i))));
+            mq.publish_batch_with(topic, items).await?;
+        }
+        clock.wait_all(spread + Duration::from_secs(30)).await?;
+        worker.stop().await?;
+        let late = clock.signed_delays(delay_of);
+        let early = late.iter().filter(|d| **d < 0.0).count();
+        let late_ms: Vec<f64> = late.iter().map(|d| d.max(0.0)).collect();
+        let mut figures = percentiles(&late_ms);
+        figures.insert("early".into(), early as f64);
+        if early > 0 {
+            let worst = late.iter().copied().fold(f64::INFINITY, f64::min);
+            bail!(
+                "{early} delayed messages started before they were due (worst {:.3} ms early)",
+                -worst
+            );
+        }
+        Ok(figures)
+    }
+
+    /// Processing at concurrency 50 with a small and a large backlog; the ratio of rates.
+    async fn backlog(&self, run: usize) -> anyhow::Result<Figures> {
+        let small = self.n(10_000);
+        let large = self.n(1_000_000);
+        let a = self.process("backlog-small", run, small, 50).await?;
+        self.clean().await?;
+        let b = self.process("backlog-large", run, large, 50).await?;
+        let (ra, rb) = (a["msgs_per_sec"], b["msgs_per_sec"]);
+        Ok(Figures::from([
+            ("small_backlog".into(), small as f64),
+            ("large_backlog".into(), large as f64),
+            ("small_msgs_per_sec".into(), ra),
+            ("large_msgs_per_sec".into(), rb),
+            ("ratio".into(), rb / ra),
+        ]))
+    }
+
+    /// Redis `used_memory` per pending message, and the part of it beyond the stored
+    /// envelope.
+    async fn memory(&self, run: usize) -> anyhow::Result<Figures> {
+        let topic = "bench.memory";
+        let mq = self.client("memory", run, topic).await?;
+        let n = self.n(100_000);
+        // The topic's fixed keys (stats, registry) exist before the baseline.
+        mq.publish(topic, payload(0)).await?;
+        let before = self.used_memory().await?;
+        prefill(&mq, topic, n).await?;
+        let after = self.used_memory().await?;
+        expect_pending(&mq, topic, n + 1).await?;
+        let peeked = mq.peek(topic, forgemq::MessageState::Pending, 0..1).await?;
+        let envelope = peeked
+            .first()
+            .context("nothing pending after the prefill")?
+            .raw
+            .len();
+        let per = (after - before) / n as f64;
+        Ok(Figures::from([
+            ("bytes_per_msg".into(), per),
+            ("envelope_bytes".into(), envelope as f64),
+            (
+                "payload_bytes".into(),
+                payload(n / 2).to_string().len() as f64,
+            ),
+            ("overhead_bytes".into(), per - envelope as f64),
+        ]))
+    }
+
+    /// Commands per processed message from the process cases already run, or from one
+    /// process run at concurrency 10 when none was.
+    async fn commands_per_message(
+        &self,
+        run: usize,
+        done: &[CaseReport],
+    ) -> anyhow::Result<Figures> {
+        let mut figures = Figures::new();
+        for r in done.iter().filter(|r| r.case.starts_with("process-c")) {
+            let c = r.case.trim_start_matches("process-");
+            for (k, v) in &r.median {
+                if k.starts_with("cmd_") || k.ends_with("_per_msg") {
+                    figures.insert(format!("{c}_{k}"), *v);
+                }
+            }
+        }
+        if figures.is_empty() {
+            let own = self
+                .process("commands-per-message", run, self.n(100_000), 10)
+                .await?;
+            figures.extend(
+                own.into_iter()
+                    .filter(|(k, _)| k.starts_with("cmd_") || k.ends_with("_per_msg"))
+                    .map(|(k, v)| (format!("c10_{k}"), v)),
+            );
+        }
+        Ok(figures)
+    }
+}
+
+/// Publishes `n` standard messages in chunks of [`CHUNK`].
+async fn prefill(mq: &Client, topic: &str, n: u64) -> anyhow::Result<()> {
+    for start in (0..n).step_by(CHUNK) {
+        let end = (start + CHUNK as u64).min(n);
+        mq.publish_batch(topic, (start..end).map(payload)).await?;
+    }
+    Ok(())
+}
+
+async fn expect_pending(mq: &Client, topic: &str, n: u64) -> anyhow::Result<()> {
+    let pending = mq.get_queue_length(topic).await?;
+    if pending != n {
+        bail!("{pending} messages pending instead of {n}");
+    }
+    Ok(())
+}
+
+/// Waits until the topic's `processed` counter reaches `n`, looking every [`POLL`] on a
+/// connection of its own; returns how many times it looked (those HGETs are not the
+/// worker's commands).
+async fn wait_processed(url: &str, mq: &Client, topic: &str, n: u64) -> anyhow::Result<u64> {
+    let mut conn = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let key = format!("{}:{{{topic}}}:stats", mq.namespace());
+    let deadline = Instant::now() + CASE_DEADLINE;
+    let mut polls = 0;
+    loop {
+        let processed: Option<u64> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("processed")
+            .query_async(&mut conn)
+            .await?;
+        polls += 1;
+        if processed.unwrap_or(0) >= n {
+            return Ok(polls);
+        }
+        if Instant::now() > deadline {
+            bail!("only {processed:?} of {n} processed after {CASE_DEADLINE:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A worker on one topic with a handler that calls `on_start` with the payload's `id`.
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<forgemq::Result<()>>,
+}
+
+impl Running {
+    fn start(
+        mq: &Client,
+        topic: &str,
+        concurrency: usize,
+        on_start: impl Fn(u64) + Send + Sync + 'static,
+    ) -> anyhow::Result<Self> {
+        let on_start = Arc::new(on_start);
+        let worker = Worker::builder(mq.clone())
+            .subscribe_with(
+                topic,
+                Subscription::new().concurrency(concurrency),
+                move |msg: Message<Value>| {
+                    on_start(msg.data["id"].as_u64().unwrap_or(u64::MAX));
+                    async { Ok::<(), HandlerError>(()) }
+                },
+            )
+            .build()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(worker.run_until(async {
+            let _ = stopped.await;
+        }));
+        Ok(Self { stop, task })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// When each message was sent and when its handler started, in µs of the system clock:
+/// the clock Redis gives due times by (on this machine), so that "early" compares like
+/// with like.
+struct Clock {
+    sent: Vec<AtomicU64>,
+    handled: Vec<AtomicU64>,
+    count: AtomicUsize,
+}
+
+impl Clock {
+    fn new(n: u64) -> Arc<Self> {
+        Arc::new(Self {
+            sent: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            handled: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicUsize::new(0),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        // Never 0, which means "not yet".
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64)
+            .max(1)
+    }
+
+    fn mark_sent(&self, i: u64) {
+        self.sent[i as usize].store(self.now(), Ordering::SeqCst);
+    }
+
+    /// The first start of each message counts; a redelivery would be a second.
+    fn mark_handled(&self, i: u64) {
+        if let Some(slot) = self.handled.get(i as usize) {
+            if slot
+                .compare_exchange(0, self.now(), Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                self.count.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    async fn wait_all(&self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        while self.count.load(Ordering::SeqCst) < self.handled.len() {
+            if Instant::now() > deadline {
+                bail!(
+                    "only {} of {} messages reached their handler within {limit:?}",
+                    self.count.load(Ordering::SeqCst),
+                    self.handled.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    /// Milliseconds from sent + `offset(i)` to the handler's start, per message; negative
+    /// when the handler started earlier than that.
+    fn signed_delays(&self, offset: impl Fn(u64) -> Duration) -> Vec<f64> {
+        (0..self.sent.len())
+            .map(|i| {
+                let sent = self.sent[i].load(Ordering::SeqCst) as f64;
+                let handled = self.handled[i].load(Ordering::SeqCst) as f64;
+                let due = sent + offset(i as u64).as_micros() as f64;
+                (handled - due) / 1000.0
+            })
+            .collect()
+    }
+
+    fn delays(&self, offset: impl Fn(u64) -> Duration) -> Vec<f64> {
+        self.signed_delays(offset)
+    }
+}
+
+/// CPU seconds of Redis and of the benchmark process at one moment.
+#[derive(Clone, Copy)]
+struct Cpu {
+    redis: f64,
+    client: f64,
+}
+
+impl Cpu {
+    /// Cores kept busy (CPU seconds per second) since `earlier`: what bounds a case.
+    fn since(self, earlier: Cpu, elapsed: Duration) -> Figures {
+        let secs = elapsed.as_secs_f64();
+        Figures::from([
+            ("redis_cpu".into(), (self.redis - earlier.redis) / secs),
+            ("client_cpu".into(), (self.client - earlier.client) / secs),
+        ])
+    }
+}
+
+/// This process's user + system CPU seconds, from `/proc/self/stat` (0 where there is
+/// no procfs); clock ticks are 100 a second on Linux.
+fn own_cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // The command name (field 2) may hold spaces; the fields after it are plain.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn rate(n: u64, elapsed: Duration) -> f64 {
+    n as f64 / elapsed.as_secs_f64()
+}
+
+fn throughput(n: u64, elapsed: Duration) -> Figures {
+    Figures::from([
+        ("msgs_per_sec".into(), rate(n, elapsed)),
+        ("secs".into(), elapsed.as_secs_f64()),
+    ])
+}
+
+/// p50 / p99 / max of a set of milliseconds.
+fn percentiles(ms: &[f64]) -> Figures {
+    let mut sorted = ms.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len().max(1)) - 1;
+        sorted.get(i).copied().unwrap_or(0.0)
+    };
+    Figures::from([
+        ("p50_ms".into(), at(0.50)),
+        ("p99_ms".into(), at(0.99)),
+        ("max_ms".into(), sorted.last().copied().unwrap_or(0.0)),
+    ])
+}
+
+/// Commands per processed message between two `INFO commandstats` readings: all of them
+/// (including those run inside scripts), the round trips (script calls and blocking
+/// waits), and the busiest commands. The timer's own HGETs are taken out.
+fn command_figures(
+    before: &HashMap<String, u64>,
+    after: &HashMap<String, u64>,
+    polls: u64,
+    n: u64,
+) -> Figures {
+    let mut delta: HashMap<String, u64> = after
+        .iter()
+        .map(|(c, v)| (c.clone(), v - before.get(c).copied().unwrap_or(0)))
+        .collect();
+    // The two INFO calls bracket the run; neither is the worker's.
+    for (cmd, ours) in [("hget", polls), ("info", 1)] {
+        if let Some(v) = delta.get_mut(cmd) {
+            *v = v.saturating_sub(ours);
+        }
+    }
+    let total: u64 = delta.values().sum();
+    let round_trips: u64 = ["evalsha", "eval", "blpop", "bzpopmin"]
+        .iter()
+        .map(|c| delta.get(*c).copied().unwrap_or(0))
+        .sum();
+    let per = |x: u64| x as f64 / n as f64;
+    let mut figures = Figures::from([
+        ("commands_per_msg".into(), per(total)),
+        ("round_trips_per_msg".into(), per(round_trips)),
+    ]);
+    for (cmd, calls) in delta {
+        if calls > 0 {
+            figures.insert(format!("cmd_{cmd}"), per(calls));
+        }
+    }
+    figures
+}
