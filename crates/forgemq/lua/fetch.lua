@@ -15,7 +15,7 @@
 -- ARGV[5] dedup         1: skip (delete and count) ids found in the processed ledger
 -- ARGV[6] will_wait     1: the caller blocks on the wake list if this fetch finds nothing
 -- Returns {now_ms, next_due_ms or -1, {id1, envelope1, ...}, paused (0/1)}.
--- next_due_ms is only computed when nothing was leased (the caller is about to wait).
+-- next_due_ms is only computed when fewer than n were leased (the caller may wait next).
 
 local now = now_ms()
 if redis.call('EXISTS', KEYS[8]) == 1 then
@@ -86,6 +86,9 @@ if #out == 0 then
   if ARGV[6] == '1' and redis.call('LLEN', KEYS[1]) == 0 then
     redis.call('DEL', KEYS[6])
   end
+end
+-- (out holds an id and a body per message.)
+if #out < 2 * n then
   local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
   if first[2] then
     next_due = tonumber(first[2])

@@ -2,10 +2,13 @@
 //! blocking wait: a plain subscription is a group of one; `priority` groups several,
 //! strictly ordered or weighted. A batch subscription collects batches instead.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -38,7 +41,7 @@ impl Group {
 
         // Shutdown: let handlers finish within the timeout, then hand the rest back.
         let settings = &self.runners[0].settings;
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         // A year stands in for "no limit" when the timeout is too large to add.
         let deadline = now
             .checked_add(settings.shutdown_timeout)
@@ -127,54 +130,140 @@ impl Group {
         }
     }
 
+    /// Leases work for the group's free slots and runs it, one handler task per message.
+    ///
+    /// A fetch runs alongside the handlers, never in front of them: while it is on its
+    /// way, the slots keep running what an earlier fetch brought. A single-topic group
+    /// holds a few messages leased ahead of a free slot — as many as its handlers get
+    /// through during one fetch round trip, measured as it runs (see [`Pace`]) — so fast
+    /// handlers never wait for Redis, and slow ones get no messages ahead at all. A
+    /// priority group holds none, so that the order of its topics is kept exactly.
     async fn fetch_loop(&self, tasks: &mut JoinSet<()>, stop: &mut watch::Receiver<bool>) {
         let slots = Arc::new(Semaphore::new(self.concurrency));
         let mut waiter = Waiter::default();
         let mut backoff = RetryDelay::default();
         let mut order = Order::new(&self.priority, self.runners.len());
+        let mut pace = Pace::new(self);
+        // Leased and tracked (so renewed, and handed back at shutdown), not started yet.
+        let mut buffer: VecDeque<(usize, Tracked)> = VecDeque::new();
+        let mut fetching: Option<Pin<Box<dyn Future<Output = Round> + Send + '_>>> = None;
+        // After a fetch that found less than it asked for, the queue is empty: no fetch
+        // until the buffer has run dry and a wake-up (or the earliest delayed message's
+        // due time, when one is known) has come.
+        let mut dry: Option<Option<Instant>> = None;
         loop {
-            if *stop.borrow() {
-                return;
-            }
             while tasks.try_join_next().is_some() {}
-            let Some(mut permits) = acquire(&slots, MAX_FETCH, stop).await else {
-                return;
-            };
-            let mut started = false;
-            let mut failed = false;
-            let mut wait = self.idle_wait();
-            for index in order.next() {
-                if permits.is_empty() {
+            if *stop.borrow() {
+                break;
+            }
+            while !buffer.is_empty() {
+                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
                     break;
+                };
+                if let Some((index, t)) = buffer.pop_front() {
+                    self.runners[index].start_single(t, permit, tasks);
                 }
-                let runner = &self.runners[index];
-                let token: Arc<str> = random_token().into();
-                // Not cancelled by shutdown: a fetch that ran must hand its messages to us.
-                match self.fetch(runner, permits.len(), &token).await {
-                    Ok(f) => {
-                        wait = wait.min(until_due(&f));
-                        for m in f.messages {
-                            let Some(permit) = permits.pop() else { break };
-                            runner.start_single(runner.track(m, &token), permit, tasks);
-                            started = true;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(topic = %runner.keys.topic, error = %e, "fetch failed; retrying");
-                        failed = true;
-                        break;
+            }
+            if dry.is_none() && fetching.is_none() {
+                let target = pace.target(self);
+                if buffer.len() <= target / 2 {
+                    let want = (slots.available_permits() + target)
+                        .saturating_sub(buffer.len())
+                        .min(MAX_FETCH);
+                    if want > 0 {
+                        fetching = Some(Box::pin(self.fetch_round(order.next(), want)));
                     }
                 }
             }
-            drop(permits);
-            if started {
-                backoff.reset();
-            } else if failed {
-                pause(backoff.next(), stop).await;
-            } else {
+            if let (Some(until), None, true) = (dry, &fetching, buffer.is_empty()) {
+                // Idle: block until work is published or the next delayed message is due.
+                // With no due time the wait is the full idle wait, so that it is the blocking
+                // call that ends it (a local timer just short of it would fetch twice).
+                let wait = until.map_or(self.idle_wait(), |u| {
+                    u.saturating_duration_since(Instant::now())
+                });
                 self.wait(&mut waiter, wait, &mut backoff, stop).await;
+                dry = None;
+                continue;
+            }
+            tokio::select! {
+                round = async {
+                    match fetching.as_mut() {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    fetching = None;
+                    pace.observe(round.rtt);
+                    if round.failed {
+                        buffer.extend(round.got);
+                        pause(backoff.next(), stop).await;
+                        continue;
+                    }
+                    backoff.reset();
+                    if round.got.len() < round.asked {
+                        dry = Some(round.due_at);
+                    }
+                    buffer.extend(round.got);
+                }
+                // A slot came free: for the next buffered message, or (nothing buffered,
+                // nothing on its way, every slot was busy) to look for work again.
+                permit = Arc::clone(&slots).acquire_owned(), if !buffer.is_empty() || fetching.is_none() => {
+                    if let (Ok(permit), Some((index, t))) = (permit, buffer.pop_front()) {
+                        self.runners[index].start_single(t, permit, tasks);
+                    }
+                }
+                _ = stop.changed() => {}
             }
         }
+        // A fetch that ran must hand its messages over: tracked, they are returned to
+        // pending at shutdown instead of waiting for their lease to expire.
+        if let Some(f) = fetching {
+            drop(f.await);
+        }
+        drop(buffer);
+    }
+
+    /// One fetch round: asks the topics in `order` for up to `want` messages in all, and
+    /// tracks what it gets.
+    async fn fetch_round(&self, order: Vec<usize>, mut want: usize) -> Round {
+        let started = Instant::now();
+        let mut round = Round {
+            got: Vec::new(),
+            asked: want,
+            due_at: None,
+            failed: false,
+            rtt: Duration::ZERO,
+        };
+        for index in order {
+            if want == 0 {
+                break;
+            }
+            let runner = &self.runners[index];
+            let token: Arc<str> = random_token().into();
+            match self.fetch(runner, want, &token).await {
+                Ok(f) => {
+                    let due = until_due(&f);
+                    if due != Duration::MAX {
+                        let at = Instant::now() + due;
+                        round.due_at = Some(round.due_at.map_or(at, |d| d.min(at)));
+                    }
+                    want = want.saturating_sub(f.messages.len());
+                    round.got.extend(
+                        f.messages
+                            .into_iter()
+                            .map(|m| (index, runner.track(m, &token))),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %runner.keys.topic, error = %e, "fetch failed; retrying");
+                    round.failed = true;
+                    break;
+                }
+            }
+        }
+        round.rtt = started.elapsed();
+        round
     }
 
     /// Collects up to `max_size` messages, or what arrived within `max_wait` of the first,
@@ -268,13 +357,63 @@ async fn acquire(
     Some(permits)
 }
 
-/// How long until the earliest delayed message of a fetch that found nothing is due.
+/// How long until the earliest delayed message is due, from a fetch that leased less
+/// than it asked for (only those report it); `Duration::MAX` when none is known.
 fn until_due(f: &FetchResult) -> Duration {
     match f.next_due_ms {
-        Some(due) if f.messages.is_empty() && !f.paused => {
-            Duration::from_millis(due.saturating_sub(f.now_ms).max(1) as u64)
-        }
+        Some(due) if !f.paused => Duration::from_millis(due.saturating_sub(f.now_ms).max(1) as u64),
         _ => Duration::MAX,
+    }
+}
+
+/// What one [`Group::fetch_round`] brought.
+struct Round {
+    got: Vec<(usize, Tracked)>,
+    asked: usize,
+    /// When the earliest delayed message of the topics asked is due.
+    due_at: Option<Instant>,
+    failed: bool,
+    rtt: Duration,
+}
+
+/// How many messages a single-topic group holds leased ahead of its free slots: twice
+/// what its handlers finish during one fetch round trip (a fetch starts when the buffer
+/// is half empty), from running averages of both, at most the subscription's `prefetch`.
+/// Handlers slower than a round trip get next to nothing ahead, so a slow topic's
+/// messages stay in Redis for other workers to take.
+struct Pace {
+    rtt_us: f64,
+    cap: usize,
+}
+
+impl Pace {
+    fn new(group: &Group) -> Self {
+        let cap = match group.runners.as_slice() {
+            [only] => only.sub.prefetch_limit(),
+            _ => 0,
+        };
+        Self { rtt_us: 0.0, cap }
+    }
+
+    fn observe(&mut self, rtt: Duration) {
+        let us = rtt.as_secs_f64() * 1e6;
+        self.rtt_us = if self.rtt_us == 0.0 {
+            us
+        } else {
+            0.8 * self.rtt_us + 0.2 * us
+        };
+    }
+
+    fn target(&self, group: &Group) -> usize {
+        if self.cap == 0 || self.rtt_us == 0.0 {
+            return 0;
+        }
+        let handler_us = group.runners[0].handler_time_us();
+        if handler_us <= 0.0 {
+            return 0;
+        }
+        let per_round_trip = group.concurrency as f64 * self.rtt_us / handler_us;
+        ((2.0 * per_round_trip).ceil() as usize).min(self.cap)
     }
 }
 

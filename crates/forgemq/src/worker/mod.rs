@@ -30,6 +30,9 @@ use group::Group;
 pub(crate) use runner::{failure_op, random_token};
 use runner::{ErasedBatchHandler, ErasedHandler, HandlerKind, Runner, Verdict};
 
+/// Most messages held leased ahead of free slots: one fetch's worth.
+const MAX_PREFETCH: usize = 1000;
+
 /// Most expired leases one recoverer call handles; it loops while there are more.
 const RECOVER_LIMIT: usize = 1000;
 
@@ -56,6 +59,7 @@ pub struct Subscription {
     pub(crate) lease: Duration,
     pub(crate) timeout: Option<Duration>,
     pub(crate) dedup_ttl: Option<Duration>,
+    pub(crate) prefetch: Option<usize>,
 }
 
 /// How long [`Subscription::deduplicate`] remembers processed ids, as the seed's
@@ -71,6 +75,7 @@ impl Default for Subscription {
             lease: Duration::from_secs(15),
             timeout: Some(Duration::from_secs(30 * 60)),
             dedup_ttl: None,
+            prefetch: None,
         }
     }
 }
@@ -130,6 +135,27 @@ impl Subscription {
     pub fn deduplicate(mut self, ttl: Duration) -> Self {
         self.dedup_ttl = Some(ttl);
         self
+    }
+
+    /// Most messages this worker holds leased ahead of a free slot (default: four times
+    /// the concurrency, at least 64, at most 1,000; `0` turns it off).
+    ///
+    /// The worker holds only as many as its handlers get through during one fetch round
+    /// trip, measured as it runs, so fast handlers never wait for Redis while handlers
+    /// slower than a round trip get next to none: their messages stay in Redis for other
+    /// workers. Held messages are leased and renewed like running ones; at shutdown they
+    /// go straight back to pending, and if the worker dies they run again after their
+    /// lease, as running ones do. Priority groups never hold any (it would bend the order).
+    pub fn prefetch(mut self, max: usize) -> Self {
+        self.prefetch = Some(max);
+        self
+    }
+
+    /// The prefetch limit in effect.
+    pub(crate) fn prefetch_limit(&self) -> usize {
+        self.prefetch
+            .unwrap_or_else(|| self.concurrency.saturating_mul(4).max(64))
+            .min(MAX_PREFETCH)
     }
 
     fn validate(&self, topic: &str) -> Result<()> {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -120,6 +120,9 @@ pub(crate) struct Runner {
     pub(crate) settings: Settings,
     inflight: Mutex<InFlightMap>,
     out_tx: Mutex<Option<mpsc::UnboundedSender<Vec<Outcome>>>>,
+    /// Running average of how long a slot is taken per message (start to outcome), µs,
+    /// as `f64` bits; 0 until the first handler finished. Read by the fetch loop's pace.
+    handler_time: Arc<AtomicU64>,
 }
 
 impl Runner {
@@ -138,6 +141,7 @@ impl Runner {
             settings,
             inflight: Mutex::new(HashMap::new()),
             out_tx: Mutex::new(None),
+            handler_time: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -253,6 +257,11 @@ impl Runner {
         }
     }
 
+    /// The running average of how long a slot is taken per message, µs (0: not known yet).
+    pub(crate) fn handler_time_us(&self) -> f64 {
+        f64::from_bits(self.handler_time.load(Ordering::Relaxed))
+    }
+
     /// Starts one handler task for one delivery.
     pub(crate) fn start_single(
         self: &Arc<Self>,
@@ -274,6 +283,8 @@ impl Runner {
         let handler = Arc::clone(handler);
         let timeout = self.sub.timeout;
         let Some(out_tx) = self.sender() else { return };
+        let handler_time = Arc::clone(&self.handler_time);
+        let started = std::time::Instant::now();
         tasks.spawn(async move {
             let verdict = guarded(handler(message), timeout, |r| match r {
                 Ok(()) => Verdict::Ack,
@@ -281,6 +292,15 @@ impl Runner {
             })
             .await
             .unwrap_or_else(Verdict::retry);
+            // Racing updates may drop a sample; an average does not mind.
+            let took = started.elapsed().as_secs_f64() * 1e6;
+            let before = f64::from_bits(handler_time.load(Ordering::Relaxed));
+            let average = if before == 0.0 {
+                took
+            } else {
+                0.9 * before + 0.1 * took
+            };
+            handler_time.store(average.to_bits(), Ordering::Relaxed);
             // No await between these two: an abort at shutdown either sees the outcome
             // sent or the delivery unfinished, never half of it.
             t.finished.store(true, Ordering::SeqCst);
