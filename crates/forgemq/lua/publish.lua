@@ -16,49 +16,71 @@
 
 local G = 5
 local now, now_up = clock()
+local count = #ARGV / G
+if count == 0 then
+  return {}
+end
 local results = {}
 local seen, claimed = {}, {}
 local ledger = redis.call('EXISTS', KEYS[6]) == 1
--- Preconditions first: which messages are new (also within this call).
-for i = 1, #ARGV, G do
-  local id, uk = ARGV[i], tonumber(ARGV[i + 3])
+-- Preconditions first: which messages are new (also within this call). One HMGET looks
+-- up every id at once (callers send at most 1,000 per call).
+local ids = {}
+for k = 1, count do
+  ids[k] = ARGV[(k - 1) * G + 1]
+end
+local stored = redis.call('HMGET', KEYS[1], unpack(ids))
+for k = 1, count do
+  local i = (k - 1) * G + 1
+  local id, uk = ids[k], tonumber(ARGV[i + 3])
   local holder = false
   if uk > 0 then
     -- By key name: two messages of one call may carry the same unique key.
     holder = claimed[KEYS[uk]] or redis.call('GET', KEYS[uk])
   end
   if holder then
-    results[#results + 1] = holder
-  elseif seen[id] or redis.call('HEXISTS', KEYS[1], id) == 1
+    results[k] = holder
+  elseif seen[id] or stored[k]
       or (ledger and tonumber(redis.call('ZSCORE', KEYS[6], id) or '0') > now) then
-    results[#results + 1] = 0
+    results[k] = 0
   else
     seen[id] = true
     if uk > 0 then
       claimed[KEYS[uk]] = id
     end
-    results[#results + 1] = 1
+    results[k] = 1
   end
 end
 
-local written = 0
-for i = 1, #ARGV, G do
-  if results[(i - 1) / G + 1] == 1 then
-    local id, delay, uk = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 3])
-    redis.call('HSET', KEYS[1], id, ARGV[i + 2])
+-- Then the writes, one command per structure for the whole call.
+local bodies, ready, later = {}, {}, {}
+for k = 1, count do
+  if results[k] == 1 then
+    local i = (k - 1) * G + 1
+    local id, delay, uk = ids[k], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 3])
+    bodies[#bodies + 1] = id
+    bodies[#bodies + 1] = ARGV[i + 2]
     if delay > 0 then
-      redis.call('ZADD', KEYS[3], now_up + delay, id)
+      later[#later + 1] = now_up + delay
+      later[#later + 1] = id
     else
-      redis.call('RPUSH', KEYS[2], id)
+      ready[#ready + 1] = id
     end
     if uk > 0 then
       redis.call('SET', KEYS[uk], id, 'PX', ARGV[i + 4])
     end
-    written = written + 1
   end
 end
 
+local written = #bodies / 2
 if written > 0 then
+  redis.call('HSET', KEYS[1], unpack(bodies))
+  if #ready > 0 then
+    redis.call('RPUSH', KEYS[2], unpack(ready))
+  end
+  if #later > 0 then
+    redis.call('ZADD', KEYS[3], unpack(later))
+  end
   redis.call('HINCRBY', KEYS[5], 'published', written)
   count_minute(KEYS[7], now, 'p', written)
   -- A delayed message may be due before the time a blocked worker is waiting for, so it
