@@ -10,7 +10,7 @@ for i = 3, #ARGV, 2 do
   ids[#ids + 1] = ARGV[i]
 end
 local owners = redis.call('HMGET', KEYS[2], unpack(ids))
-local deadline = now_ms() + tonumber(ARGV[1])
+local deadline = string.format('%d', now_ms() + tonumber(ARGV[1]))
 local results, zargs = {}, {}
 for i, id in ipairs(ids) do
   if owners[i] == ARGV[2 * i] then

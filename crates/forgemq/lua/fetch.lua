@@ -41,7 +41,8 @@ local out = {}
 if ids then
   local bodies = redis.call('HMGET', KEYS[5], unpack(ids))
   local ledger = ARGV[5] == '1' and redis.call('EXISTS', KEYS[9]) == 1
-  local deadline = now + lease_ms
+  -- As a string once: Redis would otherwise format the number for every id.
+  local deadline = string.format('%d', now + lease_ms)
   local zargs, hargs, skipped = {}, {}, {}
   local orphans = 0
   for i, id in ipairs(ids) do

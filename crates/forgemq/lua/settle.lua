@@ -14,29 +14,40 @@
 -- ARGV[1] dead_max_len   dead letters kept; older ones are deleted (0 = no cap)
 -- ARGV[2] dead_max_age   ms a dead letter is kept (0 = forever)
 -- ARGV[3] dedup_ttl      ms an acked id stays in the processed ledger (0 = no ledger)
--- ARGV    then groups of 5: op ('ack' | 'retry' | 'dead' | 'dead_as_is'), token, id,
---         envelope (for dead_as_is: the error text), delay_ms
+-- ARGV[4] a              number of acks, listed first as pairs: token, id
+-- ARGV    then groups of 5 for the other outcomes: op ('retry' | 'dead' | 'dead_as_is'),
+--         token, id, envelope (for dead_as_is: the error text), delay_ms
 --         dead_as_is keeps the stored body (too large or unreadable to rewrite in the
 --         worker) and only appends last_error to it.
--- Returns one integer per group: 1 applied, 0 lease lost (nothing written for it).
+-- Returns one integer per outcome, acks first: 1 applied, 0 lease lost (nothing written
+-- for it).
 
 local G = 5
-local n = (#ARGV - 3) / G
-local ids = {}
-for i = 1, n do
-  ids[i] = ARGV[3 + (i - 1) * G + 3]
-end
+local acks = tonumber(ARGV[4])
+local first_group = 5 + 2 * acks
+local n = acks + (#ARGV - first_group + 1) / G
 if n == 0 then
   return {}
 end
+-- Outcome i: its id, token and (for failures) where its group starts in ARGV.
+local ids, tokens, base = {}, {}, {}
+for i = 1, acks do
+  tokens[i] = ARGV[3 + 2 * i]
+  ids[i] = ARGV[4 + 2 * i]
+end
+for i = acks + 1, n do
+  local b = first_group + (i - acks - 1) * G
+  base[i] = b
+  tokens[i] = ARGV[b + 1]
+  ids[i] = ARGV[b + 2]
+end
 
--- Preconditions for every group before the first write: the lease is still ours, and an
--- id settled twice in one call counts once.
+-- Preconditions for every outcome before the first write: the lease is still ours, and
+-- an id settled twice in one call counts once.
 local owners = redis.call('HMGET', KEYS[2], unpack(ids))
 local results, seen = {}, {}
 for i = 1, n do
-  local base = 3 + (i - 1) * G
-  if owners[i] == ARGV[base + 2] and not seen[ids[i]] then
+  if owners[i] == tokens[i] and not seen[ids[i]] then
     results[i] = 1
     seen[ids[i]] = true
   else
@@ -46,32 +57,34 @@ end
 
 local now, now_up = clock()
 local dedup_ttl = tonumber(ARGV[3])
-local acked, retried, dead, ready = {}, 0, 0, false
-for i = 1, n do
+local acked, retried, dead = {}, 0, 0
+for i = 1, acks do
   if results[i] == 1 then
-    local base = 3 + (i - 1) * G
-    local op, id = ARGV[base + 1], ids[i]
-    if op == 'ack' then
-      acked[#acked + 1] = id
-    elseif op == 'retry' then
-      redis.call('HSET', KEYS[3], id, ARGV[base + 4])
-      local delay = tonumber(ARGV[base + 5])
+    acked[#acked + 1] = ids[i]
+  end
+end
+for i = acks + 1, n do
+  if results[i] == 1 then
+    local b = base[i]
+    local op, id = ARGV[b], ids[i]
+    if op == 'retry' then
+      redis.call('HSET', KEYS[3], id, ARGV[b + 3])
+      local delay = tonumber(ARGV[b + 4])
       if delay > 0 then
         redis.call('ZADD', KEYS[4], now_up + delay, id)
       else
         redis.call('RPUSH', KEYS[5], id)
       end
       retried = retried + 1
-      ready = true
     elseif op == 'dead_as_is' then
       local body = redis.call('HGET', KEYS[3], id)
       if body then
-        redis.call('HSET', KEYS[3], id, set_field(body, 'last_error', ARGV[base + 4]))
+        redis.call('HSET', KEYS[3], id, set_field(body, 'last_error', ARGV[b + 3]))
       end
       redis.call('ZADD', KEYS[6], now, id)
       dead = dead + 1
     else
-      redis.call('HSET', KEYS[3], id, ARGV[base + 4])
+      redis.call('HSET', KEYS[3], id, ARGV[b + 3])
       redis.call('ZADD', KEYS[6], now, id)
       dead = dead + 1
     end
@@ -94,8 +107,9 @@ if #acked > 0 then
   count_minute(KEYS[10], now, 'd', #acked)
   if dedup_ttl > 0 then
     local zargs = {}
+    local until_ms = string.format('%d', now + dedup_ttl)
     for _, id in ipairs(acked) do
-      zargs[#zargs + 1] = now + dedup_ttl
+      zargs[#zargs + 1] = until_ms
       zargs[#zargs + 1] = id
     end
     redis.call('ZADD', KEYS[9], unpack(zargs))

@@ -75,6 +75,19 @@ pub(crate) enum SettleOp {
     },
 }
 
+impl SettleOp {
+    /// The settle script's arguments for anything but an ack: op name, envelope (or error
+    /// text) and delay in ms.
+    fn failure_args(&self) -> Option<(&'static str, &[u8], u64)> {
+        match self {
+            SettleOp::Ack => None,
+            SettleOp::Retry { body, delay } => Some(("retry", body.as_bytes(), millis(*delay))),
+            SettleOp::Dead { body } => Some(("dead", body.as_bytes(), 0)),
+            SettleOp::DeadAsIs { error } => Some(("dead_as_is", error.as_bytes(), 0)),
+        }
+    }
+}
+
 /// A state to look into with [`Store::peek`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PeekState {
@@ -442,25 +455,35 @@ impl Store {
                 &keys.minutes,
             ],
         );
+        // Acks first, as bare (token, id) pairs; then the other outcomes in groups of 5.
+        // The script answers in that order; `order` maps its answers back to ours.
+        let mut acks = Vec::new();
+        let mut others = Vec::new();
+        for (i, (_, _, op)) in outcomes.iter().enumerate() {
+            match op.failure_args() {
+                None => acks.push(i),
+                Some(args) => others.push((i, args)),
+            }
+        }
         call.arg(self.settings.dead_max_len)
             .arg(millis(self.settings.dead_max_age))
-            .arg(millis(dedup_ttl));
-        for (token, id, op) in outcomes {
-            match op {
-                SettleOp::Ack => call.arg("ack").arg(token).arg(id).arg("").arg(0),
-                SettleOp::Retry { body, delay } => call
-                    .arg("retry")
-                    .arg(token)
-                    .arg(id)
-                    .arg(body)
-                    .arg(millis(*delay)),
-                SettleOp::Dead { body } => call.arg("dead").arg(token).arg(id).arg(body).arg(0),
-                SettleOp::DeadAsIs { error } => {
-                    call.arg("dead_as_is").arg(token).arg(id).arg(error).arg(0)
-                }
-            };
+            .arg(millis(dedup_ttl))
+            .arg(acks.len());
+        for &i in &acks {
+            let (token, id, _) = outcomes[i];
+            call.arg(token).arg(id);
         }
-        self.run_flags(script, &call).await
+        for &(i, (name, text, delay)) in &others {
+            let (token, id, _) = outcomes[i];
+            call.arg(name).arg(token).arg(id).arg(text).arg(delay);
+        }
+        let order = acks.into_iter().chain(others.into_iter().map(|(i, _)| i));
+        let answers = self.run_flags(script, &call).await?;
+        let mut flags = vec![false; outcomes.len()];
+        for (i, ok) in order.zip(answers) {
+            flags[i] = ok;
+        }
+        Ok(flags)
     }
 
     pub(crate) async fn release(
