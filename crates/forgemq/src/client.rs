@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::keys::{validate_topic, Namespace, TopicKeys};
-use crate::message::{from_millis, Envelope, MessageId};
+use crate::message::{from_millis, rfc3339, Envelope, MessageId};
 use crate::store::{
     CancelState, ConnSettings, PeekState, PublishItem, Store, Written, MAX_PER_CALL,
 };
@@ -34,24 +34,34 @@ const PUBLISH_ATTEMPTS: u32 = 3;
 /// never consumed.
 pub const MAX_NESTING: usize = 100;
 
-/// Nesting depth of a JSON value, without recursion (the value may be deep).
-fn nesting(v: &Value) -> usize {
-    let mut deepest = 0;
-    let mut stack = vec![(v, 1)];
-    while let Some((v, depth)) = stack.pop() {
-        match v {
-            Value::Array(a) => {
-                deepest = deepest.max(depth);
-                stack.extend(a.iter().map(|x| (x, depth + 1)));
+/// Nesting depth of JSON text: arrays and objects, counted outside strings.
+fn nesting(json: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
             }
-            Value::Object(o) => {
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
                 deepest = deepest.max(depth);
-                stack.extend(o.values().map(|x| (x, depth + 1)));
             }
+            b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
     }
     deepest
+}
+
+fn now_rfc3339() -> String {
+    rfc3339(SystemTime::now())
 }
 
 /// A connection to ForgeMQ on one Redis server: publishes and inspects queues.
@@ -401,7 +411,7 @@ pub struct MinuteCounts {
 }
 
 fn rfc3339_ser<S: serde::Serializer>(t: &SystemTime, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_str(&crate::message::rfc3339(*t))
+    s.serialize_str(&rfc3339(*t))
 }
 
 /// The states a stored message can be in.
@@ -557,7 +567,7 @@ impl Client {
     ) -> Result<PublishOutcome> {
         let keys = self.keys(topic)?;
         let id = options.id.clone().unwrap_or_else(MessageId::generate);
-        let item = self.prepare(topic, &id, data, &options)?;
+        let item = self.prepare(topic, &id, data, &options, &now_rfc3339())?;
         let written = self.write(&keys, &[item]).await?;
         Ok(outcome(
             id,
@@ -596,9 +606,10 @@ impl Client {
         let keys = self.keys(topic)?;
         let mut ids = Vec::new();
         let mut prepared = Vec::new();
+        let timestamp = now_rfc3339();
         for (data, options) in items {
             let id = options.id.clone().unwrap_or_else(MessageId::generate);
-            prepared.push(self.prepare(topic, &id, data, &options)?);
+            prepared.push(self.prepare(topic, &id, data, &options, &timestamp)?);
             ids.push(id);
         }
         let mut outcomes = Vec::with_capacity(ids.len());
@@ -623,15 +634,19 @@ impl Client {
     ) -> Result<()> {
         validate_topic(topic)?;
         let id = options.id.clone().unwrap_or_else(MessageId::generate);
-        self.prepare(topic, &id, data, options).map(|_| ())
+        self.prepare(topic, &id, data, options, &now_rfc3339())
+            .map(|_| ())
     }
 
+    /// Checks and encodes one message; `timestamp` is the time of publishing (one per call,
+    /// however many messages it holds).
     fn prepare<D: Serialize>(
         &self,
         topic: &str,
         id: &MessageId,
         data: D,
         options: &PublishOptions,
+        timestamp: &str,
     ) -> Result<PublishItem> {
         if let Some((key, ttl)) = &options.unique {
             if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
@@ -643,13 +658,13 @@ impl Client {
                 return Err(Error::Config("unique_key ttl must be at least 1ms".into()));
             }
         }
-        let data = serde_json::to_value(data).map_err(Error::Serialize)?;
-        if nesting(&data) > MAX_NESTING {
+        let data = serde_json::value::to_raw_value(&data).map_err(Error::Serialize)?;
+        if nesting(data.get().as_bytes()) > MAX_NESTING {
             return Err(Error::InvalidData(format!(
                 "data is nested more than {MAX_NESTING} levels deep; consumers could not decode it"
             )));
         }
-        let body = Envelope::new(id, topic, data, options.max_retry).encode();
+        let body = Envelope::encode_new(id, topic, &data, timestamp, options.max_retry);
         if body.len() > self.inner.max_payload {
             return Err(Error::PayloadTooLarge {
                 size: body.len(),

@@ -96,28 +96,26 @@ pub(crate) struct FailureRecord {
 ///
 /// Compatible with the seed's `Message` (`id`, `topic`, `data`, `timestamp`, `retry`);
 /// the optional fields appear only when set, and unknown fields are kept as they are.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize)]
 pub(crate) struct Envelope {
     pub(crate) id: String,
     pub(crate) topic: String,
     pub(crate) data: Value,
     /// Time of publishing, RFC 3339 UTC.
-    #[serde(default)]
     pub(crate) timestamp: String,
     /// Failed attempts so far.
-    #[serde(default)]
     pub(crate) retry: u32,
     /// Retries allowed for this message; absent means the subscription's setting.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) max_retry: Option<u32>,
     /// Times a lease expired while this message was being handled (worker crash or stall).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(skip_serializing_if = "is_zero")]
     pub(crate) recoveries: u32,
     /// Text of the most recent failure.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) last_error: Option<String>,
     /// The last few failures, oldest first.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) errors: Vec<FailureRecord>,
     /// Fields this version does not know, kept so that a newer writer's fields survive.
     #[serde(flatten)]
@@ -128,7 +126,68 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// Decoded by hand rather than derived: the derive refuses a repeated key (the Lua scripts
+/// append a changed field again; the last one wins) and, with `extra` flattened, buffers
+/// every field before decoding it, which made decoding the biggest cost of a no-op handler.
+impl<'de> Deserialize<'de> for Envelope {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> std::result::Result<Self, D::Error> {
+        de.deserialize_map(EnvelopeVisitor)
+    }
+}
+
+struct EnvelopeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for EnvelopeVisitor {
+    type Value = Envelope;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a message envelope (a JSON object with id, topic and data)")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Envelope, A::Error> {
+        use serde::de::Error as _;
+        let (mut id, mut topic, mut data) = (None, None, None);
+        let mut env = Envelope {
+            id: String::new(),
+            topic: String::new(),
+            data: Value::Null,
+            timestamp: String::new(),
+            retry: 0,
+            max_retry: None,
+            recoveries: 0,
+            last_error: None,
+            errors: Vec::new(),
+            extra: Map::new(),
+        };
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "id" => id = Some(map.next_value::<String>()?),
+                "topic" => topic = Some(map.next_value::<String>()?),
+                "data" => data = Some(map.next_value::<Value>()?),
+                "timestamp" => env.timestamp = map.next_value()?,
+                "retry" => env.retry = map.next_value()?,
+                "max_retry" => env.max_retry = map.next_value()?,
+                "recoveries" => env.recoveries = map.next_value()?,
+                "last_error" => env.last_error = map.next_value()?,
+                "errors" => env.errors = map.next_value()?,
+                _ => {
+                    let value = map.next_value::<Value>()?;
+                    env.extra.insert(key.into_owned(), value);
+                }
+            }
+        }
+        env.id = id.ok_or_else(|| A::Error::missing_field("id"))?;
+        env.topic = topic.ok_or_else(|| A::Error::missing_field("topic"))?;
+        env.data = data.ok_or_else(|| A::Error::missing_field("data"))?;
+        Ok(env)
+    }
+}
+
 impl Envelope {
+    #[cfg(test)]
     pub(crate) fn new(id: &MessageId, topic: &str, data: Value, max_retry: Option<u32>) -> Self {
         Self {
             id: id.as_str().to_owned(),
@@ -144,21 +203,43 @@ impl Envelope {
         }
     }
 
+    /// Encodes a new message's envelope, byte for byte what [`Envelope::encode`] gives
+    /// for it, from data already serialized.
+    pub(crate) fn encode_new(
+        id: &MessageId,
+        topic: &str,
+        data: &serde_json::value::RawValue,
+        timestamp: &str,
+        max_retry: Option<u32>,
+    ) -> String {
+        #[derive(Serialize)]
+        struct New<'a> {
+            id: &'a str,
+            topic: &'a str,
+            data: &'a serde_json::value::RawValue,
+            timestamp: &'a str,
+            retry: u32,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            max_retry: Option<u32>,
+        }
+        let new = New {
+            id: id.as_str(),
+            topic,
+            data,
+            timestamp,
+            retry: 0,
+            max_retry,
+        };
+        // Strings, numbers and JSON text already checked: this cannot fail.
+        serde_json::to_string(&new).unwrap_or_default()
+    }
+
     /// Decodes a stored envelope.
     ///
-    /// Lua scripts change a field by appending it again (see `lua/prelude.lua`), and the
-    /// last occurrence of a key wins; the plain struct decode refuses duplicates, so such
-    /// bodies take the slower path through a map.
+    /// Lua scripts change a field by appending it again (see `lua/prelude.lua`), so the
+    /// last occurrence of a key wins.
     pub(crate) fn decode(body: &[u8]) -> std::result::Result<Self, serde_json::Error> {
-        let env = match serde_json::from_slice::<Envelope>(body) {
-            Ok(env) => env,
-            Err(first) => {
-                let Ok(map) = serde_json::from_slice::<Map<String, Value>>(body) else {
-                    return Err(first);
-                };
-                serde_json::from_value(Value::Object(map))?
-            }
-        };
+        let env = serde_json::from_slice::<Envelope>(body)?;
         // serde_json reads an integer beyond 64 bits as a float, silently rounded; a
         // handler must not act on a changed number. Checked only when the data holds such
         // a float, so ordinary messages pay nothing.
@@ -425,6 +506,46 @@ mod tests {
         let env = Envelope::decode(body).unwrap();
         let again: Value = serde_json::from_str(&env.encode()).unwrap();
         assert_eq!(again["trace"], "abc");
+    }
+
+    #[test]
+    fn new_envelopes_encode_as_the_struct_does_and_decode_back() {
+        let id = MessageId::new("order-\"1\"").unwrap();
+        let data = serde_json::json!({"price": 299.99, "items": [], "nested": {"a": [1, {"b": null}]}, "s": "\u{e9}\n"});
+        for max_retry in [None, Some(5)] {
+            let mut env = Envelope::new(&id, "order.created", data.clone(), max_retry);
+            env.timestamp = "2025-10-15T10:30:00.123Z".to_owned();
+            let raw = serde_json::value::to_raw_value(&data).unwrap();
+            let fast = Envelope::encode_new(&id, "order.created", &raw, &env.timestamp, max_retry);
+            assert_eq!(fast, env.encode());
+            let back = Envelope::decode(fast.as_bytes()).unwrap();
+            assert_eq!(back.data, data);
+            assert_eq!(back.max_retry, max_retry);
+            assert_eq!(back.id, id.as_str());
+        }
+    }
+
+    #[test]
+    fn repeated_keys_decode_last_one_wins_and_missing_ones_are_errors() {
+        let body =
+            br#"{"id":"a","topic":"t","data":1,"retry":0,"x":1,"retry":2,"x":2,"last_error":"e"}"#;
+        let env = Envelope::decode(body).unwrap();
+        assert_eq!(env.retry, 2);
+        assert_eq!(env.extra["x"], 2);
+        assert_eq!(env.last_error.as_deref(), Some("e"));
+        for missing in [
+            &br#"{"topic":"t","data":1}"#[..],
+            br#"{"id":"a","data":1}"#,
+            br#"{"id":"a","topic":"t"}"#,
+            b"[1]",
+            b"7",
+        ] {
+            assert!(
+                Envelope::decode(missing).is_err(),
+                "{}",
+                String::from_utf8_lossy(missing)
+            );
+        }
     }
 
     #[test]

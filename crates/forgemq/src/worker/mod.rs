@@ -345,7 +345,7 @@ impl WorkerBuilder {
             let handler = Arc::clone(&handler);
             Box::pin(async move {
                 let typed = msg
-                    .try_map_data(serde_json::from_value::<T>)
+                    .try_map_data(typed_data::<T>)
                     .map_err(|e| HandlerError::fatal(decode_error::<T>(&e)))?;
                 handler(typed).await
             })
@@ -387,7 +387,7 @@ impl WorkerBuilder {
                 let mut typed = Vec::with_capacity(n);
                 let mut positions = Vec::with_capacity(n);
                 for (i, m) in messages.into_iter().enumerate() {
-                    match m.try_map_data(serde_json::from_value::<T>) {
+                    match m.try_map_data(typed_data::<T>) {
                         Ok(t) => {
                             typed.push(t);
                             positions.push(i);
@@ -591,6 +591,18 @@ impl WorkerBuilder {
             settings: self.settings,
         })
     }
+}
+
+/// Turns a message's data into the handler's type. A handler that takes the data as a
+/// `serde_json::Value` gets it as decoded, not rebuilt field by field.
+fn typed_data<T: DeserializeOwned + 'static>(data: Value) -> serde_json::Result<T> {
+    let mut slot = Some(data);
+    if let Some(same) = (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<T>>() {
+        if let Some(data) = same.take() {
+            return Ok(data);
+        }
+    }
+    serde_json::from_value(slot.unwrap_or(Value::Null))
 }
 
 fn decode_error<T>(e: &serde_json::Error) -> String {
