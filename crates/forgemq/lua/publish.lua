@@ -7,32 +7,46 @@
 -- KEYS[6] processed  ZSET  ledger of recently processed ids (deduplicating workers)
 -- KEYS[7] minutes    HASH  per-minute counters (see count_minute)
 -- KEYS[8..] unique-key STRINGs (id of the message that holds the key), as referenced below
--- ARGV    groups of 5: id, delay_ms (0 = now), envelope, unique_key_index (0 = none; else
---         an index into KEYS), unique_ttl_ms
+-- ARGV    groups of 3: id, envelope, options; options is '' for a message to run now
+--         without a unique key (the common case: nothing to convert), else
+--         '<delay_ms>,<unique_key_index>,<unique_ttl_ms>' (delay 0 = now; index 0 = no
+--         unique key, else an index into KEYS)
 -- Returns one value per message: 1 written; 0 an envelope with that id already exists or
 -- the id was processed recently (a retried publish, or a caller-chosen id used twice); or
 -- the id (a string) of the message that holds its unique key. Nothing is written for a
 -- message that is not new.
 
-local G = 5
+local G = 3
 local now, now_up = clock()
 local count = #ARGV / G
 if count == 0 then
   return {}
 end
+-- Message k: its id, and its delay, unique key index and unique key ttl.
+local ids, delays, uks, ttls = {}, {}, {}, {}
+for k = 1, count do
+  local i = (k - 1) * G + 1
+  ids[k] = ARGV[i]
+  local options = ARGV[i + 2]
+  if options == '' then
+    delays[k], uks[k] = 0, 0
+  else
+    local d, u, t = string.match(options, '^(%d+),(%d+),(%d+)$')
+    if not d then
+      return redis.error_reply('ERR publish: bad options ' .. options)
+    end
+    delays[k], uks[k], ttls[k] = tonumber(d), tonumber(u), t
+  end
+end
+
 local results = {}
 local seen, claimed = {}, {}
 local ledger = redis.call('EXISTS', KEYS[6]) == 1
 -- Preconditions first: which messages are new (also within this call). One HMGET looks
 -- up every id at once (callers send at most 1,000 per call).
-local ids = {}
-for k = 1, count do
-  ids[k] = ARGV[(k - 1) * G + 1]
-end
 local stored = redis.call('HMGET', KEYS[1], unpack(ids))
 for k = 1, count do
-  local i = (k - 1) * G + 1
-  local id, uk = ids[k], tonumber(ARGV[i + 3])
+  local id, uk = ids[k], uks[k]
   local holder = false
   if uk > 0 then
     -- By key name: two messages of one call may carry the same unique key.
@@ -56,18 +70,17 @@ end
 local bodies, ready, later = {}, {}, {}
 for k = 1, count do
   if results[k] == 1 then
-    local i = (k - 1) * G + 1
-    local id, delay, uk = ids[k], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 3])
+    local id = ids[k]
     bodies[#bodies + 1] = id
-    bodies[#bodies + 1] = ARGV[i + 2]
-    if delay > 0 then
-      later[#later + 1] = now_up + delay
+    bodies[#bodies + 1] = ARGV[(k - 1) * G + 2]
+    if delays[k] > 0 then
+      later[#later + 1] = now_up + delays[k]
       later[#later + 1] = id
     else
       ready[#ready + 1] = id
     end
-    if uk > 0 then
-      redis.call('SET', KEYS[uk], id, 'PX', ARGV[i + 4])
+    if uks[k] > 0 then
+      redis.call('SET', KEYS[uks[k]], id, 'PX', ttls[k])
     end
   end
 end

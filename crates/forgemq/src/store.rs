@@ -316,21 +316,27 @@ impl Store {
             keys.processed.clone(),
             keys.minutes.clone(),
         ];
-        let mut args: Vec<(&str, u64, &str, usize, u64)> = Vec::with_capacity(items.len());
+        // Per message: id, body, options ('' for the common case; see publish.lua).
+        let mut options: Vec<String> = Vec::with_capacity(items.len());
         for item in items {
-            let (index, ttl) = match &item.unique {
+            let index = match &item.unique {
                 Some((key, ttl)) => {
                     key_names.push(keys.unique(key));
-                    (key_names.len(), millis(*ttl))
+                    Some((key_names.len(), millis(*ttl)))
                 }
-                None => (0, 0),
+                None => None,
             };
-            args.push((&item.id, millis(item.delay), &item.body, index, ttl));
+            let delay = millis(item.delay);
+            options.push(match index {
+                None if delay == 0 => String::new(),
+                None => format!("{delay},0,0"),
+                Some((index, ttl)) => format!("{delay},{index},{ttl}"),
+            });
         }
         let refs: Vec<&str> = key_names.iter().map(String::as_str).collect();
         let mut call = Self::evalsha(script, &refs);
-        for (id, delay, body, index, ttl) in args {
-            call.arg(id).arg(delay).arg(body).arg(index).arg(ttl);
+        for (item, options) in items.iter().zip(&options) {
+            call.arg(&item.id).arg(&item.body).arg(options);
         }
         let mut pipe = redis::pipe();
         pipe.cmd("SADD")
