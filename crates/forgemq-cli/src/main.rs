@@ -9,8 +9,10 @@
 //! - `output.rs`: aligned tables and the JSON shapes of read commands.
 //! - `serve.rs`: `forgemq serve`, the HTTP API, metrics and health endpoints.
 //! - `dev.rs`: `forgemq dev`, a private redis-server plus `serve`, with no configuration.
+//! - `gateway/`: `forgemq gateway`, delivery of messages to HTTP endpoints and commands.
 
 mod dev;
+mod gateway;
 mod output;
 mod serve;
 
@@ -138,6 +140,18 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         bind: std::net::SocketAddr,
     },
+    /// Deliver messages to HTTP endpoints or commands, by route (the seed's Gateway
+    /// Worker): retries with backoff, then the dead-letter queue. SIGHUP reloads the config;
+    /// SIGTERM drains. See docs/gateway.md.
+    Gateway {
+        /// The routes file (TOML), e.g. examples/gateway/gateway.toml.
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// Address of /healthz, /ready and /metrics [default: the config's `listen`, else
+        /// 127.0.0.1:8084].
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Print shell completions, e.g. `forgemq completions bash > /etc/bash_completion.d/forgemq`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -219,10 +233,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // Long-running commands use every core; one-shot commands need one thread.
+    let long_running = matches!(
+        cli.command,
+        Command::Gateway { .. } | Command::Serve { .. } | Command::Dev { .. }
+    );
+    let mut builder = if long_running {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: could not start the async runtime: {e}");
@@ -234,9 +255,24 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: the cause chain joined, so scripts can log it as is.
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // A config file that cannot be used is a usage error, like a bad flag.
+            if e.downcast_ref::<gateway::ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// Log lines on stderr for the long-running gateway (`RUST_LOG` overrides the level).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// The data of `publish`: JSON from the argument, or from stdin for `-`.
@@ -308,6 +344,16 @@ async fn run(cli: Cli) -> Result<()> {
         } => Some(parse_data(data)?),
         _ => None,
     };
+    if let Command::Gateway { config, listen } = &cli.command {
+        init_logging();
+        return gateway::run(
+            cli.redis.as_deref().unwrap_or(DEFAULT_REDIS),
+            &cli.namespace,
+            config,
+            *listen,
+        )
+        .await;
+    }
     if let Command::Dev { bind } = &cli.command {
         return dev::run(cli.redis.as_deref(), &cli.namespace, *bind).await;
     }
@@ -448,7 +494,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             serve::serve(mq, bind, token).await
         }
-        Command::Completions { .. } | Command::Dev { .. } => Ok(()),
+        Command::Completions { .. } | Command::Dev { .. } | Command::Gateway { .. } => Ok(()),
     }
 }
 

@@ -727,6 +727,15 @@ impl Client {
         })
     }
 
+    /// Names of every topic ever published to in this namespace, sorted; read from the
+    /// topic registry (`mq:topics`), never by scanning the keyspace. Names planted by hand
+    /// that break the naming rules are left out.
+    pub async fn topics(&self) -> Result<Vec<String>> {
+        let mut topics = self.inner.store.topics().await?;
+        topics.retain(|t| validate_topic(t).is_ok());
+        Ok(topics)
+    }
+
     /// Stats of every topic ever published to in this namespace, sorted by name.
     /// Read from the topic registry (`mq:topics`), never by scanning the keyspace.
     pub async fn get_all_queues(&self) -> Result<Vec<QueueStats>> {

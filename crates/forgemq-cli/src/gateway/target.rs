@@ -1,0 +1,276 @@
+//! Delivering one message to a route's target: an HTTP POST or a command.
+
+use std::process::Stdio;
+use std::time::{Duration, SystemTime};
+
+use forgemq::{HandlerError, Message};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::config::Target;
+
+/// How much of an HTTP response body or a command's stderr goes into the error text.
+const TAIL: usize = 1024;
+
+/// The JSON a target receives: the envelope as stored, as another language would read it
+/// from Redis (`docs/wire-format.md`).
+pub(crate) fn envelope(msg: &Message<Value>) -> Value {
+    json!({
+        "id": msg.id.as_str(),
+        "topic": msg.topic,
+        "data": msg.data,
+        "timestamp": humantime::format_rfc3339_millis(msg.timestamp).to_string(),
+        "retry": msg.retry,
+        "max_retry": msg.max_retry,
+        "recoveries": msg.recoveries,
+    })
+}
+
+/// Delivers `msg`; `Ok` means the target took it.
+pub(crate) async fn deliver(
+    http: &reqwest::Client,
+    target: &Target,
+    timeout: Duration,
+    msg: &Message<Value>,
+) -> Result<(), HandlerError> {
+    let body = envelope(msg).to_string();
+    match target {
+        Target::Http { url, headers } => post(http, url, headers, timeout, msg, body).await,
+        Target::Exec { argv } => exec(argv, timeout, msg, body).await,
+    }
+}
+
+async fn post(
+    http: &reqwest::Client,
+    url: &reqwest::Url,
+    headers: &[(String, String)],
+    timeout: Duration,
+    msg: &Message<Value>,
+    body: String,
+) -> Result<(), HandlerError> {
+    let mut request = http
+        .post(url.clone())
+        .timeout(timeout)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header("X-ForgeMQ-Id", msg.id.as_str())
+        .header("X-ForgeMQ-Topic", msg.topic.as_str())
+        .header("X-ForgeMQ-Retry", msg.retry.to_string())
+        .body(body);
+    for (name, value) in headers {
+        request = request.header(name.as_str(), value.as_str());
+    }
+    let response = match request.send().await {
+        Ok(r) => r,
+        Err(e) if e.is_timeout() => {
+            return Err(HandlerError::retry(format!(
+                "POST {url}: no response within {}",
+                humantime::format_duration(timeout)
+            )))
+        }
+        Err(e) => return Err(HandlerError::retry(format!("POST {url}: {}", chain(&e)))),
+    };
+    let status = response.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    // The body tells the operator why; read a bounded amount of it, within the timeout.
+    let text = tokio::time::timeout(timeout, response.text())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    let mut error = format!("POST {url}: HTTP {status}");
+    let text = tail(text.trim());
+    if !text.is_empty() {
+        error.push_str(": ");
+        error.push_str(&text);
+    }
+    Err(match retry_after {
+        Some(delay) => HandlerError::retry_after(error, delay),
+        None => HandlerError::retry(error),
+    })
+}
+
+/// `Retry-After`: delay-seconds or an HTTP date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs.min(24 * 3600)));
+    }
+    let at = httpdate(value)?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form HTTP/1.1 servers send.
+fn httpdate(value: &str) -> Option<SystemTime> {
+    let parts: Vec<&str> = value.split_whitespace().collect();
+    let [_, day, month, year, time, "GMT"] = parts.as_slice() else {
+        return None;
+    };
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| m == month)? + 1;
+    let text = format!("{year}-{month:02}-{:0>2}T{time}Z", day);
+    humantime::parse_rfc3339(&text).ok()
+}
+
+async fn exec(
+    argv: &[String],
+    timeout: Duration,
+    msg: &Message<Value>,
+    body: String,
+) -> Result<(), HandlerError> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err(HandlerError::fatal("exec target has no program"));
+    };
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .env("FORGEMQ_ID", msg.id.as_str())
+        .env("FORGEMQ_TOPIC", &msg.topic)
+        .env("FORGEMQ_RETRY", msg.retry.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped())
+        // Its own process group, so that a timeout kills whatever it started too.
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| HandlerError::retry(format!("could not start {program:?}: {e}")))?;
+    let pid = child.id();
+    let stdin = child.stdin.take();
+    let stderr = child.stderr.take();
+    let run = async {
+        // Both at once: a command that fills its stderr before reading stdin must not
+        // deadlock against us.
+        let feed = async {
+            if let Some(mut stdin) = stdin {
+                // A command that exits without reading its input is not an error by itself.
+                let _ = stdin.write_all(body.as_bytes()).await;
+            }
+        };
+        let drain = async {
+            let mut err = Vec::new();
+            if let Some(mut stderr) = stderr {
+                let _ = stderr.read_to_end(&mut err).await;
+            }
+            err
+        };
+        let ((), err) = tokio::join!(feed, drain);
+        let status = child.wait().await;
+        (status, err)
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok((Ok(status), _)) if status.success() => Ok(()),
+        Ok((Ok(status), err)) => {
+            let text = tail(String::from_utf8_lossy(&err).trim());
+            let mut error = format!("{program:?} failed: {status}");
+            if !text.is_empty() {
+                error.push_str(": ");
+                error.push_str(&text);
+            }
+            Err(HandlerError::retry(error))
+        }
+        Ok((Err(e), _)) => Err(HandlerError::retry(format!(
+            "waiting for {program:?} failed: {e}"
+        ))),
+        Err(_) => {
+            kill_group(pid);
+            Err(HandlerError::retry(format!(
+                "{program:?} did not exit within {}; killed",
+                humantime::format_duration(timeout)
+            )))
+        }
+    }
+}
+
+fn kill_group(pid: Option<u32>) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// The last [`TAIL`] bytes of `text`, on a character boundary.
+fn tail(text: &str) -> String {
+    if text.len() <= TAIL {
+        return text.to_owned();
+    }
+    let mut start = text.len() - TAIL;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("...{}", &text[start..])
+}
+
+/// An error with its causes, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        let future = SystemTime::now() + Duration::from_secs(120);
+        let date = httpdate_of(future);
+        let d = parse_retry_after(&date).unwrap();
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?} from {date}"
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    fn httpdate_of(t: SystemTime) -> String {
+        // 2026-12-03T04:03:09Z -> Thu, 03 Dec 2026 04:03:09 GMT (the weekday is not read).
+        let s = humantime::format_rfc3339_seconds(t).to_string();
+        const MONTHS: [&str; 12] = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        let month: usize = s[5..7].parse().unwrap();
+        format!(
+            "Xxx, {} {} {} {} GMT",
+            &s[8..10],
+            MONTHS[month - 1],
+            &s[0..4],
+            &s[11..19]
+        )
+    }
+
+    #[test]
+    fn tails_are_bounded() {
+        assert_eq!(tail("short"), "short");
+        let long = "é".repeat(2000);
+        let t = tail(&long);
+        assert!(t.len() <= TAIL + 4 && t.starts_with("..."));
+    }
+}
