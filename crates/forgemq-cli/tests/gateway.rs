@@ -828,3 +828,103 @@ async fn ready_follows_redis_and_delivery_resumes_after_a_restart() {
     let r = invariants(&redis, "h.t", std::slice::from_ref(&id), &[id.to_string()]);
     assert_eq!(r.count(MsgState::Gone), 1);
 }
+
+/// `examples/gateway/gateway.toml` as shipped (only the receiver's port changed): every
+/// seed topic reaches its target, and a message the receiver refuses ends in the
+/// dead-letter queue after its retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_gateway_config_runs_end_to_end() {
+    let redis = RedisServer::start();
+    let mq = client(&redis).await;
+    let seen = forgemq_examples::gateway_receiver::Seen::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = forgemq_examples::gateway_receiver::router(seen.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/gateway/gateway.toml"
+    ))
+    .unwrap();
+    let config = shipped
+        .replace("127.0.0.1:9000", &format!("127.0.0.1:{port}"))
+        .replace(
+            "discover_interval = \"2s\"",
+            "discover_interval = \"200ms\"",
+        );
+    let _gw = start_gateway(&redis, &config);
+
+    let mut published: Vec<(&str, MessageId)> = Vec::new();
+    for (topic, data) in [
+        (
+            "order.reminder",
+            json!({"order_id": "ORD123456", "user_id": "789", "message": "您的订单尚未支付，请及时完成支付"}),
+        ),
+        (
+            "user.notification",
+            json!({"user_id": "789", "text": "hello"}),
+        ),
+        ("system.cleanup", json!({"older_than_days": 30})),
+        ("payment.retry", json!({"order_id": "ORD1"})),
+        ("inventory.alert", json!({"sku": "SKU-1", "left": 2})),
+        ("payment.retry", json!({"order_id": "ORD2", "fail": true})),
+    ] {
+        published.push((topic, mq.publish(topic, data).await.unwrap()));
+    }
+    let limit = Duration::from_secs(40);
+    for topic in [
+        "order.reminder",
+        "user.notification",
+        "system.cleanup",
+        "inventory.alert",
+    ] {
+        eventually(topic, limit, || async { processed(&mq, topic).await == 1 }).await;
+    }
+    eventually("payment.retry: one done, one dead", limit, || async {
+        let s = mq.stats("payment.retry").await.unwrap();
+        s.processed == 1 && s.dead == 1
+    })
+    .await;
+    let deliveries = seen.lock().unwrap().clone();
+    let at = |path: &str| deliveries.iter().filter(|d| d.path == path).count();
+    assert_eq!(at("order-reminder"), 1);
+    assert_eq!(at("user-notification"), 1);
+    assert_eq!(at("inventory"), 1);
+    // 1 good payment + the failing one's 3 attempts (max_retry 2).
+    assert_eq!(at("payment-retry"), 4);
+    let reminder = deliveries
+        .iter()
+        .find(|d| d.path == "order-reminder")
+        .unwrap();
+    assert_eq!(
+        reminder.envelope["data"]["message"],
+        "您的订单尚未支付，请及时完成支付"
+    );
+    let dead = mq.get_dead_letters("payment.retry", 0..10).await.unwrap();
+    assert!(
+        dead[0].error.as_deref().unwrap_or("").contains("HTTP 500"),
+        "{:?}",
+        dead[0].error
+    );
+    // Everything but the refused payment was delivered; that one is dead, not gone.
+    let failing = &published[5].1;
+    let good: Vec<String> = published
+        .iter()
+        .filter(|(_, id)| id != failing)
+        .map(|(_, id)| id.to_string())
+        .collect();
+    for topic in [
+        "order.reminder",
+        "user.notification",
+        "system.cleanup",
+        "payment.retry",
+        "inventory.alert",
+    ] {
+        let ids: Vec<MessageId> = published
+            .iter()
+            .filter(|(t, _)| *t == topic)
+            .map(|(_, id)| id.clone())
+            .collect();
+        invariants(&redis, topic, &ids, &good);
+    }
+}
