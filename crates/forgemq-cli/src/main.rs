@@ -265,13 +265,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// Log lines on stderr for the long-running gateway (`RUST_LOG` overrides the level).
+/// Log lines on stderr for the long-running gateway (`RUST_LOG` overrides the level). The
+/// gateway logs each failed delivery itself, so the library's own line for it is left out.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,forgemq::worker::runner=warn")
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
