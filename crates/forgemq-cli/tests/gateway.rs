@@ -497,7 +497,7 @@ http = "{base}/ok"
     }
 }
 
-/// Exec targets: exit 0 with the envelope on stdin; exit 3 with the stderr tail as the
+/// Exec targets: exit 0 with the envelope on stdin; exit 1 with the stderr tail as the
 /// error; a command that hangs past its timeout is killed with whatever it started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_targets_succeed_fail_and_time_out() {
@@ -513,7 +513,7 @@ exec = ["sh", "-c", "cat > {dir}/$FORGEMQ_ID.json"]
 
 [[routes]]
 topic = "e.fail"
-exec = ["sh", "-c", "echo starting; echo boom-from-stderr >&2; exit 3"]
+exec = ["sh", "-c", "echo starting; echo boom-from-stderr >&2; exit 1"]
 max_retry = 0
 
 [[routes]]
@@ -553,7 +553,7 @@ max_retry = 0
     let d = mq.get_dead_letters("e.fail", 0..1).await.unwrap();
     let error = d[0].error.clone().unwrap_or_default();
     assert!(
-        error.contains("boom-from-stderr") && error.contains("exit status: 3"),
+        error.contains("boom-from-stderr") && error.contains("exit status: 1"),
         "{error}"
     );
 

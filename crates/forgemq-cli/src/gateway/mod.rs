@@ -56,6 +56,8 @@ pub(crate) async fn run(
     config_path: &Path,
     listen: Option<SocketAddr>,
 ) -> Result<()> {
+    // Before anything else: SIGHUP's default action would end the process.
+    let signals = Signals::new()?;
     let config = Config::load(config_path)?;
     let listen = match listen.or(config.listen) {
         Some(l) => l,
@@ -84,7 +86,7 @@ pub(crate) async fn run(
         config.routes.len(),
         config_path.display()
     );
-    let result = supervise(&shared, config, config_path).await;
+    let result = supervise(&shared, config, config_path, signals).await;
     server.abort();
     result
 }
@@ -113,8 +115,12 @@ impl Shared {
 }
 
 /// Starts, reloads and stops consumers until a shutdown signal.
-async fn supervise(shared: &Arc<Shared>, mut config: Config, path: &Path) -> Result<()> {
-    let mut signals = Signals::new()?;
+async fn supervise(
+    shared: &Arc<Shared>,
+    mut config: Config,
+    path: &Path,
+    mut signals: Signals,
+) -> Result<()> {
     let mut discover = tokio::time::interval(config.discover_interval);
     discover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
