@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use forgemq::{Backoff, Client, HandlerError, Message, Subscription, WorkerBuilder};
+use forgemq::{Backoff, Client, HandlerError, Message, MessageId, Subscription, WorkerBuilder};
 use serde::{Deserialize, Serialize};
 
 pub const TOPIC: &str = "file.process";
@@ -62,13 +62,13 @@ impl Files {
         self.db().get(file_id).cloned()
     }
 
-    /// Saves the upload (here: records it) and publishes `file.process`.
+    /// Saves the upload (here: records it) and publishes `file.process`; the message id.
     pub async fn upload(
         &self,
         file_id: &str,
         file_path: &str,
         file_type: &str,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<MessageId> {
         self.db().insert(
             file_id.to_owned(),
             FileRecord {
@@ -81,9 +81,9 @@ impl Files {
             file_path: file_path.to_owned(),
             file_type: file_type.to_owned(),
         };
-        self.mq.publish(TOPIC, &job).await?;
+        let id = self.mq.publish(TOPIC, &job).await?;
         println!("{file_id}: uploaded ({file_type}, {file_path})");
-        Ok(())
+        Ok(id)
     }
 
     pub fn subscribe(&self, worker: WorkerBuilder) -> WorkerBuilder {

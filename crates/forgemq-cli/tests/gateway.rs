@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::post;
+use axum::routing::any;
 use axum::Router;
 use forgemq::{Client, MessageId};
 use forgemq_test_support::{
@@ -44,7 +44,7 @@ impl Receiver {
     async fn start() -> (u16, Receiver) {
         let receiver = Receiver::default();
         let app = Router::new()
-            .route("/{behaviour}", post(receive))
+            .route("/{behaviour}", any(receive))
             .with_state(receiver.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -69,8 +69,8 @@ impl Receiver {
 }
 
 /// Answers by path: `ok` 200; `flaky` 500 on an id's first request, then 200; `after`
-/// 503 with `Retry-After: 2` first, then 200; `slow` 200 after 3 s; `slowok` 200 after
-/// 1.5 s; `a` and `b` 200 (two targets to switch between).
+/// 503 with `Retry-After: 2` first, then 200; `redirect` 302 to `/ok`; `slow` 200 after
+/// 3 s; `slowok` 200 after 1.5 s; `a` and `b` 200 (two targets to switch between).
 async fn receive(
     State(r): State<Receiver>,
     UrlPath(behaviour): UrlPath<String>,
@@ -109,6 +109,11 @@ async fn receive(
         "slow" => {
             tokio::time::sleep(Duration::from_secs(3)).await;
             (StatusCode::OK, HeaderMap::new(), "late")
+        }
+        "redirect" => {
+            let mut h = HeaderMap::new();
+            h.insert("location", "/ok".parse().unwrap());
+            (StatusCode::FOUND, h, "moved")
         }
         "slowok" => {
             tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -327,6 +332,11 @@ http = "{base}/after"
 backoff = {{ fixed = "100ms" }}
 
 [[routes]]
+topic = "t.redirect"
+http = "{base}/redirect"
+max_retry = 0
+
+[[routes]]
 topic = "p.*"
 http = "{base}/ok"
 "#
@@ -351,6 +361,7 @@ http = "{base}/ok"
     let slow = vec![mq.publish("t.slow", json!({})).await.unwrap()];
     let refused = vec![mq.publish("t.refused", json!({})).await.unwrap()];
     let after = vec![mq.publish("t.after", json!({})).await.unwrap()];
+    let redirect = vec![mq.publish("t.redirect", json!({})).await.unwrap()];
     // Published after the gateway started: the pattern route must discover it.
     let pattern = vec![mq.publish("p.one", json!({"late": true})).await.unwrap()];
 
@@ -377,6 +388,10 @@ http = "{base}/ok"
     .await;
     eventually("p.one processed", limit, || async {
         processed(&mq, "p.one").await == 1
+    })
+    .await;
+    eventually("t.redirect dead", limit, || async {
+        dead(&mq, "t.redirect").await == 1
     })
     .await;
 
@@ -444,6 +459,15 @@ http = "{base}/ok"
     // Pattern route.
     assert_eq!(rx.count("ok", pattern[0].as_str()), 1);
 
+    // A redirect is not a delivery: not followed (the 302's target never saw it), a failure.
+    let d = mq.get_dead_letters("t.redirect", 0..1).await.unwrap();
+    assert!(
+        d[0].error.as_deref().unwrap_or("").contains("HTTP 302"),
+        "{:?}",
+        d[0].error
+    );
+    assert_eq!(rx.count("ok", redirect[0].as_str()), 0);
+
     // Metrics: per route, deliveries by outcome, failures and a latency histogram.
     let (status, text) = gw.get("/metrics");
     assert_eq!(status, 200);
@@ -480,6 +504,7 @@ http = "{base}/ok"
         ("t.slow", &slow, false),
         ("t.refused", &refused, false),
         ("t.after", &after, true),
+        ("t.redirect", &redirect, false),
         ("p.one", &pattern, true),
     ] {
         let r = invariants(
@@ -517,17 +542,35 @@ exec = ["sh", "-c", "echo starting; echo boom-from-stderr >&2; exit 1"]
 max_retry = 0
 
 [[routes]]
+# Exits at once, leaving a process that holds stderr open for 5 s.
+topic = "e.bg"
+exec = ["sh", "-c", "(sleep 5.{pid} &); exit 0"]
+timeout = "3s"
+max_retry = 0
+
+[[routes]]
+topic = "e.big"
+exec = ["sh", "-c", "wc -c > {dir}/big.txt"]
+
+[[routes]]
 topic = "e.hang"
 exec = ["sh", "-c", "{marker}; true"]
 timeout = "500ms"
 max_retry = 0
 "#,
-        dir = out.path().display()
+        dir = out.path().display(),
+        pid = std::process::id()
     );
     let _gw = start_gateway(&redis, &config);
     let ok = vec![mq.publish("e.ok", json!({"file": "a.png"})).await.unwrap()];
     let fail = vec![mq.publish("e.fail", json!({})).await.unwrap()];
     let hang = vec![mq.publish("e.hang", json!({})).await.unwrap()];
+    let bg = vec![mq.publish("e.bg", json!({})).await.unwrap()];
+    // Well past a pipe's 64 KiB buffer.
+    let big = vec![mq
+        .publish("e.big", json!({"blob": "x".repeat(300_000)}))
+        .await
+        .unwrap()];
 
     let limit = Duration::from_secs(30);
     eventually("e.ok processed", limit, || async {
@@ -542,6 +585,23 @@ max_retry = 0
         dead(&mq, "e.hang").await == 1
     })
     .await;
+    eventually("e.bg processed", limit, || async {
+        processed(&mq, "e.bg").await == 1
+    })
+    .await;
+    eventually("e.big processed", limit, || async {
+        processed(&mq, "e.big").await == 1
+    })
+    .await;
+    let counted: usize = std::fs::read_to_string(out.path().join("big.txt"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        counted > 300_000,
+        "the command read {counted} bytes of the envelope"
+    );
 
     let written: Value = serde_json::from_str(
         &std::fs::read_to_string(out.path().join(format!("{}.json", ok[0]))).unwrap(),
@@ -581,6 +641,14 @@ max_retry = 0
     );
     assert_eq!(
         invariants(&redis, "e.hang", &hang, &[]).count(MsgState::Dead),
+        1
+    );
+    assert_eq!(
+        invariants(&redis, "e.bg", &bg, &strings(&bg)).count(MsgState::Gone),
+        1
+    );
+    assert_eq!(
+        invariants(&redis, "e.big", &big, &strings(&big)).count(MsgState::Gone),
         1
     );
 }
@@ -667,6 +735,13 @@ async fn sighup_reloads_routes_without_losing_a_message() {
     for id in &ids {
         assert!(delivered.contains(id.as_str()), "{id} never delivered");
     }
+    // Never both at once: the old consumer drained before the new one started.
+    let last_a = rx.hits_for("a").iter().map(|h| h.at).max().unwrap();
+    let first_b = rx.hits_for("b").iter().map(|h| h.at).min().unwrap();
+    assert!(
+        last_a < first_b,
+        "a delivery reached /a after /b had started"
+    );
     // After the switch, /a gets nothing new.
     let a_before = on_a;
 

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::keys::{validate_topic, Namespace, TopicKeys};
-use crate::message::{from_millis, rfc3339, Envelope, MessageId};
+use crate::message::{from_millis, has_integer_beyond_64_bits, rfc3339, Envelope, MessageId};
 use crate::store::{
     CancelState, ConnSettings, PeekState, PublishItem, Store, Written, MAX_PER_CALL,
 };
@@ -663,6 +663,13 @@ impl Client {
             return Err(Error::InvalidData(format!(
                 "data is nested more than {MAX_NESTING} levels deep; consumers could not decode it"
             )));
+        }
+        // serde_json writes a u128/i128 beyond 64 bits as is; consumers could not read it
+        // without rounding (they would dead-letter it), so it is refused here.
+        if has_integer_beyond_64_bits(data.get().as_bytes()) {
+            return Err(Error::InvalidData(
+                "data holds an integer that does not fit in 64 bits; send it as a string".into(),
+            ));
         }
         let body = Envelope::encode_new(id, topic, &data, timestamp, options.max_retry);
         if body.len() > self.inner.max_payload {

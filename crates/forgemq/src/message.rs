@@ -203,8 +203,9 @@ impl Envelope {
         }
     }
 
-    /// Encodes a new message's envelope, byte for byte what [`Envelope::encode`] gives
-    /// for it, from data already serialized.
+    /// Encodes a new message's envelope from data already serialized: the fields and
+    /// their order are those of [`Envelope::encode`]; `data` is the caller's serialization
+    /// as it is (a struct keeps its field order, where a `Value` would have sorted keys).
     pub(crate) fn encode_new(
         id: &MessageId,
         topic: &str,
@@ -239,7 +240,18 @@ impl Envelope {
     /// Lua scripts change a field by appending it again (see `lua/prelude.lua`), so the
     /// last occurrence of a key wins.
     pub(crate) fn decode(body: &[u8]) -> std::result::Result<Self, serde_json::Error> {
-        let env = serde_json::from_slice::<Envelope>(body)?;
+        let env = match serde_json::from_slice::<Envelope>(body) {
+            Ok(env) => env,
+            // A repeated known field whose earlier value has another type (`"retry":"x",
+            // ..., "retry":2`) fails the one-pass decode; through a map, only the last
+            // value of each key is decoded. Rare, so the common case pays nothing for it.
+            Err(first) => {
+                let Ok(map) = serde_json::from_slice::<Map<String, Value>>(body) else {
+                    return Err(first);
+                };
+                serde_json::from_value(Value::Object(map))?
+            }
+        };
         // serde_json reads an integer beyond 64 bits as a float, silently rounded; a
         // handler must not act on a changed number. Checked only when the data holds such
         // a float, so ordinary messages pay nothing.
@@ -289,7 +301,7 @@ fn has_huge_float(v: &Value) -> bool {
 
 /// Whether the JSON text has an integer literal (no fraction, no exponent) outside
 /// strings that fits neither u64 nor i64.
-fn has_integer_beyond_64_bits(json: &[u8]) -> bool {
+pub(crate) fn has_integer_beyond_64_bits(json: &[u8]) -> bool {
     let mut i = 0;
     let mut in_string = false;
     while i < json.len() {
@@ -523,6 +535,13 @@ mod tests {
             assert_eq!(back.max_retry, max_retry);
             assert_eq!(back.id, id.as_str());
         }
+    }
+
+    #[test]
+    fn a_repeated_field_whose_first_value_has_another_type_still_decodes() {
+        let body = br#"{"id":"a","topic":"t","data":1,"retry":"x","retry":2}"#;
+        assert_eq!(Envelope::decode(body).unwrap().retry, 2);
+        assert!(Envelope::decode(br#"{"id":"a","topic":"t","data":1,"retry":"x"}"#).is_err());
     }
 
     #[test]

@@ -14,6 +14,12 @@ use toml::Spanned;
 /// Longest topic name, as the library allows.
 const MAX_TOPIC_LEN: usize = 200;
 
+/// Bounds of the settings that are durations.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+const MAX_BACKOFF: Duration = Duration::from_secs(30 * 24 * 3600);
+const MIN_DISCOVER: Duration = Duration::from_millis(100);
+const MAX_DISCOVER: Duration = Duration::from_secs(3600);
+
 /// The whole file.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Config {
@@ -24,8 +30,9 @@ pub(crate) struct Config {
     pub(crate) routes: Vec<Route>,
 }
 
-/// One route: which topics, where to, and how.
-#[derive(Debug, Clone, PartialEq)]
+/// One route: which topics, where to, and how. Two routes are equal when their settings
+/// are (the line is not a setting: moving a route in the file restarts nothing).
+#[derive(Debug, Clone)]
 pub(crate) struct Route {
     /// The topic name or pattern as written (also the `route` label of the metrics).
     pub(crate) topic: String,
@@ -39,6 +46,26 @@ pub(crate) struct Route {
     pub(crate) backoff: BackoffSpec,
     /// Line of the route in the file, for messages.
     pub(crate) line: usize,
+}
+
+impl PartialEq for Route {
+    fn eq(&self, other: &Self) -> bool {
+        let Route {
+            topic,
+            target,
+            concurrency,
+            timeout,
+            max_retry,
+            backoff,
+            line: _,
+        } = self;
+        *topic == other.topic
+            && *target == other.target
+            && *concurrency == other.concurrency
+            && *timeout == other.timeout
+            && *max_retry == other.max_retry
+            && *backoff == other.backoff
+    }
 }
 
 /// Where a route delivers.
@@ -191,8 +218,10 @@ impl Config {
                     r.concurrency
                 ));
             }
-            if r.timeout.is_zero() {
-                return fail(format!("route {topic:?}: timeout must be more than 0"));
+            if r.timeout.is_zero() || r.timeout > MAX_TIMEOUT {
+                return fail(format!(
+                    "route {topic:?}: timeout must be more than 0 and at most 24h"
+                ));
             }
             let backoff = match r.backoff {
                 None => BackoffSpec::Exponential {
@@ -213,6 +242,15 @@ impl Config {
                     }
                 },
             };
+            let longest = match backoff {
+                BackoffSpec::Exponential { max, .. } => max,
+                BackoffSpec::Fixed(d) => d,
+            };
+            if longest > MAX_BACKOFF {
+                return fail(format!(
+                    "route {topic:?}: backoff delays are at most 30 days"
+                ));
+            }
             routes.push(Route {
                 topic,
                 target,
@@ -222,6 +260,16 @@ impl Config {
                 backoff,
                 line,
             });
+        }
+        if raw.discover_interval < MIN_DISCOVER || raw.discover_interval > MAX_DISCOVER {
+            let line = text
+                .lines()
+                .position(|l| l.trim_start().starts_with("discover_interval"))
+                .map(|i| i + 1);
+            return Err((
+                line,
+                "discover_interval must be between 100ms and 1h".to_owned(),
+            ));
         }
         Ok(Config {
             listen: raw.listen,
@@ -440,6 +488,14 @@ mod tests {
 
         let (_, msg) = err("");
         assert!(msg.contains("no routes"), "{msg}");
+
+        let (line, msg) =
+            err("discover_interval = \"0s\"\n[[routes]]\ntopic = \"a\"\nhttp = \"http://x/\"\n");
+        assert_eq!(line, Some(1), "{msg}");
+        let (line, msg) =
+            err("[[routes]]\ntopic = \"a\"\nhttp = \"http://x/\"\ntimeout = \"10000000000s\"\n");
+        assert_eq!(line, Some(2), "{msg}");
+        assert!(msg.contains("24h"), "{msg}");
     }
 
     #[test]
@@ -454,5 +510,14 @@ mod tests {
         let r = c.route_for("order.reminder").unwrap();
         assert_eq!(r.timeout, Duration::from_secs(5));
         assert_eq!(r.backoff, BackoffSpec::Fixed(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn moving_a_route_in_the_file_changes_nothing() {
+        let a = Config::parse("[[routes]]\ntopic = \"a\"\nhttp = \"http://x/\"\n").unwrap();
+        let b = Config::parse("# a comment\n\n[[routes]]\ntopic = \"a\"\nhttp = \"http://x/\"\n")
+            .unwrap();
+        assert_ne!(a.routes[0].line, b.routes[0].line);
+        assert_eq!(a.routes[0], b.routes[0]);
     }
 }

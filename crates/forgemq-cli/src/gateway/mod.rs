@@ -69,6 +69,9 @@ pub(crate) async fn run(
         .with_context(|| format!("could not listen on {listen}"))?;
     let http = reqwest::Client::builder()
         .user_agent(concat!("forgemq-gateway/", env!("CARGO_PKG_VERSION")))
+        // A redirect is an answer other than 2xx: following one would turn the POST into
+        // a bodiless GET whose 200 would count as delivered.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .context("could not set up the HTTP client")?;
     let shared = Arc::new(Shared {
@@ -207,7 +210,7 @@ async fn reconcile(shared: &Arc<Shared>, config: &Config) {
     }
     stop_all(stopping).await;
     for (topic, route) in starting {
-        tracing::info!(topic = %topic, route = %route.topic, "starting consumer");
+        tracing::info!(topic = %topic, route = %route.topic, line = route.line, "starting consumer");
         let consumer = start(shared, topic.clone(), route);
         shared.lock().insert(topic, consumer);
     }
@@ -389,8 +392,11 @@ enum Signal {
     Stop,
 }
 
+/// Signal streams held for the whole run, so that a signal arriving while the supervisor
+/// is busy (draining a reload) is kept for it rather than missed.
 struct Signals {
     term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
 }
 
@@ -399,6 +405,7 @@ impl Signals {
         use tokio::signal::unix::{signal, SignalKind};
         Ok(Self {
             term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
             hup: signal(SignalKind::hangup()).context("cannot watch SIGHUP")?,
         })
     }
@@ -406,7 +413,7 @@ impl Signals {
     async fn next(&mut self) -> Signal {
         tokio::select! {
             _ = self.term.recv() => Signal::Stop,
-            _ = tokio::signal::ctrl_c() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
             _ = self.hup.recv() => Signal::Reload,
         }
     }

@@ -1,6 +1,7 @@
 //! Delivering one message to a route's target: an HTTP POST or a command.
 
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use forgemq::{HandlerError, Message};
@@ -11,6 +12,13 @@ use super::config::Target;
 
 /// How much of an HTTP response body or a command's stderr goes into the error text.
 const TAIL: usize = 1024;
+
+/// Most of an error response's body read (its last [`TAIL`] bytes are kept).
+const BODY_LIMIT: usize = 64 * 1024;
+
+/// How long a command's stderr is still read after the command exited: a background
+/// process it left behind may hold the pipe open for good.
+const STDERR_GRACE: Duration = Duration::from_millis(200);
 
 /// The JSON a target receives: the envelope as stored, as another language would read it
 /// from Redis (`docs/wire-format.md`).
@@ -79,10 +87,8 @@ async fn post(
         .and_then(|v| v.to_str().ok())
         .and_then(parse_retry_after);
     // The body tells the operator why; read a bounded amount of it, within the timeout.
-    let text = tokio::time::timeout(timeout, response.text())
+    let text = tokio::time::timeout(timeout, read_head(response))
         .await
-        .ok()
-        .and_then(Result::ok)
         .unwrap_or_default();
     let mut error = format!("POST {url}: HTTP {status}");
     let text = tail(text.trim());
@@ -94,6 +100,19 @@ async fn post(
         Some(delay) => HandlerError::retry_after(error, delay),
         None => HandlerError::retry(error),
     })
+}
+
+/// The first [`BODY_LIMIT`] bytes of a response body, as text.
+async fn read_head(mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while body.len() < BODY_LIMIT {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    body.truncate(BODY_LIMIT);
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// `Retry-After`: delay-seconds or an HTTP date.
@@ -147,48 +166,68 @@ async fn exec(
         .map_err(|e| HandlerError::retry(format!("could not start {program:?}: {e}")))?;
     let pid = child.id();
     let stdin = child.stdin.take();
-    let stderr = child.stderr.take();
+    // Its stderr is read on a task of its own into a bounded tail, so that a chatty
+    // command cannot fill memory and a pipe held open after it exits cannot hold us.
+    let err_tail = Arc::new(Mutex::new(Vec::new()));
+    let reader = child.stderr.take().map(|mut stderr| {
+        let err_tail = Arc::clone(&err_tail);
+        tokio::spawn(async move {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                let mut t = err_tail.lock().unwrap_or_else(|p| p.into_inner());
+                t.extend_from_slice(&chunk[..n]);
+                if t.len() > 2 * TAIL {
+                    let cut = t.len() - TAIL;
+                    t.drain(..cut);
+                }
+            }
+        })
+    });
     let run = async {
-        // Both at once: a command that fills its stderr before reading stdin must not
-        // deadlock against us.
+        // Feeding stdin and waiting run together: a command that exits without reading
+        // all of it ends the write with an error, which is not a failure by itself.
         let feed = async {
             if let Some(mut stdin) = stdin {
-                // A command that exits without reading its input is not an error by itself.
                 let _ = stdin.write_all(body.as_bytes()).await;
             }
         };
-        let drain = async {
-            let mut err = Vec::new();
-            if let Some(mut stderr) = stderr {
-                let _ = stderr.read_to_end(&mut err).await;
-            }
-            err
-        };
-        let ((), err) = tokio::join!(feed, drain);
-        let status = child.wait().await;
-        (status, err)
+        let ((), status) = tokio::join!(feed, child.wait());
+        status
     };
-    match tokio::time::timeout(timeout, run).await {
-        Ok((Ok(status), _)) if status.success() => Ok(()),
-        Ok((Ok(status), err)) => {
-            let text = tail(String::from_utf8_lossy(&err).trim());
+    let outcome = tokio::time::timeout(timeout, run).await;
+    if outcome.is_err() {
+        kill_group(pid);
+    }
+    if let Some(reader) = reader {
+        let abort = reader.abort_handle();
+        if tokio::time::timeout(STDERR_GRACE, reader).await.is_err() {
+            abort.abort();
+        }
+    }
+    let stderr = {
+        let t = err_tail.lock().unwrap_or_else(|p| p.into_inner());
+        tail(String::from_utf8_lossy(&t).trim())
+    };
+    match outcome {
+        Ok(Ok(status)) if status.success() => Ok(()),
+        Ok(Ok(status)) => {
             let mut error = format!("{program:?} failed: {status}");
-            if !text.is_empty() {
+            if !stderr.is_empty() {
                 error.push_str(": ");
-                error.push_str(&text);
+                error.push_str(&stderr);
             }
             Err(HandlerError::retry(error))
         }
-        Ok((Err(e), _)) => Err(HandlerError::retry(format!(
+        Ok(Err(e)) => Err(HandlerError::retry(format!(
             "waiting for {program:?} failed: {e}"
         ))),
-        Err(_) => {
-            kill_group(pid);
-            Err(HandlerError::retry(format!(
-                "{program:?} did not exit within {}; killed",
-                humantime::format_duration(timeout)
-            )))
-        }
+        Err(_) => Err(HandlerError::retry(format!(
+            "{program:?} did not exit within {}; killed",
+            humantime::format_duration(timeout)
+        ))),
     }
 }
 

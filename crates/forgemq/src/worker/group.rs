@@ -216,12 +216,21 @@ impl Group {
                 _ = stop.changed() => {}
             }
         }
-        // A fetch that ran must hand its messages over: tracked, they are returned to
-        // pending at shutdown instead of waiting for their lease to expire.
+        // A fetch that ran must hand its messages over. Leased but never started, they go
+        // back to the head of pending now, in the order they were taken, rather than after
+        // the running handlers finish (whatever is not released here is handed back then).
         if let Some(f) = fetching {
-            drop(f.await);
+            buffer.extend(f.await.got);
         }
-        drop(buffer);
+        let mut held: Vec<Vec<Tracked>> = self.runners.iter().map(|_| Vec::new()).collect();
+        for (index, t) in buffer {
+            if let Some(list) = held.get_mut(index) {
+                list.push(t);
+            }
+        }
+        for (runner, held) in self.runners.iter().zip(held) {
+            runner.release_held(held).await;
+        }
     }
 
     /// One fetch round: asks the topics in `order` for up to `want` messages in all, and
@@ -413,7 +422,8 @@ impl Pace {
             return 0;
         }
         let per_round_trip = group.concurrency as f64 * self.rtt_us / handler_us;
-        ((2.0 * per_round_trip).ceil() as usize).min(self.cap)
+        // Rounded down: handlers that take longer than a round trip hold nothing ahead.
+        ((2.0 * per_round_trip).floor() as usize).min(self.cap)
     }
 }
 

@@ -144,8 +144,10 @@ impl Subscription {
     /// trip, measured as it runs, so fast handlers never wait for Redis while handlers
     /// slower than a round trip get next to none: their messages stay in Redis for other
     /// workers. Held messages are leased and renewed like running ones; at shutdown they
-    /// go straight back to pending, and if the worker dies they run again after their
-    /// lease, as running ones do. Priority groups never hold any (it would bend the order).
+    /// go straight back to the head of pending, in order, and if the worker dies they run
+    /// again after their lease, as running ones do (each counting a recovery, as running
+    /// ones do: a process that keeps crashing adds a recovery to everything it holds).
+    /// Priority groups never hold any (it would bend the order).
     pub fn prefetch(mut self, max: usize) -> Self {
         self.prefetch = Some(max);
         self

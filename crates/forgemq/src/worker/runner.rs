@@ -380,6 +380,35 @@ impl Runner {
         self.inflight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Hands deliveries that were leased but never started back to the head of pending,
+    /// in the order they were taken, without counting an attempt. If Redis does not take
+    /// them now, they stay tracked and go back with the unfinished ones at shutdown.
+    pub(crate) async fn release_held(&self, held: Vec<Tracked>) {
+        if held.is_empty() {
+            return;
+        }
+        // release.lua pushes each id to the head in turn: last taken first, so that the
+        // first taken ends up first.
+        let pairs: Vec<(String, String)> = held
+            .iter()
+            .rev()
+            .map(|t| (t.token.to_string(), t.fetched.id.clone()))
+            .collect();
+        match self.client.store().release(&self.keys, &pairs).await {
+            Ok(flags) => {
+                let mut map = self.lock_inflight();
+                for t in &held {
+                    map.remove(&(t.fetched.id.clone(), Arc::clone(&t.token)));
+                }
+                let released = flags.iter().filter(|f| **f).count();
+                tracing::debug!(topic = %self.keys.topic, released, "messages held ahead returned to pending");
+            }
+            Err(e) => {
+                tracing::warn!(topic = %self.keys.topic, error = %e, "could not return the messages held ahead; retrying at shutdown");
+            }
+        }
+    }
+
     /// Hands deliveries whose handler did not finish back to pending, without counting an
     /// attempt.
     async fn release_unfinished(&self) {

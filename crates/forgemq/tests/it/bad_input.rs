@@ -172,3 +172,64 @@ async fn data_nested_too_deep_is_refused_at_publish() {
     assert_eq!(d.data(), &nest(forgemq::client::MAX_NESTING));
     d.ack().await.unwrap();
 }
+
+/// An integer beyond 64 bits (a u128 field) is refused at publish, not stored for every
+/// consumer to dead-letter; strings that look like big numbers, and 64-bit extremes, pass.
+/// Nesting is counted outside strings, so brackets in text do not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integers_beyond_64_bits_are_refused_at_publish_and_text_is_not_counted() {
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct Transfer {
+        cents: u128,
+        memo: String,
+    }
+    let (server, mq) = setup().await;
+    let err = mq
+        .publish(
+            "big.topic",
+            Transfer {
+                cents: u128::from(u64::MAX) + 1,
+                memo: "x".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidData(_)) && err.to_string().contains("64 bits"),
+        "{err}"
+    );
+    assert_eq!(dbsize(&server), 0);
+
+    // A struct is published in its field order and decodes back as it was sent.
+    let memo = format!("{}\"]\\{}", "[".repeat(150), "{".repeat(150));
+    let sent = Transfer {
+        cents: u128::from(u64::MAX),
+        memo,
+    };
+    let id = mq.publish("big.topic", &sent).await.unwrap();
+    mq.publish(
+        "big.topic",
+        json!({"min": i64::MIN, "s": "123456789012345678901234567890"}),
+    )
+    .await
+    .unwrap();
+    let stored = mq
+        .peek("big.topic", forgemq::MessageState::Pending, 0..1)
+        .await
+        .unwrap();
+    assert!(
+        stored[0]
+            .raw
+            .contains(r#""data":{"cents":18446744073709551615,"memo":"#),
+        "{}",
+        stored[0].raw
+    );
+    let d = mq.pop_message("big.topic").await.unwrap().unwrap();
+    assert_eq!(d.id(), &id);
+    let back: Transfer = serde_json::from_value(d.data().clone()).unwrap();
+    assert_eq!(back, sent);
+    d.ack().await.unwrap();
+    let d = mq.pop_message("big.topic").await.unwrap().unwrap();
+    assert_eq!(d.data()["min"], i64::MIN);
+    d.ack().await.unwrap();
+}
