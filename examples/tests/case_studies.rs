@@ -6,24 +6,11 @@ use std::time::{Duration, Instant};
 
 use forgemq::{Client, Worker};
 use forgemq_examples::{data_sync, file_processing, order_timeout, registration};
-use forgemq_test_support::{assert_none_lost, check_invariants, Layout, RedisServer, State};
+use forgemq_test_support::{
+    assert_none_lost, check_invariants, eventually, Layout, RedisServer, State,
+};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
 
 /// Starts `worker` in the background; the sender stops it.
 fn run(

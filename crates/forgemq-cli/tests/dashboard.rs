@@ -2,12 +2,11 @@
 //! installed by scripts/ensure-test-tools.sh): a seeded dead letter is shown with its
 //! error, the retry button requeues it, and the counts change on the page.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{ClientBuilder, Locator};
-use forgemq_test_support::RedisServer;
+use forgemq_test_support::{free_port, RedisServer};
 use serde_json::json;
 
 struct Killed(Child);
@@ -17,14 +16,6 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn wait_for_port(port: u16, what: &str) {

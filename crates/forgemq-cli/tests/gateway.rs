@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -18,7 +18,8 @@ use axum::routing::any;
 use axum::Router;
 use forgemq::{Client, MessageId};
 use forgemq_test_support::{
-    assert_none_lost, check_invariants, Layout, RedisServer, State as MsgState,
+    assert_none_lost, check_invariants, eventually, free_port, Layout, RedisServer,
+    State as MsgState,
 };
 use serde_json::{json, Value};
 
@@ -173,14 +174,6 @@ impl Gateway {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn write_config(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).unwrap();
@@ -245,21 +238,6 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
 
 async fn client(redis: &RedisServer) -> Client {
     Client::connect(&redis.url()).await.unwrap()
-}
-
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 /// Every id of `topic` in exactly one state, and none gone from Redis without having been

@@ -1,11 +1,11 @@
 //! `forgemq serve` as a real process: routes, status codes, auth, health, OpenAPI.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use forgemq_test_support::RedisServer;
+use forgemq_test_support::{free_port, RedisServer};
 use serde_json::{json, Value};
 
 struct Server {
@@ -18,14 +18,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn start(redis: &RedisServer, extra: &[&str]) -> Server {

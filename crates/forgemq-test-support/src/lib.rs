@@ -32,8 +32,10 @@
 
 mod invariants;
 mod server;
+mod wait;
 
 pub use invariants::{
     assert_none_lost, check_invariants, Layout, State, StateReport, DEFAULT_NAMESPACE,
 };
-pub use server::{Aof, RedisOptions, RedisServer, TlsFiles};
+pub use server::{free_port, Aof, RedisOptions, RedisServer, TlsFiles};
+pub use wait::eventually;

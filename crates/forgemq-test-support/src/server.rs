@@ -466,8 +466,9 @@ struct StartFailure {
     message: String,
 }
 
-/// Finds a port that is free right now by letting the OS pick one.
-fn free_port() -> u16 {
+/// Finds a port on 127.0.0.1 that is free right now by letting the OS pick one (for a
+/// server a test starts itself).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
