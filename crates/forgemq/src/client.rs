@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::keys::{validate_topic, Namespace, TopicKeys};
-use crate::message::{from_millis, has_integer_beyond_64_bits, rfc3339, Envelope, MessageId};
+use crate::message::{from_millis, json_shape, rfc3339, Envelope, MessageId};
 use crate::store::{
     CancelState, ConnSettings, PeekState, PublishItem, Store, Written, MAX_PER_CALL,
 };
@@ -33,32 +33,6 @@ const PUBLISH_ATTEMPTS: u32 = 3;
 /// stops at 128 levels with the envelope around it, so deeper data could be published but
 /// never consumed.
 pub const MAX_NESTING: usize = 100;
-
-/// Nesting depth of JSON text: arrays and objects, counted outside strings.
-fn nesting(json: &[u8]) -> usize {
-    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    for &b in json {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                deepest = deepest.max(depth);
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    deepest
-}
 
 fn now_rfc3339() -> String {
     rfc3339(SystemTime::now())
@@ -659,14 +633,15 @@ impl Client {
             }
         }
         let data = serde_json::value::to_raw_value(&data).map_err(Error::Serialize)?;
-        if nesting(data.get().as_bytes()) > MAX_NESTING {
+        let shape = json_shape(data.get().as_bytes());
+        if shape.depth > MAX_NESTING {
             return Err(Error::InvalidData(format!(
                 "data is nested more than {MAX_NESTING} levels deep; consumers could not decode it"
             )));
         }
         // serde_json writes a u128/i128 beyond 64 bits as is; consumers could not read it
         // without rounding (they would dead-letter it), so it is refused here.
-        if has_integer_beyond_64_bits(data.get().as_bytes()) {
+        if shape.big_integer {
             return Err(Error::InvalidData(
                 "data holds an integer that does not fit in 64 bits; send it as a string".into(),
             ));

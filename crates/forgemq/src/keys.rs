@@ -13,7 +13,7 @@ pub(crate) const MAX_TOPIC_LEN: usize = 200;
 ///
 /// `{` and `}` would break the hash tag, `#` is kept for partitioned topics, and spaces
 /// or control characters make names that are hard to type into `redis-cli`.
-pub(crate) fn validate_topic(topic: &str) -> Result<()> {
+pub fn validate_topic(topic: &str) -> Result<()> {
     check_name(topic).map_err(|reason| Error::InvalidTopic {
         topic: topic.to_owned(),
         reason,

@@ -66,6 +66,7 @@ pub use client::{
 pub use delivery::Delivery;
 pub use error::{Error, Result};
 pub use handler::{Backoff, HandlerError};
+pub use keys::validate_topic;
 pub use message::{Message, MessageId};
 pub use worker::{
     BatchOptions, BatchOutcome, Priority, Subscription, Worker, WorkerBuilder, DEFAULT_DEDUP_TTL,

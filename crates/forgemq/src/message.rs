@@ -255,7 +255,7 @@ impl Envelope {
         // serde_json reads an integer beyond 64 bits as a float, silently rounded; a
         // handler must not act on a changed number. Checked only when the data holds such
         // a float, so ordinary messages pay nothing.
-        if has_huge_float(&env.data) && has_integer_beyond_64_bits(body) {
+        if has_huge_float(&env.data) && json_shape(body).big_integer {
             return Err(<serde_json::Error as serde::de::Error>::custom(
                 "an integer in the data does not fit in 64 bits and would be rounded",
             ));
@@ -299,11 +299,22 @@ fn has_huge_float(v: &Value) -> bool {
     }
 }
 
-/// Whether the JSON text has an integer literal (no fraction, no exponent) outside
-/// strings that fits neither u64 nor i64.
-pub(crate) fn has_integer_beyond_64_bits(json: &[u8]) -> bool {
-    let mut i = 0;
-    let mut in_string = false;
+/// What [`json_shape`] found in JSON text.
+pub(crate) struct JsonShape {
+    /// Deepest nesting of arrays and objects.
+    pub(crate) depth: usize,
+    /// An integer literal (no fraction, no exponent) that fits neither u64 nor i64.
+    pub(crate) big_integer: bool,
+}
+
+/// One pass over JSON text, outside strings: how deep it nests and whether it holds an
+/// integer beyond 64 bits (which a decoder would round).
+pub(crate) fn json_shape(json: &[u8]) -> JsonShape {
+    let mut shape = JsonShape {
+        depth: 0,
+        big_integer: false,
+    };
+    let (mut depth, mut i, mut in_string) = (0usize, 0, false);
     while i < json.len() {
         let b = json[i];
         if in_string {
@@ -315,43 +326,54 @@ pub(crate) fn has_integer_beyond_64_bits(json: &[u8]) -> bool {
             i += 1;
             continue;
         }
-        if b == b'"' {
-            in_string = true;
-            i += 1;
-            continue;
-        }
-        if b == b'-' || b.is_ascii_digit() {
-            let start = i;
-            while i < json.len()
-                && matches!(json[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
-            {
-                i += 1;
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                shape.depth = shape.depth.max(depth);
             }
-            let token = &json[start..i];
-            if !token.iter().any(|c| matches!(c, b'.' | b'e' | b'E')) {
-                let (negative, digits) = match token.split_first() {
-                    Some((b'-', rest)) => (true, rest),
-                    _ => (false, token),
-                };
-                let fits = std::str::from_utf8(digits)
-                    .ok()
-                    .and_then(|d| d.parse::<u128>().ok())
-                    .is_some_and(|n| {
-                        if negative {
-                            n <= 1u128 << 63
-                        } else {
-                            n <= u128::from(u64::MAX)
-                        }
-                    });
-                if !fits {
-                    return true;
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < json.len()
+                    && matches!(json[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
+                    i += 1;
                 }
+                shape.big_integer |= integer_beyond_64_bits(&json[start..i]);
+                continue;
             }
-            continue;
+            _ => {}
         }
         i += 1;
     }
-    false
+    shape
+}
+
+/// Whether a number token is an integer that fits neither u64 nor i64.
+fn integer_beyond_64_bits(token: &[u8]) -> bool {
+    if token.iter().any(|c| matches!(c, b'.' | b'e' | b'E')) {
+        return false;
+    }
+    let (negative, digits) = match token.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, token),
+    };
+    // Up to 18 digits always fit; only longer ones are worth parsing.
+    if digits.len() <= 18 {
+        return false;
+    }
+    let fits = std::str::from_utf8(digits)
+        .ok()
+        .and_then(|d| d.parse::<u128>().ok())
+        .is_some_and(|n| {
+            if negative {
+                n <= 1u128 << 63
+            } else {
+                n <= u128::from(u64::MAX)
+            }
+        });
+    !fits
 }
 
 /// An envelope that stands in for a stored body that does not decode: it keeps the

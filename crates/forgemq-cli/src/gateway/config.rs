@@ -11,9 +11,6 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-/// Longest topic name, as the library allows.
-const MAX_TOPIC_LEN: usize = 200;
-
 /// Bounds of the settings that are durations.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const MAX_BACKOFF: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -352,27 +349,20 @@ fn default_max_retry() -> u32 {
     3
 }
 
-/// Why no topic name could ever match `pattern` (topic names are 1–200 bytes of ASCII
-/// letters, digits and `. _ - :`; `*` matches any run of those, dots included).
+/// Why no topic name could ever match `pattern`, by the library's own naming rules: the
+/// shortest name it matches (each `*` matching nothing) must be a valid topic.
 fn check_pattern(pattern: &str) -> Result<(), String> {
-    if pattern.is_empty() {
-        return Err(
-            "it is empty; write a topic such as \"order.created\" or a pattern such as \"order.*\""
-                .into(),
-        );
+    let mut shortest = pattern.replace('*', "");
+    if shortest.is_empty() && !pattern.is_empty() {
+        shortest.push('a');
     }
-    if let Some(c) = pattern
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '*')))
-    {
-        return Err(format!(
-            "{c:?} is not allowed in topic names (letters, digits and . _ - : only; * for any run of them)"
-        ));
+    match forgemq::validate_topic(&shortest) {
+        Ok(()) => Ok(()),
+        Err(forgemq::Error::InvalidTopic { reason, .. }) => {
+            Err(format!("{reason} (and * for any run of them)"))
+        }
+        Err(e) => Err(e.to_string()),
     }
-    if pattern.bytes().filter(|b| *b != b'*').count() > MAX_TOPIC_LEN {
-        return Err(format!("topic names are at most {MAX_TOPIC_LEN} bytes"));
-    }
-    Ok(())
 }
 
 fn check_url(url: &str) -> Result<reqwest::Url, String> {
