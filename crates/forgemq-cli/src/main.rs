@@ -488,7 +488,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Purge { topic } => {
             let n = mq.purge_queue(&topic).await?;
-            eprintln!("deleted {n} messages of {topic}");
+            eprintln!("deleted {} messages of {topic}", n.total());
             Ok(())
         }
         Command::Serve { bind, token } => {

@@ -15,8 +15,11 @@
 //! | `NS:{T}:lease`   | HASH | id → lease token                          |
 //! | `NS:{T}:delayed` | ZSET | id → due time                             |
 //! | `NS:{T}:dead`    | ZSET | id → time it died                         |
+//! | `NS:{T}:cancelled` | SET | tombstones: cancelled ids still listed in pending |
+//! | `NS:{T}:uniq`    | HASH | id → unique key held until a final state  |
 //!
-//! An acknowledged message is gone from all of them.
+//! An acknowledged message is gone from all of them. A cancelled pending message leaves
+//! its id in the pending list with a tombstone in `cancelled` until a fetch skips it.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
@@ -84,8 +87,18 @@ impl Layout {
         self.key("dead")
     }
 
-    /// All six keys, e.g. for `DEL` in a test's setup.
-    pub fn all_keys(&self) -> [String; 6] {
+    /// `NS:{T}:cancelled`, SET of tombstones of cancelled pending entries.
+    pub fn cancelled(&self) -> String {
+        self.key("cancelled")
+    }
+
+    /// `NS:{T}:uniq`, HASH id → unique key it holds until its final state.
+    pub fn uniq(&self) -> String {
+        self.key("uniq")
+    }
+
+    /// All eight keys, e.g. for `DEL` in a test's setup.
+    pub fn all_keys(&self) -> [String; 8] {
         [
             self.pending(),
             self.msg(),
@@ -93,6 +106,8 @@ impl Layout {
             self.lease(),
             self.delayed(),
             self.dead(),
+            self.cancelled(),
+            self.uniq(),
         ]
     }
 
@@ -240,7 +255,7 @@ pub fn check_invariants(
     layout: &Layout,
     ids: &[String],
 ) -> StateReport {
-    let (pending, delayed, active, dead, bodies, leases) = redis::pipe()
+    let (pending, delayed, active, dead, bodies, leases, tombstones, held) = redis::pipe()
         .atomic()
         .cmd("LRANGE")
         .arg(layout.pending())
@@ -262,6 +277,10 @@ pub fn check_invariants(
         .arg(layout.msg())
         .cmd("HKEYS")
         .arg(layout.lease())
+        .cmd("SMEMBERS")
+        .arg(layout.cancelled())
+        .cmd("HKEYS")
+        .arg(layout.uniq())
         .query(conn)
         .unwrap_or_else(|e| {
             panic!(
@@ -279,6 +298,8 @@ pub fn check_invariants(
             dead,
             bodies,
             leases,
+            tombstones,
+            held,
         },
     )
 }
@@ -292,6 +313,10 @@ struct Snapshot {
     dead: Vec<String>,
     bodies: Vec<String>,
     leases: Vec<String>,
+    /// Members of the `cancelled` set.
+    tombstones: Vec<String>,
+    /// Ids in the unique-key index.
+    held: Vec<String>,
 }
 
 /// The pure part of [`check_invariants`], separate so the rules read as a list.
@@ -308,6 +333,17 @@ fn classify(layout: &Layout, ids: &[String], snapshot: &Snapshot) -> StateReport
     for id in &snapshot.pending {
         *pending_seen.entry(id).or_default() += 1;
     }
+    // A tombstone stands for one listed entry of a cancelled message, which is in no state.
+    for id in &snapshot.tombstones {
+        match pending_seen.get_mut(id.as_str()) {
+            Some(times) => *times -= 1,
+            None => violations.push(format!(
+                "tombstone {id:?} in {:?} has no entry in the pending list",
+                layout.cancelled()
+            )),
+        }
+    }
+    pending_seen.retain(|_, times| *times > 0);
     for (id, &times) in &pending_seen {
         if times > 1 {
             violations.push(format!(
@@ -362,6 +398,16 @@ fn classify(layout: &Layout, ids: &[String], snapshot: &Snapshot) -> StateReport
                 "id {id:?} has a lease token in {:?} but is not active",
                 layout.lease()
             ));
+        }
+    }
+    for id in &snapshot.held {
+        match states.get(id.as_str()) {
+            Some(s) if !s.contains(&State::Dead) => {}
+            found => violations.push(format!(
+                "id {id:?} still holds a unique key in {:?} but is {} (the key outlives its message)",
+                layout.uniq(),
+                if found.is_some() { "dead" } else { "in no state" }
+            )),
         }
     }
     for id in &bodies {

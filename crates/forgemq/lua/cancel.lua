@@ -1,18 +1,22 @@
 -- cancel: remove a message that has not started (delayed or pending), e.g. the payment
--- check of an order that was paid.
--- KEYS[1] delayed  ZSET
--- KEYS[2] pending  LIST
--- KEYS[3] active   ZSET
--- KEYS[4] dead     ZSET
--- KEYS[5] msg      HASH
--- KEYS[6] stats    HASH
+-- check of an order that was paid. O(1) for a pending message: its entry stays in the
+-- pending list as a tombstone that the fetch script skips (searching a list of a million
+-- entries with LREM would block Redis for tens of milliseconds).
+-- KEYS[1] delayed    ZSET
+-- KEYS[2] pending    LIST
+-- KEYS[3] active     ZSET
+-- KEYS[4] dead       ZSET
+-- KEYS[5] msg        HASH
+-- KEYS[6] stats      HASH
+-- KEYS[7] cancelled  SET   tombstones of cancelled pending entries
+-- KEYS[8] uniq       HASH  id -> unique key held until the message's final state
 -- ARGV[1] id
 -- Returns the state it was in: 'delayed' or 'pending' (removed), 'active' or 'dead' (not
 -- removed: a running message can't be cancelled, a dead one is deleted through the
 -- dead-letter queue), or 'missing'.
 
 local id = ARGV[1]
-local state = 'missing'
+local state
 if redis.call('ZSCORE', KEYS[1], id) then
   state = 'delayed'
 elseif redis.call('ZSCORE', KEYS[3], id) then
@@ -20,6 +24,7 @@ elseif redis.call('ZSCORE', KEYS[3], id) then
 elseif redis.call('ZSCORE', KEYS[4], id) then
   return 'dead'
 elseif redis.call('HEXISTS', KEYS[5], id) == 1 then
+  -- A body in no other state is pending (the invariant checker vouches for that).
   state = 'pending'
 else
   return 'missing'
@@ -27,10 +32,10 @@ end
 
 if state == 'delayed' then
   redis.call('ZREM', KEYS[1], id)
-elseif redis.call('LREM', KEYS[2], 1, id) == 0 then
-  -- A body in no state: not ours to delete here (the invariant checker reports it).
-  return 'missing'
+else
+  redis.call('SADD', KEYS[7], id)
 end
 redis.call('HDEL', KEYS[5], id)
 redis.call('HINCRBY', KEYS[6], 'cancelled', 1)
+release_unique(KEYS[8], {id})
 return state

@@ -8,6 +8,8 @@
 -- KEYS[7] stats      HASH
 -- KEYS[8] paused     STRING  present while the topic is paused
 -- KEYS[9] processed  ZSET  id -> until when a redelivery counts as a duplicate
+-- KEYS[10] cancelled SET   tombstones: cancelled ids whose pending entry is still listed
+-- KEYS[11] uniq      HASH  id -> unique key held until the message's final state
 -- ARGV[1] n             most messages to lease
 -- ARGV[2] lease_ms      lease length
 -- ARGV[3] token         random lease token of this delivery
@@ -36,20 +38,36 @@ if #due > 0 then
   redis.call('RPUSH', KEYS[1], unpack(due))
 end
 
-local ids = redis.call('LPOP', KEYS[1], n)
 local out = {}
-if ids then
+local ledger = ARGV[5] == '1' and redis.call('EXISTS', KEYS[9]) == 1
+local tombstones = redis.call('EXISTS', KEYS[10]) == 1
+-- As a string once: Redis would otherwise format the number for every id.
+local deadline = string.format('%d', now + lease_ms)
+local zargs, hargs, skipped, finished = {}, {}, {}, {}
+local orphans = 0
+-- The entries of cancelled messages (tombstones) are skipped without counting against n:
+-- popping goes on until n are leased, the list is empty, or a bounded number of
+-- tombstones were passed (the rest wait for the next fetch).
+local want, passed, popped = n, 0, false
+while want > 0 do
+  local ids = redis.call('LPOP', KEYS[1], want)
+  if not ids then
+    break
+  end
+  popped = true
   local bodies = redis.call('HMGET', KEYS[5], unpack(ids))
-  local ledger = ARGV[5] == '1' and redis.call('EXISTS', KEYS[9]) == 1
-  -- As a string once: Redis would otherwise format the number for every id.
-  local deadline = string.format('%d', now + lease_ms)
-  local zargs, hargs, skipped = {}, {}, {}
-  local orphans = 0
+  local again = 0
   for i, id in ipairs(ids) do
     local body = bodies[i]
-    if not body then
+    if tombstones and redis.call('SREM', KEYS[10], id) == 1 then
+      -- The entry of a cancelled message (cancel leaves it in the list rather than search
+      -- the list for it). A body here belongs to a later publish of the same id, whose own
+      -- entry comes further down the list.
+      again = again + 1
+    elseif not body then
       -- An id without a body has nothing to run (its body was purged); drop it.
       orphans = orphans + 1
+      finished[#finished + 1] = id
     elseif ledger and tonumber(redis.call('ZSCORE', KEYS[9], id) or '0') > now then
       -- Already processed within the ledger's window: a redelivery, not new work.
       skipped[#skipped + 1] = id
@@ -62,21 +80,27 @@ if ids then
       out[#out + 1] = body
     end
   end
-  if #zargs > 0 then
-    redis.call('ZADD', KEYS[2], unpack(zargs))
-    redis.call('HSET', KEYS[3], unpack(hargs))
+  passed = passed + again
+  want = math.min(again, 1000 - passed)
+end
+if #zargs > 0 then
+  redis.call('ZADD', KEYS[2], unpack(zargs))
+  redis.call('HSET', KEYS[3], unpack(hargs))
+end
+if #skipped > 0 then
+  redis.call('HDEL', KEYS[5], unpack(skipped))
+  redis.call('HINCRBY', KEYS[7], 'deduplicated', #skipped)
+  for _, id in ipairs(skipped) do
+    finished[#finished + 1] = id
   end
-  if #skipped > 0 then
-    redis.call('HDEL', KEYS[5], unpack(skipped))
-    redis.call('HINCRBY', KEYS[7], 'deduplicated', #skipped)
-  end
-  if orphans > 0 then
-    redis.call('HINCRBY', KEYS[7], 'orphans', orphans)
-  end
-  -- More work is waiting: pass the wake-up on to another blocked worker.
-  if redis.call('LLEN', KEYS[1]) > 0 then
-    wake(KEYS[6])
-  end
+end
+release_unique(KEYS[11], finished)
+if orphans > 0 then
+  redis.call('HINCRBY', KEYS[7], 'orphans', orphans)
+end
+-- More work is waiting: pass the wake-up on to another blocked worker.
+if popped and redis.call('LLEN', KEYS[1]) > 0 then
+  wake(KEYS[6])
 end
 
 local next_due = -1

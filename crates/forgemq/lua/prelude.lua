@@ -90,3 +90,25 @@ local function count_minute(key, now, kind, n)
   end
   redis.call('HINCRBY', key, slot .. ':' .. kind, n)
 end
+
+-- Releases the unique keys of messages that reached a final state (done, cancelled, purged,
+-- dead). `uniq_key` is the topic's index (id -> full name of the unique key it holds); a key
+-- is deleted only while it still names this id (after its ttl another message may hold it).
+local function release_unique(uniq_key, ids)
+  if #ids == 0 or redis.call('EXISTS', uniq_key) == 0 then
+    return
+  end
+  local held = redis.call('HMGET', uniq_key, unpack(ids))
+  local gone = {}
+  for i, name in ipairs(held) do
+    if name then
+      if redis.call('GET', name) == ids[i] then
+        redis.call('DEL', name)
+      end
+      gone[#gone + 1] = ids[i]
+    end
+  end
+  if #gone > 0 then
+    redis.call('HDEL', uniq_key, unpack(gone))
+  end
+end

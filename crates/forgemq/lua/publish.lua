@@ -6,11 +6,13 @@
 -- KEYS[5] stats      HASH  counters
 -- KEYS[6] processed  ZSET  ledger of recently processed ids (deduplicating workers)
 -- KEYS[7] minutes    HASH  per-minute counters (see count_minute)
--- KEYS[8..] unique-key STRINGs (id of the message that holds the key), as referenced below
+-- KEYS[8] uniq       HASH  id -> unique key it holds until its final state
+-- KEYS[9..] unique-key STRINGs (id of the message that holds the key), as referenced below
 -- ARGV    groups of 3: id, envelope, options; options is '' for a message to run now
 --         without a unique key (the common case: nothing to convert), else
---         '<delay_ms>,<unique_key_index>,<unique_ttl_ms>' (delay 0 = now; index 0 = no
---         unique key, else an index into KEYS)
+--         '<delay_ms>,<unique_key_index>,<unique_ttl_ms>,<until_final>' (delay 0 = now;
+--         index 0 = no unique key, else an index into KEYS; until_final 1 = the key is
+--         released when the message reaches a final state, 0 = it holds for its ttl)
 -- Returns one value per message: 1 written; 0 an envelope with that id already exists or
 -- the id was processed recently (a retried publish, or a caller-chosen id used twice); or
 -- the id (a string) of the message that holds its unique key. Nothing is written for a
@@ -23,7 +25,7 @@ if count == 0 then
   return {}
 end
 -- Message k: its id, and its delay, unique key index and unique key ttl.
-local ids, delays, uks, ttls = {}, {}, {}, {}
+local ids, delays, uks, ttls, finals = {}, {}, {}, {}, {}
 for k = 1, count do
   local i = (k - 1) * G + 1
   ids[k] = ARGV[i]
@@ -31,11 +33,11 @@ for k = 1, count do
   if options == '' then
     delays[k], uks[k] = 0, 0
   else
-    local d, u, t = string.match(options, '^(%d+),(%d+),(%d+)$')
+    local d, u, t, f = string.match(options, '^(%d+),(%d+),(%d+),([01])$')
     if not d then
       return redis.error_reply('ERR publish: bad options ' .. options)
     end
-    delays[k], uks[k], ttls[k] = tonumber(d), tonumber(u), t
+    delays[k], uks[k], ttls[k], finals[k] = tonumber(d), tonumber(u), t, f == '1'
   end
 end
 
@@ -67,7 +69,7 @@ for k = 1, count do
 end
 
 -- Then the writes, one command per structure for the whole call.
-local bodies, ready, later = {}, {}, {}
+local bodies, ready, later, held = {}, {}, {}, {}
 for k = 1, count do
   if results[k] == 1 then
     local id = ids[k]
@@ -81,6 +83,10 @@ for k = 1, count do
     end
     if uks[k] > 0 then
       redis.call('SET', KEYS[uks[k]], id, 'PX', ttls[k])
+      if finals[k] then
+        held[#held + 1] = id
+        held[#held + 1] = KEYS[uks[k]]
+      end
     end
   end
 end
@@ -93,6 +99,9 @@ if written > 0 then
   end
   if #later > 0 then
     redis.call('ZADD', KEYS[3], unpack(later))
+  end
+  if #held > 0 then
+    redis.call('HSET', KEYS[8], unpack(held))
   end
   redis.call('HINCRBY', KEYS[5], 'published', written)
   count_minute(KEYS[7], now, 'p', written)

@@ -1,11 +1,29 @@
--- purge: delete every message of a topic in every state. Counters stay (they are history)
--- and the topic stays registered; workers go on with whatever is published next, and
--- their acks for purged deliveries are refused as lease lost.
+-- purge: delete every message of a topic in every state, with the unique keys its messages
+-- hold. Counters stay (they are history) and the topic stays registered; workers go on
+-- with whatever is published next, and their acks for purged deliveries are refused as
+-- lease lost. UNLINK frees the memory in the background, so a big topic does not block Redis.
 -- KEYS[1] msg  KEYS[2] pending  KEYS[3] active  KEYS[4] lease  KEYS[5] delayed
--- KEYS[6] dead  KEYS[7] wake  KEYS[8] stats  KEYS[9] processed
--- Returns the number of messages deleted.
+-- KEYS[6] dead  KEYS[7] wake  KEYS[8] stats  KEYS[9] processed  KEYS[10] uniq
+-- KEYS[11] cancelled  KEYS[12] purged_tokens (SET, kept an hour: the lease tokens of the
+-- deliveries running now, whose refused outcomes are then not counted as duplicate runs)
+-- Returns the number of messages deleted per state: {pending, active, delayed, dead}.
 
-local n = redis.call('HLEN', KEYS[1])
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[9])
-redis.call('HINCRBY', KEYS[8], 'purged', n)
-return n
+local pending = math.max(0, redis.call('LLEN', KEYS[2]) - redis.call('SCARD', KEYS[11]))
+local active = redis.call('ZCARD', KEYS[3])
+local delayed = redis.call('ZCARD', KEYS[5])
+local dead = redis.call('ZCARD', KEYS[6])
+local tokens = redis.call('HVALS', KEYS[4])
+for i = 1, #tokens, 1000 do
+  redis.call('SADD', KEYS[12], unpack(tokens, i, math.min(i + 999, #tokens)))
+end
+if #tokens > 0 then
+  redis.call('PEXPIRE', KEYS[12], 3600000)
+end
+local held = redis.call('HVALS', KEYS[10])
+for i = 1, #held, 1000 do
+  redis.call('UNLINK', unpack(held, i, math.min(i + 999, #held)))
+end
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[9],
+  KEYS[10], KEYS[11])
+redis.call('HINCRBY', KEYS[8], 'purged', pending + active + delayed + dead)
+return {pending, active, delayed, dead}

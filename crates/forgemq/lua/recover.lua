@@ -8,6 +8,7 @@
 -- KEYS[5] dead     ZSET
 -- KEYS[6] wake     LIST
 -- KEYS[7] stats    HASH
+-- KEYS[8] uniq     HASH  id -> unique key held until the message's final state
 -- ARGV[1] max_recoveries
 -- ARGV[2] limit    most expired leases handled per call
 -- ARGV[3] dead_max_len, ARGV[4] dead_max_age: dead-letter retention (see settle.lua)
@@ -22,7 +23,8 @@ end
 
 local max = tonumber(ARGV[1])
 local bodies = redis.call('HMGET', KEYS[3], unpack(expired))
-local recovered, dead = 0, 0
+local recovered, dead, orphans = 0, 0, 0
+local died = {}
 redis.call('ZREM', KEYS[1], unpack(expired))
 redis.call('HDEL', KEYS[2], unpack(expired))
 for i, id in ipairs(expired) do
@@ -35,12 +37,19 @@ for i, id in ipairs(expired) do
         'lease expired ' .. count .. ' times: the worker crashed, hung or lost Redis while handling it (poison message)')
       redis.call('ZADD', KEYS[5], now, id)
       dead = dead + 1
+      died[#died + 1] = id
     else
       redis.call('LPUSH', KEYS[4], id)
       recovered = recovered + 1
     end
     redis.call('HSET', KEYS[3], id, body)
+  else
+    -- Leased without a body (deleted behind ForgeMQ's back): nothing to run again.
+    orphans = orphans + 1
   end
+end
+if orphans > 0 then
+  redis.call('HINCRBY', KEYS[7], 'orphans', orphans)
 end
 
 if recovered > 0 then
@@ -49,6 +58,7 @@ if recovered > 0 then
 end
 if dead > 0 then
   redis.call('HINCRBY', KEYS[7], 'dead', dead)
+  release_unique(KEYS[8], died)
   trim_dead(KEYS[5], KEYS[3], KEYS[7], now, tonumber(ARGV[3]), tonumber(ARGV[4]))
 end
 return {recovered, dead}

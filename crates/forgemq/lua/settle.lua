@@ -11,20 +11,40 @@
 -- KEYS[8] stats      HASH
 -- KEYS[9] processed  ZSET  id -> until when a redelivery counts as a duplicate (ms)
 -- KEYS[10] minutes   HASH  per-minute counters (see count_minute)
+-- KEYS[11] uniq      HASH  id -> unique key held until the message's final state
+-- KEYS[12], KEYS[13] settled:0, settled:1  HASH  call id -> this script's answers, kept for
+--                    30-60 s (two alternating 30 s generations)
+-- KEYS[14] purged_tokens SET  lease tokens of deliveries whose message was purged
 -- ARGV[1] dead_max_len   dead letters kept; older ones are deleted (0 = no cap)
 -- ARGV[2] dead_max_age   ms a dead letter is kept (0 = forever)
 -- ARGV[3] dedup_ttl      ms an acked id stays in the processed ledger (0 = no ledger)
--- ARGV[4] a              number of acks, listed first as pairs: token, id
+-- ARGV[4] call_id        random id of this call, the same when the caller sends it again
+-- ARGV[5] again          1: the caller sent this call before and got no answer
+-- ARGV[6] a              number of acks, listed first as pairs: token, id
 -- ARGV    then groups of 5 for the other outcomes: op ('retry' | 'dead' | 'dead_as_is'),
 --         token, id, envelope (for dead_as_is: the error text), delay_ms
 --         dead_as_is keeps the stored body (too large or unreadable to rewrite in the
 --         worker) and only appends last_error to it.
 -- Returns one integer per outcome, acks first: 1 applied, 0 lease lost (nothing written
--- for it).
+-- for it). A call sent again after its reply was lost gets the answers of the first one:
+-- what it applied is not reported as a lost lease.
+
+local now, now_up = clock()
+local generation = math.floor(now / 30000)
+if ARGV[5] == '1' then
+  local answers = redis.call('HGET', KEYS[12], ARGV[4]) or redis.call('HGET', KEYS[13], ARGV[4])
+  if answers then
+    local out = {}
+    for i = 1, #answers do
+      out[i] = tonumber(string.sub(answers, i, i))
+    end
+    return out
+  end
+end
 
 local G = 5
-local acks = tonumber(ARGV[4])
-local first_group = 5 + 2 * acks
+local acks = tonumber(ARGV[6])
+local first_group = 7 + 2 * acks
 local n = acks + (#ARGV - first_group + 1) / G
 if n == 0 then
   return {}
@@ -32,8 +52,8 @@ end
 -- Outcome i: its id, token and (for failures) where its group starts in ARGV.
 local ids, tokens, base = {}, {}, {}
 for i = 1, acks do
-  tokens[i] = ARGV[3 + 2 * i]
-  ids[i] = ARGV[4 + 2 * i]
+  tokens[i] = ARGV[5 + 2 * i]
+  ids[i] = ARGV[6 + 2 * i]
 end
 for i = acks + 1, n do
   local b = first_group + (i - acks - 1) * G
@@ -46,21 +66,30 @@ end
 -- an id settled twice in one call counts once.
 local owners = redis.call('HMGET', KEYS[2], unpack(ids))
 local results, seen = {}, {}
+local duplicate_runs = 0
 for i = 1, n do
   if owners[i] == tokens[i] and not seen[ids[i]] then
     results[i] = 1
     seen[ids[i]] = true
   else
     results[i] = 0
+    -- A handler ran to its end on a message whose lease expired meanwhile: it runs, will
+    -- run or ran again elsewhere, a duplicate run (DESIGN.md rule 7). A delivery whose
+    -- message was purged under it is not one.
+    if owners[i] ~= tokens[i] and (owners[i] or redis.call('HEXISTS', KEYS[3], ids[i]) == 1
+        or redis.call('SISMEMBER', KEYS[14], tokens[i]) == 0) then
+      duplicate_runs = duplicate_runs + 1
+    end
   end
 end
 
-local now, now_up = clock()
 local dedup_ttl = tonumber(ARGV[3])
 local acked, retried, dead = {}, 0, 0
+local final = {}
 for i = 1, acks do
   if results[i] == 1 then
     acked[#acked + 1] = ids[i]
+    final[#final + 1] = ids[i]
   end
 end
 for i = acks + 1, n do
@@ -83,10 +112,12 @@ for i = acks + 1, n do
       end
       redis.call('ZADD', KEYS[6], now, id)
       dead = dead + 1
+      final[#final + 1] = id
     else
       redis.call('HSET', KEYS[3], id, ARGV[b + 3])
       redis.call('ZADD', KEYS[6], now, id)
       dead = dead + 1
+      final[#final + 1] = id
     end
   end
 end
@@ -115,6 +146,7 @@ if #acked > 0 then
     redis.call('ZADD', KEYS[9], unpack(zargs))
   end
 end
+release_unique(KEYS[11], final)
 if dedup_ttl > 0 then
   -- Expired ledger entries go whenever a deduplicating worker settles: bounded ledger.
   redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', '(' .. now)
@@ -133,4 +165,17 @@ if dead > 0 then
   redis.call('HINCRBY', KEYS[8], 'dead', dead)
   trim_dead(KEYS[6], KEYS[3], KEYS[8], now, tonumber(ARGV[1]), tonumber(ARGV[2]))
 end
+if duplicate_runs > 0 then
+  redis.call('HINCRBY', KEYS[8], 'duplicate_runs', duplicate_runs)
+end
+
+-- The answers, kept for a caller that sends this call again because its reply was lost.
+local record = KEYS[12 + generation % 2]
+if tonumber(redis.call('HGET', record, 'g')) ~= generation then
+  -- This hash held the generation before last: its answers are over 30 s old.
+  redis.call('DEL', record)
+  redis.call('HSET', record, 'g', generation)
+  redis.call('PEXPIRE', record, 65000)
+end
+redis.call('HSET', record, ARGV[4], table.concat(results))
 return results

@@ -59,6 +59,8 @@ pub struct Client {
 pub(crate) struct Inner {
     pub(crate) store: Store,
     max_payload: usize,
+    /// Poison limit of the recovery that a manual fetch runs first.
+    pub(crate) max_recoveries: u32,
 }
 
 impl std::fmt::Debug for Client {
@@ -79,6 +81,7 @@ pub struct ClientBuilder {
     connect_timeout: Duration,
     reconnect_retries: usize,
     max_payload: usize,
+    max_recoveries: u32,
     dead_max_len: u64,
     dead_max_age: Duration,
     tls_ca: Option<Vec<u8>>,
@@ -167,6 +170,14 @@ impl ClientBuilder {
         self
     }
 
+    /// Lease expiries a message survives before the recovery that
+    /// [`Client::pop_messages`] runs first dead-letters it as poison (default 3, as
+    /// [`WorkerBuilder::max_recoveries`](crate::WorkerBuilder::max_recoveries)).
+    pub fn max_recoveries(mut self, n: u32) -> Self {
+        self.max_recoveries = n;
+        self
+    }
+
     /// Connects. Fails when Redis can't be reached, so a misconfigured producer finds out
     /// at start-up rather than by losing messages.
     pub async fn build(self) -> Result<Client> {
@@ -194,6 +205,7 @@ impl ClientBuilder {
             inner: Arc::new(Inner {
                 store,
                 max_payload: self.max_payload,
+                max_recoveries: self.max_recoveries,
             }),
         })
     }
@@ -207,6 +219,35 @@ pub struct PublishOptions {
     max_retry: Option<u32>,
     id: Option<MessageId>,
     unique: Option<(String, Duration)>,
+    unique_until: UniqueUntil,
+}
+
+/// How long a unique key ([`PublishOptions::unique_key`]) holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum UniqueUntil {
+    /// Until the message reaches a final state (processed, cancelled, purged or
+    /// dead-lettered) or the ttl ends, whichever comes first. The default, as Sidekiq's
+    /// unique jobs and BullMQ's deduplication behave. A key released when its message is
+    /// dead-lettered can be taken by a new message before the dead letter is retried.
+    #[default]
+    Final,
+    /// For the whole ttl, whatever happens to the message.
+    Ttl,
+}
+
+impl std::str::FromStr for UniqueUntil {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "final" => Ok(UniqueUntil::Final),
+            "ttl" => Ok(UniqueUntil::Ttl),
+            other => Err(Error::Config(format!(
+                "unknown unique_until {other:?}: use final or ttl"
+            ))),
+        }
+    }
 }
 
 impl PublishOptions {
@@ -227,11 +268,21 @@ impl PublishOptions {
         self
     }
 
-    /// At most one message per `key` within `ttl`: while the key is held, publishing with
+    /// At most one message per `key` at a time: while the key is held, publishing with
     /// it writes nothing and returns [`PublishOutcome::Duplicate`] with the holder's id
-    /// (Sidekiq Enterprise's unique jobs). The key is per topic.
+    /// (Sidekiq's unique jobs). The key is held until the message is processed, cancelled,
+    /// purged or dead-lettered, or until `ttl` ends, whichever comes first (see
+    /// [`PublishOptions::unique_until`] for ttl only). The key is per topic.
     pub fn unique_key(mut self, key: impl Into<String>, ttl: Duration) -> Self {
         self.unique = Some((key.into(), ttl));
+        self
+    }
+
+    /// How long the unique key holds: until the message's final state or the ttl
+    /// ([`UniqueUntil::Final`], the default), or for the whole ttl ([`UniqueUntil::Ttl`],
+    /// the behaviour before version 0.2).
+    pub fn unique_until(mut self, until: UniqueUntil) -> Self {
+        self.unique_until = until;
         self
     }
 
@@ -307,6 +358,12 @@ pub struct QueueStats {
     pub dead_trimmed: u64,
     /// Dead letters deleted by hand (`delete_dead_letter`, `purge_dead_letters`).
     pub dead_deleted: u64,
+    /// Handler runs whose outcome was refused because the lease had expired and the
+    /// message was handed to another delivery meanwhile: the message ran (or will run)
+    /// twice (DESIGN.md rule 7). A worker stalled past its lease, or cut off from Redis.
+    pub duplicate_runs: u64,
+    /// Ids found without a body (deleted behind ForgeMQ's back) and dropped.
+    pub orphans: u64,
     /// Whether the topic is paused.
     pub paused: bool,
 }
@@ -356,6 +413,27 @@ pub enum WarningKind {
     AofOff,
     /// `CONFIG GET` was refused, so nothing could be checked.
     Unverified,
+}
+
+/// What [`Client::purge_queue`] deleted, per state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Purged {
+    /// Messages that were waiting to run.
+    pub pending: u64,
+    /// Messages a handler was running (their outcomes will be refused).
+    pub active: u64,
+    /// Messages waiting for their due time.
+    pub delayed: u64,
+    /// Dead letters.
+    pub dead: u64,
+}
+
+impl Purged {
+    /// All the messages deleted.
+    pub fn total(&self) -> u64 {
+        self.pending + self.active + self.delayed + self.dead
+    }
 }
 
 /// Where [`Client::cancel`] removed a message from.
@@ -477,6 +555,7 @@ impl Client {
             connect_timeout: Duration::from_secs(2),
             reconnect_retries: 3,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            max_recoveries: 3,
             dead_max_len: DEFAULT_DEAD_LETTER_MAX_LEN,
             dead_max_age: DEFAULT_DEAD_LETTER_MAX_AGE,
             tls_ca: None,
@@ -657,7 +736,10 @@ impl Client {
             id: id.as_str().to_owned(),
             delay: options.delay.unwrap_or_default(),
             body,
-            unique: options.unique.clone(),
+            unique: options
+                .unique
+                .clone()
+                .map(|(key, ttl)| (key, ttl, options.unique_until == UniqueUntil::Final)),
         })
     }
 
@@ -705,6 +787,8 @@ impl Client {
             deduplicated: c("deduplicated"),
             dead_trimmed: c("dead_trimmed"),
             dead_deleted: c("dead_deleted"),
+            duplicate_runs: c("duplicate_runs"),
+            orphans: c("orphans"),
             paused: raw.paused,
         })
     }
@@ -886,12 +970,20 @@ impl Client {
         }
     }
 
-    /// Deletes every message of `topic` in every state (pending, delayed, active, dead) and
-    /// returns how many. Counters and the topic's registration stay; running workers go on
-    /// with what is published next.
-    pub async fn purge_queue(&self, topic: &str) -> Result<u64> {
+    /// Deletes every message of `topic` in every state (pending, delayed, active, dead),
+    /// the unique keys its messages hold and its processed ledger, and returns how many
+    /// messages there were per state. Counters and the topic's registration stay; running
+    /// workers go on with what is published next (their outcomes for purged messages are
+    /// refused).
+    pub async fn purge_queue(&self, topic: &str) -> Result<Purged> {
         let keys = self.keys(topic)?;
-        self.inner.store.purge(&keys).await
+        let (pending, active, delayed, dead) = self.inner.store.purge(&keys).await?;
+        Ok(Purged {
+            pending,
+            active,
+            delayed,
+            dead,
+        })
     }
 
     /// Cancels a message that has not started: a delayed one (e.g. the payment check of

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::handler::Backoff;
 use crate::keys::TopicKeys;
 use crate::message::{Envelope, LeaseState, Message, MessageId};
-use crate::store::SettleOp;
+use crate::store::{SettleCall, SettleOp};
 use crate::worker::failure_op;
 
 /// Lease of a manually fetched message: as a worker's default, and renewable with
@@ -18,9 +18,6 @@ pub const DEFAULT_POP_LEASE: Duration = Duration::from_secs(15);
 
 /// Retries allowed when neither the message nor the caller says otherwise.
 const DEFAULT_MAX_RETRY: u32 = 3;
-
-/// Poison limit applied by the recovery that a manual fetch runs first.
-const POP_MAX_RECOVERIES: u32 = 3;
 
 /// A leased message taken with [`Client::pop_message`].
 ///
@@ -65,11 +62,26 @@ impl Delivery {
             self.message.id.as_str().as_bytes(),
             &op,
         )];
-        let flags = self
-            .client
-            .store()
-            .settle(&self.keys, &outcome, Duration::ZERO)
-            .await?;
+        // A transient failure is retried as the same call: what an attempt whose reply was
+        // lost applied is answered as applied, not as a lost lease.
+        let first = SettleCall::new();
+        let mut call = first.clone();
+        let mut attempt = 1;
+        let flags = loop {
+            match self
+                .client
+                .store()
+                .settle(&self.keys, &outcome, Duration::ZERO, &call)
+                .await
+            {
+                Err(e) if e.is_transient() && attempt < 3 => {
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                    attempt += 1;
+                    call = first.again();
+                }
+                other => break other?,
+            }
+        };
         if flags.first().copied().unwrap_or(false) {
             Ok(())
         } else {
@@ -152,21 +164,29 @@ impl Client {
         }
         let store = self.store();
         // Without a worker on this topic nobody else returns expired leases.
-        store.recover(&keys, POP_MAX_RECOVERIES, 1000).await?;
+        store
+            .recover(&keys, self.inner.max_recoveries, 1000)
+            .await?;
         let token = crate::worker::random_token();
         let fetched = store.fetch(&keys, n, lease, &token, false, false).await?;
         let mut out = Vec::with_capacity(fetched.messages.len());
         for m in fetched.messages {
-            if m.body.len() > self.max_payload() {
+            let limit = crate::message::stored_limit(self.max_payload());
+            if m.body.len() > limit {
                 let op = SettleOp::DeadAsIs {
                     error: format!(
-                        "stored body of {} bytes is over the {}-byte payload limit",
+                        "stored body of {} bytes is over the {limit}-byte limit for stored messages (the {}-byte payload limit plus room for a failure history)",
                         m.body.len(),
                         self.max_payload()
                     ),
                 };
                 store
-                    .settle(&keys, &[(&token, m.id.as_bytes(), &op)], Duration::ZERO)
+                    .settle(
+                        &keys,
+                        &[(&token, m.id.as_bytes(), &op)],
+                        Duration::ZERO,
+                        &SettleCall::new(),
+                    )
                     .await?;
                 continue;
             }
@@ -204,7 +224,12 @@ impl Client {
                         &Backoff::default(),
                     );
                     store
-                        .settle(&keys, &[(&token, m.id.as_bytes(), &op)], Duration::ZERO)
+                        .settle(
+                            &keys,
+                            &[(&token, m.id.as_bytes(), &op)],
+                            Duration::ZERO,
+                            &SettleCall::new(),
+                        )
                         .await?;
                 }
             }

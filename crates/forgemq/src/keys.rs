@@ -82,6 +82,10 @@ impl Namespace {
             paused: k("paused"),
             processed: k("processed"),
             minutes: k("minutes"),
+            uniq: k("uniq"),
+            cancelled: k("cancelled"),
+            settled: [k("settled:0"), k("settled:1")],
+            purged_tokens: k("purged_tokens"),
             unique_prefix: k("unique:"),
         }
     }
@@ -113,7 +117,20 @@ pub(crate) struct TopicKeys {
     pub(crate) processed: String,
     /// HASH of per-minute counters, a ring of the last 60 minutes.
     pub(crate) minutes: String,
-    unique_prefix: String,
+    /// HASH id → unique key, for the messages that hold their key until they reach a final
+    /// state: the scripts of those states release the key through it, and purge finds every
+    /// held key here.
+    pub(crate) uniq: String,
+    /// SET of cancelled ids whose entry is still in the pending list (a tombstone): cancel
+    /// is O(1) instead of an O(N) `LREM`, and fetch skips the entry when it comes up.
+    pub(crate) cancelled: String,
+    /// Two HASHes (alternating 30 s generations) of settle call id → its answers: a settle
+    /// retried after its reply was lost learns what the first call applied.
+    pub(crate) settled: [String; 2],
+    /// SET of the lease tokens of deliveries whose message was purged under them (kept an
+    /// hour): their refused outcomes are not duplicate runs.
+    pub(crate) purged_tokens: String,
+    pub(crate) unique_prefix: String,
 }
 
 impl TopicKeys {

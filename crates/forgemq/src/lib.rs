@@ -61,7 +61,7 @@ pub mod __fuzz {
 
 pub use client::{
     Cancelled, Client, ClientBuilder, DeadLetter, MessageState, MinuteCounts, PeekedMessage,
-    PublishOptions, PublishOutcome, QueueStats, ServerWarning, WarningKind,
+    PublishOptions, PublishOutcome, Purged, QueueStats, ServerWarning, UniqueUntil, WarningKind,
 };
 pub use delivery::Delivery;
 pub use error::{Error, Result};

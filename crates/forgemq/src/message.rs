@@ -19,6 +19,40 @@ const MAX_ID_LEN: usize = 200;
 /// dead-letter browser, few enough that a message failing forever stays small.
 const ERROR_HISTORY: usize = 10;
 
+/// Longest error text kept in an envelope, in bytes (`last_error` and each history entry);
+/// longer ones are cut on a character boundary and marked. Handlers' errors can be long
+/// (a remote server's whole error page): unbounded, they would grow a message past the
+/// payload limit on its own retries.
+pub(crate) const MAX_ERROR_TEXT: usize = 2048;
+
+/// How much a stored envelope may exceed the payload limit: the failure record it carries
+/// besides the published data, at most `ERROR_HISTORY + 1` error texts of
+/// [`MAX_ERROR_TEXT`] bytes, each up to 6 bytes a byte once escaped in JSON, with their
+/// fields, plus the counters the scripts append. A message published under the limit is
+/// never refused for its history.
+pub(crate) const HISTORY_ALLOWANCE: usize = (ERROR_HISTORY + 1) * (6 * MAX_ERROR_TEXT + 128) + 4096;
+
+/// The largest stored envelope a consumer reads, for a client whose payload limit is
+/// `max_payload`: anything bigger was not written by ForgeMQ and is dead-lettered unread.
+pub(crate) fn stored_limit(max_payload: usize) -> usize {
+    max_payload.saturating_add(HISTORY_ALLOWANCE)
+}
+
+/// `error` cut to [`MAX_ERROR_TEXT`] bytes on a character boundary, with a note saying how
+/// much was cut.
+pub(crate) fn cap_error(error: &str) -> String {
+    if error.len() <= MAX_ERROR_TEXT {
+        return error.to_owned();
+    }
+    // Room for the note: " [cut: N bytes more]" with N of up to 20 digits.
+    let mut end = MAX_ERROR_TEXT - 40;
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = error.len() - end;
+    format!("{} [cut: {cut} bytes more]", &error[..end])
+}
+
 /// A message id: unique, non-empty and, when ForgeMQ makes it, time-sortable (UUIDv7).
 ///
 /// The client makes the id before writing, so a publish retried after an unknown outcome
@@ -270,16 +304,17 @@ impl Envelope {
 
     /// Records a failed attempt: `retry` grows by one, the error joins the history.
     pub(crate) fn record_failure(&mut self, error: &str) {
+        let error = cap_error(error);
         self.errors.push(FailureRecord {
             attempt: self.retry,
             at: rfc3339(SystemTime::now()),
-            error: error.to_owned(),
+            error: error.clone(),
         });
         if self.errors.len() > ERROR_HISTORY {
             let extra = self.errors.len() - ERROR_HISTORY;
             self.errors.drain(..extra);
         }
-        self.last_error = Some(error.to_owned());
+        self.last_error = Some(error);
         self.retry += 1;
     }
 
@@ -600,6 +635,37 @@ mod tests {
         assert_eq!(env.errors.len(), ERROR_HISTORY);
         assert_eq!(env.last_error.as_deref(), Some("e24"));
         assert_eq!(env.errors[0].error, "e15");
+    }
+
+    #[test]
+    fn long_errors_are_cut_on_a_char_boundary_and_marked() {
+        assert_eq!(cap_error("short"), "short");
+        let long = "é".repeat(5000);
+        let cut = cap_error(&long);
+        assert!(cut.len() <= MAX_ERROR_TEXT, "{}", cut.len());
+        assert!(cut.ends_with("bytes more]"), "{cut}");
+        let kept = cut.split(" [cut: ").next().unwrap();
+        let said: usize = cut
+            .rsplit("cut: ")
+            .next()
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(kept.len() + said, long.len());
+        let id = MessageId::generate();
+        let mut env = Envelope::new(&id, "t", Value::Null, None);
+        for _ in 0..30 {
+            env.record_failure(&long);
+        }
+        let body = env.encode();
+        assert!(
+            body.len() < HISTORY_ALLOWANCE,
+            "{} bytes of history",
+            body.len()
+        );
     }
 
     #[test]

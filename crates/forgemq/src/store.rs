@@ -41,8 +41,9 @@ pub(crate) struct PublishItem {
     pub(crate) id: String,
     pub(crate) delay: Duration,
     pub(crate) body: String,
-    /// A unique key and how long it holds.
-    pub(crate) unique: Option<(String, Duration)>,
+    /// A unique key, how long it holds at most, and whether it is released when the
+    /// message reaches a final state (else it holds for the whole ttl).
+    pub(crate) unique: Option<(String, Duration, bool)>,
 }
 
 /// What publishing one message did.
@@ -84,6 +85,31 @@ impl SettleOp {
             SettleOp::Retry { body, delay } => Some(("retry", body.as_bytes(), millis(*delay))),
             SettleOp::Dead { body } => Some(("dead", body.as_bytes(), 0)),
             SettleOp::DeadAsIs { error } => Some(("dead_as_is", error.as_bytes(), 0)),
+        }
+    }
+}
+
+/// The identity of one settle: the same outcomes sent again after an error carry the same
+/// id, so that the script can answer what the first sending applied.
+#[derive(Debug, Clone)]
+pub(crate) struct SettleCall {
+    id: String,
+    again: bool,
+}
+
+impl SettleCall {
+    pub(crate) fn new() -> Self {
+        Self {
+            id: format!("{:016x}", rand::random::<u64>()),
+            again: false,
+        }
+    }
+
+    /// The same call, sent again.
+    pub(crate) fn again(&self) -> Self {
+        Self {
+            id: self.id.clone(),
+            again: true,
         }
     }
 }
@@ -144,6 +170,16 @@ pub(crate) struct RawStats {
 /// timeout would cut it short (DESIGN.md rule 6).
 pub(crate) struct BlockingConn {
     conn: Option<MultiplexedConnection>,
+    /// Redis's `CLIENT ID` of the connection (0 until connected), for `CLIENT UNBLOCK`.
+    id: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl BlockingConn {
+    /// A handle on the connection's Redis client id that stays valid while a wait owns
+    /// the connection.
+    pub(crate) fn id_cell(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        Arc::clone(&self.id)
+    }
 }
 
 pub(crate) struct Store {
@@ -160,28 +196,7 @@ pub(crate) struct Store {
 
 impl Store {
     pub(crate) async fn connect(url: &str, ns: Namespace, settings: ConnSettings) -> Result<Self> {
-        if url.starts_with("rediss") || settings.tls_ca.is_some() {
-            // rustls needs a process-wide crypto provider; install ring's unless the
-            // application chose one already.
-            if rustls::crypto::CryptoProvider::get_default().is_none() {
-                let _ = rustls::crypto::ring::default_provider().install_default();
-            }
-        }
-        let client = if settings.tls_ca.is_some() || settings.tls_client.is_some() {
-            let certs = redis::TlsCertificates {
-                client_tls: settings
-                    .tls_client
-                    .clone()
-                    .map(|(cert, key)| redis::ClientTlsConfig {
-                        client_cert: cert,
-                        client_key: key,
-                    }),
-                root_cert: settings.tls_ca.clone(),
-            };
-            redis::Client::build_with_tls(url, certs)?
-        } else {
-            redis::Client::open(url)?
-        };
+        let client = open_client(url, &settings)?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(settings.response_timeout))
             .set_connection_timeout(Some(settings.connect_timeout))
@@ -315,22 +330,23 @@ impl Store {
             keys.stats.clone(),
             keys.processed.clone(),
             keys.minutes.clone(),
+            keys.uniq.clone(),
         ];
         // Per message: id, body, options ('' for the common case; see publish.lua).
         let mut options: Vec<String> = Vec::with_capacity(items.len());
         for item in items {
             let index = match &item.unique {
-                Some((key, ttl)) => {
+                Some((key, ttl, until_final)) => {
                     key_names.push(keys.unique(key));
-                    Some((key_names.len(), millis(*ttl)))
+                    Some((key_names.len(), millis(*ttl), u8::from(*until_final)))
                 }
                 None => None,
             };
             let delay = millis(item.delay);
             options.push(match index {
                 None if delay == 0 => String::new(),
-                None => format!("{delay},0,0"),
-                Some((index, ttl)) => format!("{delay},{index},{ttl}"),
+                None => format!("{delay},0,0,0"),
+                Some((index, ttl, until_final)) => format!("{delay},{index},{ttl},{until_final}"),
             });
         }
         let refs: Vec<&str> = key_names.iter().map(String::as_str).collect();
@@ -380,6 +396,8 @@ impl Store {
                 &keys.stats,
                 &keys.paused,
                 &keys.processed,
+                &keys.cancelled,
+                &keys.uniq,
             ],
         );
         call.arg(n.min(MAX_PER_CALL))
@@ -413,7 +431,8 @@ impl Store {
                 .iter()
                 .map(|id| (token, id.as_slice(), &op))
                 .collect();
-            self.settle(keys, &outcomes, Duration::ZERO).await?;
+            self.settle(keys, &outcomes, Duration::ZERO, &SettleCall::new())
+                .await?;
         }
         Ok(FetchResult {
             now_ms,
@@ -423,18 +442,28 @@ impl Store {
         })
     }
 
-    /// Applies outcomes of finished deliveries, `(token, id, op)`, in one script call;
-    /// per delivery, whether the lease was still ours. `dedup_ttl` > 0 records acked ids
-    /// in the processed ledger for that long.
+    /// Applies outcomes of finished deliveries, `(token, id, op)`, in one script call per
+    /// 1,000; per delivery, whether the lease was still ours (or the outcome was applied by
+    /// an earlier sending of the same `call`). `dedup_ttl` > 0 records acked ids in the
+    /// processed ledger for that long.
+    ///
+    /// A caller that sends the same outcomes again after an error passes the same `call`
+    /// with [`SettleCall::again`]: parts that Redis applied the first time are reported as
+    /// applied, not as a lost lease.
     pub(crate) async fn settle(
         &self,
         keys: &TopicKeys,
         outcomes: &[(&str, &[u8], &SettleOp)],
         dedup_ttl: Duration,
+        call: &SettleCall,
     ) -> Result<Vec<bool>> {
         let mut flags = Vec::with_capacity(outcomes.len());
-        for chunk in outcomes.chunks(MAX_PER_CALL) {
-            flags.extend(self.settle_chunk(keys, chunk, dedup_ttl).await?);
+        for (k, chunk) in outcomes.chunks(MAX_PER_CALL).enumerate() {
+            let id = format!("{}.{k}", call.id);
+            flags.extend(
+                self.settle_chunk(keys, chunk, dedup_ttl, &id, call.again)
+                    .await?,
+            );
         }
         Ok(flags)
     }
@@ -444,6 +473,8 @@ impl Store {
         keys: &TopicKeys,
         outcomes: &[(&str, &[u8], &SettleOp)],
         dedup_ttl: Duration,
+        call_id: &str,
+        again: bool,
     ) -> Result<Vec<bool>> {
         let script = &self.scripts.settle;
         let mut call = Self::evalsha(
@@ -459,6 +490,10 @@ impl Store {
                 &keys.stats,
                 &keys.processed,
                 &keys.minutes,
+                &keys.uniq,
+                &keys.settled[0],
+                &keys.settled[1],
+                &keys.purged_tokens,
             ],
         );
         // Acks first, as bare (token, id) pairs; then the other outcomes in groups of 5.
@@ -474,6 +509,8 @@ impl Store {
         call.arg(self.settings.dead_max_len)
             .arg(millis(self.settings.dead_max_age))
             .arg(millis(dedup_ttl))
+            .arg(call_id)
+            .arg(u8::from(again))
             .arg(acks.len());
         for &i in &acks {
             let (token, id, _) = outcomes[i];
@@ -572,6 +609,7 @@ impl Store {
                 &keys.dead,
                 &keys.wake,
                 &keys.stats,
+                &keys.uniq,
             ],
         );
         call.arg(max_recoveries)
@@ -667,7 +705,9 @@ impl Store {
             .collect())
     }
 
-    pub(crate) async fn purge(&self, keys: &TopicKeys) -> Result<u64> {
+    /// Deletes every message of a topic; how many there were per state: pending, active,
+    /// delayed, dead.
+    pub(crate) async fn purge(&self, keys: &TopicKeys) -> Result<(u64, u64, u64, u64)> {
         let script = &self.scripts.purge;
         let call = Self::evalsha(
             script,
@@ -681,6 +721,9 @@ impl Store {
                 &keys.wake,
                 &keys.stats,
                 &keys.processed,
+                &keys.uniq,
+                &keys.cancelled,
+                &keys.purged_tokens,
             ],
         );
         self.run(script, &call).await
@@ -697,6 +740,8 @@ impl Store {
                 &keys.dead,
                 &keys.msg,
                 &keys.stats,
+                &keys.cancelled,
+                &keys.uniq,
             ],
         );
         call.arg(id);
@@ -732,12 +777,14 @@ impl Store {
     pub(crate) async fn stats(&self, keys: &TopicKeys) -> Result<RawStats> {
         let mut pipe = redis::pipe();
         pipe.llen(&keys.pending)
+            .scard(&keys.cancelled)
             .zcard(&keys.active)
             .zcard(&keys.delayed)
             .zcard(&keys.dead)
             .hgetall(&keys.stats)
             .exists(&keys.paused);
-        let (pending, active, delayed, dead, counters, paused): (
+        let (listed, tombstones, active, delayed, dead, counters, paused): (
+            u64,
             u64,
             u64,
             u64,
@@ -746,7 +793,8 @@ impl Store {
             bool,
         ) = self.exec(Req::Pipe(&pipe), None).await?;
         Ok(RawStats {
-            pending,
+            // Entries of cancelled messages stay listed until a fetch skips them.
+            pending: listed.saturating_sub(tombstones),
             active,
             delayed,
             dead,
@@ -807,7 +855,21 @@ impl Store {
     }
 
     pub(crate) fn blocking_conn(&self) -> BlockingConn {
-        BlockingConn { conn: None }
+        BlockingConn {
+            conn: None,
+            id: Arc::default(),
+        }
+    }
+
+    /// Ends the blocking wait of the connection with this `CLIENT ID`, if it is blocked;
+    /// true if it was. A wait left on Redis after its worker went back to work would take
+    /// the next wake-up token (Redis serves the oldest waiter first) from idle workers.
+    pub(crate) async fn unblock(&self, client_id: u64) -> Result<bool> {
+        let cmd = redis::cmd("CLIENT")
+            .arg("UNBLOCK")
+            .arg(client_id)
+            .to_owned();
+        Ok(self.exec::<i64>(Req::Cmd(&cmd), None).await? == 1)
     }
 
     /// Waits on the wake lists of one or more topics for at most `timeout` (whole ms).
@@ -822,11 +884,26 @@ impl Store {
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(self.settings.connect_timeout))
                 .set_response_timeout(None);
-            bc.conn = Some(
-                self.client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await?,
-            );
+            let mut conn = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            // Without its id (an ACL user without `+client|id`) a wait that must end early
+            // is ended by dropping the connection instead.
+            let id = redis::cmd("CLIENT").arg("ID").to_owned();
+            let id = match tokio::time::timeout(
+                self.settings.response_timeout,
+                id.query_async::<u64>(&mut conn),
+            )
+            .await
+            {
+                Ok(Ok(id)) => id,
+                Ok(Err(e)) if matches!(e.kind(), redis::ErrorKind::Server(_)) => 0,
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(Error::Timeout(self.settings.response_timeout)),
+            };
+            bc.id.store(id, std::sync::atomic::Ordering::SeqCst);
+            bc.conn = Some(conn);
         }
         let Some(conn) = bc.conn.as_mut() else {
             return Ok(false);
@@ -850,6 +927,45 @@ impl Store {
             }
         }
     }
+}
+
+/// A `redis::Client` for `url`, with the TLS settings when there are some.
+#[cfg(feature = "tls")]
+fn open_client(url: &str, settings: &ConnSettings) -> Result<redis::Client> {
+    if url.starts_with("rediss") || settings.tls_ca.is_some() {
+        // rustls needs a process-wide crypto provider; install ring's unless the
+        // application chose one already.
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+    }
+    if settings.tls_ca.is_some() || settings.tls_client.is_some() {
+        let certs = redis::TlsCertificates {
+            client_tls: settings
+                .tls_client
+                .clone()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert,
+                    client_key: key,
+                }),
+            root_cert: settings.tls_ca.clone(),
+        };
+        Ok(redis::Client::build_with_tls(url, certs)?)
+    } else {
+        Ok(redis::Client::open(url)?)
+    }
+}
+
+/// A `redis::Client` for `url`; this build has no TLS.
+#[cfg(not(feature = "tls"))]
+fn open_client(url: &str, settings: &ConnSettings) -> Result<redis::Client> {
+    if url.starts_with("rediss") || settings.tls_ca.is_some() || settings.tls_client.is_some() {
+        return Err(Error::Config(
+            "this build of forgemq has no TLS: enable the crate's `tls` feature for rediss:// URLs"
+                .into(),
+        ));
+    }
+    Ok(redis::Client::open(url)?)
 }
 
 /// A request for [`Store::exec`].

@@ -85,12 +85,14 @@ impl Group {
     ///
     /// The blocking wait on Redis always runs for the full idle wait: Redis times
     /// blocked commands out only on its own cron tick (every 100 ms at the default
-    /// `hz 10`), so a delayed message due sooner is waited for here, on a local timer,
-    /// while the blocking call stays outstanding for the next wait (DESIGN.md rule 8:
-    /// fire close to the due time, not on a tick).
-    async fn wait<'s>(
-        &'s self,
-        waiter: &mut Waiter<'s>,
+    /// `hz 10`), so a delayed message due sooner is waited for here, on a local timer.
+    /// When the timer ends the wait, the blocking call is cancelled on Redis (`CLIENT
+    /// UNBLOCK`): left there while this worker goes back to work, it would take the next
+    /// wake-up token (Redis serves the oldest waiter first), and idle workers would sleep
+    /// through new work (DESIGN.md rule 8: fire close to the due time, not on a tick).
+    async fn wait(
+        &self,
+        waiter: &mut Waiter,
         wait: Duration,
         backoff: &mut RetryDelay,
         stop: &mut watch::Receiver<bool>,
@@ -101,11 +103,12 @@ impl Group {
                 .conn
                 .take()
                 .unwrap_or_else(|| self.store().blocking_conn());
+            waiter.client_id = conn.id_cell();
             let keys: Vec<String> = self.runners.iter().map(|r| r.keys.wake.clone()).collect();
-            let store = self.store();
-            Box::pin(async move {
+            let client = self.runners[0].client.clone();
+            tokio::spawn(async move {
                 let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                let woke = store.wait_wake(&mut conn, &keys, idle).await;
+                let woke = client.store().wait_wake(&mut conn, &keys, idle).await;
                 (conn, woke)
             })
         });
@@ -117,16 +120,50 @@ impl Group {
             }
         };
         tokio::select! {
-            (conn, woke) = blocked => {
+            done = blocked => {
                 waiter.outstanding = None;
-                waiter.conn = Some(conn);
-                if let Err(e) = woke {
-                    tracing::warn!(error = %e, "waiting for work failed; retrying");
-                    pause(backoff.next(), stop).await;
+                match done {
+                    Ok((conn, woke)) => {
+                        waiter.conn = Some(conn);
+                        if let Err(e) = woke {
+                            tracing::warn!(error = %e, "waiting for work failed; retrying");
+                            pause(backoff.next(), stop).await;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "the wait for work ended abnormally"),
                 }
             }
-            () = due => {}
-            _ = stop.changed() => {}
+            () = due => self.cancel_wait(waiter).await,
+            _ = stop.changed() => {
+                if let Some(task) = waiter.outstanding.take() {
+                    task.abort();
+                }
+            }
+        }
+    }
+
+    /// Ends a blocking wait that is still outstanding: `CLIENT UNBLOCK` makes Redis answer
+    /// it at once, and the connection is kept for the next wait. If Redis does not confirm
+    /// (the wait was not blocked yet, the ACL forbids `CLIENT UNBLOCK`, the link is gone), the
+    /// wait is dropped with its connection, which Redis notices when the socket closes.
+    async fn cancel_wait(&self, waiter: &mut Waiter) {
+        let Some(task) = waiter.outstanding.take() else {
+            return;
+        };
+        let id = waiter.client_id.load(std::sync::atomic::Ordering::SeqCst);
+        let unblocked = id != 0 && matches!(self.store().unblock(id).await, Ok(true));
+        if unblocked || task.is_finished() {
+            let limit = self.runners[0]
+                .settings
+                .idle_wait
+                .min(Duration::from_secs(1));
+            match tokio::time::timeout(limit, task).await {
+                Ok(Ok((conn, Ok(_)))) => waiter.conn = Some(conn),
+                Ok(_) => {}
+                Err(_) => tracing::debug!("an unblocked wait did not end; dropping its connection"),
+            }
+        } else {
+            task.abort();
         }
     }
 
@@ -339,11 +376,19 @@ impl Group {
 /// A blocking wait that may still be outstanding from an earlier [`Group::wait`], and
 /// its connection while none is.
 #[derive(Default)]
-struct Waiter<'s> {
+struct Waiter {
     conn: Option<BlockingConn>,
-    #[allow(clippy::type_complexity)]
-    outstanding:
-        Option<Pin<Box<dyn Future<Output = (BlockingConn, crate::Result<bool>)> + Send + 's>>>,
+    outstanding: Option<tokio::task::JoinHandle<(BlockingConn, crate::Result<bool>)>>,
+    /// Redis's client id of the connection the outstanding wait blocks on.
+    client_id: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Some(task) = self.outstanding.take() {
+            task.abort();
+        }
+    }
 }
 
 /// Waits for one free slot, then takes up to `max` free slots without waiting.

@@ -22,7 +22,7 @@ use crate::error::Result;
 use crate::handler::{Backoff, HandlerError};
 use crate::keys::TopicKeys;
 use crate::message::{Envelope, LeaseState, Message, MessageId};
-use crate::store::{Fetched, SettleOp};
+use crate::store::{Fetched, SettleCall, SettleOp};
 
 pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
 pub(crate) type ErasedHandler = Arc<dyn Fn(Message<Value>) -> HandlerFuture + Send + Sync>;
@@ -216,14 +216,17 @@ impl Runner {
     /// What a handler receives, or the verdict for a body that does not decode (running
     /// it cannot help, and it must not block the queue).
     fn message(&self, t: &Tracked) -> std::result::Result<Message<Value>, Verdict> {
-        let limit = self.client.max_payload();
+        // The limit is the payload limit plus room for the failure history the envelope
+        // carries: a message published under the limit gets all its runs.
+        let limit = crate::message::stored_limit(self.client.max_payload());
         if t.fetched.body.len() > limit {
             // Planted behind the client's back: decoding or rewriting it could take
             // unbounded memory, so it is dead-lettered as it is.
             return Err(Verdict::DeadAsIs {
                 error: format!(
-                    "stored body of {} bytes is over the {limit}-byte payload limit",
-                    t.fetched.body.len()
+                    "stored body of {} bytes is over the {limit}-byte limit for stored messages (the {}-byte payload limit plus room for a failure history)",
+                    t.fetched.body.len(),
+                    self.client.max_payload()
                 ),
             });
         }
@@ -272,6 +275,9 @@ impl Runner {
         let HandlerKind::Single(handler) = &self.handler else {
             return;
         };
+        if self.forget_if_lost(&t) {
+            return;
+        }
         let message = match self.message(&t) {
             Ok(m) => m,
             Err(verdict) => {
@@ -323,6 +329,9 @@ impl Runner {
         let mut messages = Vec::new();
         let mut held = Vec::new();
         for t in batch {
+            if self.forget_if_lost(&t) {
+                continue;
+            }
             match self.message(&t) {
                 Ok(m) => {
                     messages.push(m);
@@ -372,6 +381,19 @@ impl Runner {
             let _ = out_tx.send(outcomes);
             drop(permit);
         });
+    }
+
+    /// A delivery held ahead (or while its batch filled) whose lease was lost meanwhile (a
+    /// long stall: it is back in pending or running elsewhere) must not start: it is
+    /// forgotten here, and nothing is written for it.
+    fn forget_if_lost(&self, t: &Tracked) -> bool {
+        if !t.lease.is_lost() {
+            return false;
+        }
+        self.lock_inflight()
+            .remove(&(t.fetched.id.clone(), Arc::clone(&t.token)));
+        tracing::warn!(topic = %self.keys.topic, id = %t.fetched.id, "not starting a message held ahead: its lease was lost meanwhile");
+        true
     }
 
     fn lock_inflight(&self) -> std::sync::MutexGuard<'_, InFlightMap> {
@@ -512,8 +534,17 @@ impl Runner {
             .collect();
         let store = self.client.store();
         let dedup = self.sub.dedup_ttl.unwrap_or_default();
-        let Some(flags) =
-            retry_until_done(abandon, || store.settle(&self.keys, &args, dedup)).await
+        // The same call id on every attempt: what an attempt whose reply was lost applied
+        // is answered as applied, not as a lost lease.
+        let first = SettleCall::new();
+        let again = first.again();
+        let mut call = &first;
+        let Some(flags) = retry_until_done(abandon, || {
+            let sent = store.settle(&self.keys, &args, dedup, call);
+            call = &again;
+            sent
+        })
+        .await
         else {
             return;
         };
@@ -521,8 +552,9 @@ impl Runner {
         for ((o, op), ok) in outcomes.iter().zip(&ops).zip(flags) {
             map.remove(&(o.id.clone(), Arc::clone(&o.token)));
             if !ok {
-                // Rule 7: a duplicate run is possible only here; say so.
-                tracing::warn!(topic = %self.keys.topic, id = %o.id, "outcome refused: lease lost (the message was recovered and may run again, or was purged)");
+                // Rule 7: a duplicate run is possible only here; say so (the settle script
+                // counts it in `duplicate_runs`).
+                tracing::warn!(topic = %self.keys.topic, id = %o.id, "outcome refused: the lease was taken by another worker (this run was a duplicate)");
             } else if let SettleOp::Dead { .. } = op {
                 tracing::warn!(topic = %self.keys.topic, id = %o.id, "dead-lettered");
             }

@@ -743,7 +743,7 @@ async fn blackhole_then_heal() {
     eventually_within("the stale worker's 5 acks refused", WITHIN, || async {
         stale
             .stderr_now()
-            .matches("outcome refused: lease lost")
+            .matches("outcome refused: the lease was taken by another worker")
             .count()
             >= 5
     })
@@ -1020,7 +1020,7 @@ async fn sigstop_worker_past_lease() {
         || async {
             child
                 .stderr_now()
-                .matches("outcome refused: lease lost")
+                .matches("outcome refused: the lease was taken by another worker")
                 .count()
                 >= 5
         },
@@ -1032,6 +1032,8 @@ async fn sigstop_worker_past_lease() {
 
     let s = mq.stats(topic).await.unwrap();
     assert_eq!((s.processed, s.recovered), (5, 5), "{s:?}");
+    // Each late outcome was a duplicate run, and is counted as one (DESIGN.md rule 7).
+    assert_eq!(s.duplicate_runs, 5, "{s:?}");
     let started = lines_per_id(&out, "started");
     let finished = lines_per_id(&out, "finished");
     let took_over = log.per_id();

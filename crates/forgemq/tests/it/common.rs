@@ -440,6 +440,8 @@ pub struct Proxy {
     pub port: u16,
     generation: Arc<std::sync::atomic::AtomicU64>,
     dead_before: Arc<std::sync::atomic::AtomicU64>,
+    /// Connections of a generation below this carry requests but lose every reply.
+    mute_before: Arc<std::sync::atomic::AtomicU64>,
     /// `true` while partitioned; every pump holds its bytes until it turns `false`.
     partitioned: Arc<tokio::sync::watch::Sender<bool>>,
     task: JoinHandle<()>,
@@ -452,12 +454,15 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let generation = Arc::new(std::sync::atomic::AtomicU64::new(1));
         let dead_before = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mute_before = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let partitioned = Arc::new(tokio::sync::watch::Sender::new(false));
         let (g, d, p) = (generation.clone(), dead_before.clone(), partitioned.clone());
+        let m = mute_before.clone();
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let my_gen = g.load(Ordering::SeqCst);
                 let d = d.clone();
+                let m = m.clone();
                 let (gate_in, gate_out) = (p.subscribe(), p.subscribe());
                 tokio::spawn(async move {
                     let Ok(outbound) =
@@ -469,8 +474,9 @@ impl Proxy {
                     let (ro, wo) = outbound.into_split();
                     let alive = move || d.load(Ordering::SeqCst) < my_gen;
                     let a = alive.clone();
+                    let replies = move || alive() && m.load(Ordering::SeqCst) < my_gen;
                     tokio::spawn(pump(ri, wo, a, gate_in));
-                    pump(ro, wi, alive, gate_out).await;
+                    pump(ro, wi, replies, gate_out).await;
                 });
             }
         });
@@ -478,9 +484,18 @@ impl Proxy {
             port,
             generation,
             dead_before,
+            mute_before,
             partitioned,
             task,
         }
+    }
+
+    /// Every connection opened so far still carries requests to Redis, but its replies
+    /// are lost from now on: a call that Redis applied looks failed to the client.
+    pub fn lose_replies_of_existing(&self) {
+        use std::sync::atomic::Ordering;
+        let current = self.generation.fetch_add(1, Ordering::SeqCst);
+        self.mute_before.store(current, Ordering::SeqCst);
     }
 
     /// Every connection opened so far stops carrying bytes, for good.

@@ -983,26 +983,33 @@ const LIBRARY_COMMANDS: &[&str] = &[
     "+smembers",
     "+set",
     "+llen",
+    "+scard",
     "+zcard",
     "+zrange",
+    "+lrange",
     "+hgetall",
     "+hmget",
     "+exists",
     "+blpop",
+    "+client|id",
+    "+client|unblock",
     // Called inside the Lua scripts (checked by ACL too).
     "+time",
     "+get",
     "+hget",
     "+hset",
     "+hdel",
-    "+hlen",
+    "+hvals",
     "+hexists",
     "+hincrby",
     "+rpush",
     "+lpush",
     "+lpop",
-    "+lrem",
     "+del",
+    "+unlink",
+    "+pexpire",
+    "+srem",
+    "+sismember",
     "+zadd",
     "+zrem",
     "+zscore",
@@ -1339,7 +1346,7 @@ async fn acl_and_tls() {
     let all = mq.get_all_queues().await.unwrap();
     let names: Vec<&str> = all.iter().map(|q| q.topic.as_str()).collect();
     assert_eq!(names, [topic, side]);
-    assert_eq!(mq.purge_queue(side).await.unwrap(), 1);
+    assert_eq!(mq.purge_queue(side).await.unwrap().total(), 1);
     assert_eq!(mq.stats(side).await.unwrap().pending, 0);
 
     let mut ids = strings(&[&ok, &flaky, &poison, &slow, &delayed, unique.id()]);
@@ -1483,7 +1490,7 @@ async fn acl_and_tls() {
         .await
         .expect("a client certificate signed by the CA");
     let m = mutual.publish(side, json!({"mtls": true})).await.unwrap();
-    assert_eq!(mutual.purge_queue(side).await.unwrap(), 1);
+    assert_eq!(mutual.purge_queue(side).await.unwrap().total(), 1);
     drop(m);
     assert_no_library_panic_since(panic_mark);
 }
