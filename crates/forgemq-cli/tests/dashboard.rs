@@ -96,10 +96,8 @@ async fn dashboard_shows_a_dead_letter_and_retries_it() {
                      "--window-size=1280,900", format!("--user-data-dir={}", profile.path().display())]
         }),
     );
-    // fantoccini's HTTP client uses rustls, which needs a crypto provider chosen.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let c = ClientBuilder::rustls()
-        .unwrap()
+    // chromedriver listens on plain HTTP on localhost: no TLS needed.
+    let c = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
         .capabilities(caps)
         .connect(&format!("http://127.0.0.1:{driver_port}"))
         .await
