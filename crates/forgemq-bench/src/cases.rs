@@ -119,9 +119,13 @@ impl Bench {
             "publish-batch" => self.publish_batch(run).await,
             "publish-single" => self.publish_single(run, 1).await,
             "publish-par" => self.publish_single(run, 50).await,
-            "process-c1" => self.process(case, run, self.n(100_000), 1).await,
-            "process-c10" => self.process(case, run, self.n(100_000), 10).await,
-            "process-c50" => self.process(case, run, self.n(100_000), 50).await,
+            "process-c1" => self.process(case, run, self.n(100_000), 1, None).await,
+            "process-c10" => self.process(case, run, self.n(100_000), 10, None).await,
+            "process-c50" => self.process(case, run, self.n(100_000), 50, None).await,
+            "process-c50-ledger" => {
+                let window = Some(Duration::from_secs(60));
+                self.process(case, run, self.n(100_000), 50, window).await
+            }
             "stream" => self.stream(run).await,
             "latency" => self.latency(run).await,
             "delayed" => self.delayed(run).await,
@@ -313,13 +317,16 @@ impl Bench {
     }
 
     /// `n` prefilled messages (untimed), then one worker at `concurrency` with a no-op
-    /// handler, timed from its start to the `n`th ack.
+    /// handler, timed from its start to the `n`th ack. With `ledger`, the subscription keeps
+    /// the processed ledger for that long (`Subscription::deduplicate`), and the figures
+    /// add what it costs in memory per processed message.
     async fn process(
         &self,
         case: &str,
         run: usize,
         n: u64,
         concurrency: usize,
+        ledger: Option<Duration>,
     ) -> anyhow::Result<Figures> {
         let topic = "bench.process";
         let mq = self.client(case, run, topic).await?;
@@ -327,7 +334,7 @@ impl Bench {
         let before = self.command_calls().await?;
         let cpu = self.cpu().await?;
         let t0 = Instant::now();
-        let worker = Running::start(&mq, topic, concurrency, |_| {})?;
+        let worker = Running::start_with(&mq, topic, concurrency, ledger, |_| {})?;
         let polls = wait_processed(&self.url, &mq, topic, n).await?;
         let elapsed = t0.elapsed();
         let cpu = self.cpu().await?.since(cpu, elapsed);
@@ -336,6 +343,18 @@ impl Bench {
         let mut figures = throughput(n, elapsed);
         figures.extend(command_figures(&before, &after, polls, n));
         figures.extend(cpu);
+        if ledger.is_some() {
+            let key = format!("bench-{case}-{run}:{{{topic}}}:processed");
+            let bytes: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(&key)
+                .query_async(&mut self.admin.clone())
+                .await?;
+            figures.insert(
+                "ledger_bytes_per_msg".to_owned(),
+                bytes.unwrap_or(0) as f64 / n as f64,
+            );
+        }
         Ok(figures)
     }
 
@@ -440,9 +459,9 @@ impl Bench {
     async fn backlog(&self, run: usize) -> anyhow::Result<Figures> {
         let small = self.n(10_000);
         let large = self.n(1_000_000);
-        let a = self.process("backlog-small", run, small, 50).await?;
+        let a = self.process("backlog-small", run, small, 50, None).await?;
         self.clean().await?;
-        let b = self.process("backlog-large", run, large, 50).await?;
+        let b = self.process("backlog-large", run, large, 50, None).await?;
         let (ra, rb) = (a["msgs_per_sec"], b["msgs_per_sec"]);
         Ok(Figures::from([
             ("small_backlog".into(), small as f64),
@@ -501,7 +520,7 @@ impl Bench {
         }
         if figures.is_empty() {
             let own = self
-                .process("commands-per-message", run, self.n(100_000), 10)
+                .process("commands-per-message", run, self.n(100_000), 10, None)
                 .await?;
             figures.extend(
                 own.into_iter()
@@ -570,11 +589,25 @@ impl Running {
         concurrency: usize,
         on_start: impl Fn(u64) + Send + Sync + 'static,
     ) -> anyhow::Result<Self> {
+        Self::start_with(mq, topic, concurrency, None, on_start)
+    }
+
+    fn start_with(
+        mq: &Client,
+        topic: &str,
+        concurrency: usize,
+        ledger: Option<Duration>,
+        on_start: impl Fn(u64) + Send + Sync + 'static,
+    ) -> anyhow::Result<Self> {
         let on_start = Arc::new(on_start);
+        let mut sub = Subscription::new().concurrency(concurrency);
+        if let Some(window) = ledger {
+            sub = sub.deduplicate(window);
+        }
         let worker = Worker::builder(mq.clone())
             .subscribe_with(
                 topic,
-                Subscription::new().concurrency(concurrency),
+                sub,
                 move |msg: Message<Value>| {
                     on_start(msg.data["id"].as_u64().unwrap_or(u64::MAX));
                     async { Ok::<(), HandlerError>(()) }

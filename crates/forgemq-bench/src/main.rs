@@ -37,6 +37,7 @@ const CASES: &[&str] = &[
     "process-c1",
     "process-c10",
     "process-c50",
+    "process-c50-ledger",
     "stream",
     "latency",
     "delayed",
@@ -59,7 +60,8 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Only these cases (repeatable): redis-ceiling, publish-batch, publish-single,
-    /// publish-par, process-c1, process-c10, process-c50, stream, latency, delayed,
+    /// publish-par, process-c1, process-c10, process-c50, process-c50-ledger (with a 60 s
+    /// processed ledger, the cost of deduplicating retried publishes), stream, latency, delayed,
     /// backlog, memory, commands-per-message.
     #[arg(long = "case", value_name = "CASE")]
     cases: Vec<String>,
