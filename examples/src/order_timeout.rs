@@ -4,7 +4,10 @@
 //! (confirmation SMS, merchant notification), `order.payment.check` 30 minutes later and
 //! `order.reminder` 24 hours later. Paying cancels the check and the reminder by id, so
 //! neither ever runs. An order still unpaid when its check runs is cancelled, its stock
-//! restored and its reminder cancelled. A reminder shaped like the seed's
+//! restored and its reminder cancelled. A paid order whose payment bounced is re-opened
+//! with a new payment check under the same unique key `payment-check:<order>`: the
+//! cancelled check released the key, and a second bounce notice for the same order
+//! schedules no second check. A reminder shaped like the seed's
 //! (`{"order_id", "type"}`, no `user_id`) is handled without a crash: there is nobody to
 //! remind, so it is logged and acknowledged.
 
@@ -12,7 +15,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use forgemq::{Client, HandlerError, Message, MessageId, Subscription, WorkerBuilder};
+use forgemq::{
+    Client, HandlerError, Message, MessageId, PublishOptions, PublishOutcome, Subscription,
+    WorkerBuilder,
+};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -118,14 +124,7 @@ impl Shop {
                 json!({"order_id": id, "user_id": user_id, "amount": amount}),
             )
             .await?;
-        let check = self
-            .mq
-            .publish_with_delay(
-                PAYMENT_CHECK,
-                json!({"order_id": id}),
-                self.minute * CHECK_AFTER_MINUTES,
-            )
-            .await?;
+        let check = self.schedule_check(&id).await?.id().clone();
         let reminder = self
             .mq
             .publish_with_delay(
@@ -150,6 +149,51 @@ impl Shop {
             "{id}: created for {user_id}, {qty} x {sku}, {amount:.2}"
         ));
         Ok(id)
+    }
+
+    /// Schedules the payment check of an order, at most one at a time per order: the
+    /// unique key is held until that check runs or is cancelled.
+    async fn schedule_check(&self, order_id: &str) -> forgemq::Result<PublishOutcome> {
+        let delay = self.minute * CHECK_AFTER_MINUTES;
+        let options = PublishOptions::new()
+            .delay(delay)
+            .unique_key(format!("payment-check:{order_id}"), delay * 2);
+        self.mq
+            .publish_with(PAYMENT_CHECK, json!({"order_id": order_id}), options)
+            .await
+    }
+
+    /// The payment of a paid order bounced: it is unpaid again, with a new payment check in
+    /// 30 minutes. Returns whether a check was scheduled (false: one is already waiting,
+    /// e.g. the bank sent the bounce notice twice).
+    pub async fn reopen(&self, order_id: &str) -> anyhow::Result<bool> {
+        {
+            let mut db = self.db();
+            let order = db
+                .orders
+                .get_mut(order_id)
+                .ok_or_else(|| anyhow::anyhow!("no order {order_id}"))?;
+            anyhow::ensure!(order.status != Status::Cancelled, "{order_id} is cancelled");
+            order.status = Status::Unpaid;
+        }
+        match self.schedule_check(order_id).await? {
+            PublishOutcome::Published(check) => {
+                if let Some(order) = self.db().orders.get_mut(order_id) {
+                    order.check = check;
+                }
+                self.note(format!(
+                    "{order_id}: payment bounced; checking again in {CHECK_AFTER_MINUTES} minutes"
+                ));
+                Ok(true)
+            }
+            outcome => {
+                self.note(format!(
+                    "{order_id}: payment bounced again; check {} already waiting",
+                    outcome.id()
+                ));
+                Ok(false)
+            }
+        }
     }
 
     /// Pays an order: its payment check and reminder are cancelled, so they never run.

@@ -68,8 +68,20 @@ async fn order_timeout_cancels_unpaid_orders_and_paying_cancels_the_checks() {
     let t0 = Instant::now();
     let paid = shop.create_order("u1", "SKU", 2, 299.99).await.unwrap();
     let unpaid = shop.create_order("u2", "SKU", 3, 10.0).await.unwrap();
-    assert_eq!(shop.stock("SKU"), 5);
+    let bounced = shop.create_order("u3", "SKU", 1, 5.0).await.unwrap();
+    assert_eq!(shop.stock("SKU"), 4);
     shop.pay(&paid).await.unwrap();
+    // Paid, then the payment bounces (the bank says so twice): one new check, under the
+    // unique key its cancelled first check released.
+    shop.pay(&bounced).await.unwrap();
+    assert!(
+        shop.reopen(&bounced).await.unwrap(),
+        "a new check is scheduled"
+    );
+    assert!(
+        !shop.reopen(&bounced).await.unwrap(),
+        "the second notice schedules no second check"
+    );
     // The seed's reminder, without a user_id.
     let seed_reminder = mq
         .publish(
@@ -93,15 +105,27 @@ async fn order_timeout_cancels_unpaid_orders_and_paying_cancels_the_checks() {
         "cancelled after {:?}",
         t0.elapsed()
     );
-    assert_eq!(shop.stock("SKU"), 8, "the unpaid order's 3 are back");
+    eventually(
+        "the bounced order is cancelled by its second check",
+        Duration::from_secs(20),
+        || async {
+            shop.order(&bounced).map(|o| o.status) == Some(order_timeout::Status::Cancelled)
+        },
+    )
+    .await;
+    assert_eq!(
+        shop.stock("SKU"),
+        8,
+        "the unpaid order's 3 and the bounced one's 1 are back"
+    );
     assert_eq!(
         shop.order(&paid).unwrap().status,
         order_timeout::Status::Paid
     );
     eventually(
-        "order.created handled twice",
+        "order.created handled three times",
         Duration::from_secs(10),
-        || async { mq.stats(order_timeout::CREATED).await.unwrap().processed == 2 },
+        || async { mq.stats(order_timeout::CREATED).await.unwrap().processed == 3 },
     )
     .await;
     eventually(
@@ -115,11 +139,11 @@ async fn order_timeout_cancels_unpaid_orders_and_paying_cancels_the_checks() {
     // The paid order's check and reminder never ran: cancelled while delayed, as were the
     // cancelled order's reminder.
     let check = mq.stats(order_timeout::PAYMENT_CHECK).await.unwrap();
-    assert_eq!((check.cancelled, check.processed, check.dead), (1, 1, 0));
+    assert_eq!((check.cancelled, check.processed, check.dead), (2, 2, 0));
     let reminder = mq.stats(order_timeout::REMINDER).await.unwrap();
     assert_eq!(
         (reminder.cancelled, reminder.dead, reminder.delayed),
-        (2, 0, 0)
+        (3, 0, 0)
     );
     assert!(!log.contains(&format!("{paid}: payment check")), "{log}");
 
@@ -129,6 +153,7 @@ async fn order_timeout_cancels_unpaid_orders_and_paying_cancels_the_checks() {
     let reminder_ids = vec![
         o(&paid).reminder.to_string(),
         o(&unpaid).reminder.to_string(),
+        o(&bounced).reminder.to_string(),
         seed_reminder.to_string(),
     ];
     let r = invariants(
@@ -137,15 +162,19 @@ async fn order_timeout_cancels_unpaid_orders_and_paying_cancels_the_checks() {
         &reminder_ids,
         &reminder_ids.iter().cloned().collect(),
     );
-    assert_eq!(r.count(State::Gone), 3);
-    let check_ids = vec![o(&paid).check.to_string(), o(&unpaid).check.to_string()];
+    assert_eq!(r.count(State::Gone), 4);
+    let check_ids = vec![
+        o(&paid).check.to_string(),
+        o(&unpaid).check.to_string(),
+        o(&bounced).check.to_string(),
+    ];
     let r = invariants(
         &redis,
         order_timeout::PAYMENT_CHECK,
         &check_ids,
         &check_ids.iter().cloned().collect(),
     );
-    assert_eq!(r.count(State::Gone), 2);
+    assert_eq!(r.count(State::Gone), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -605,14 +605,10 @@ impl Running {
             sub = sub.deduplicate(window);
         }
         let worker = Worker::builder(mq.clone())
-            .subscribe_with(
-                topic,
-                sub,
-                move |msg: Message<Value>| {
-                    on_start(msg.data["id"].as_u64().unwrap_or(u64::MAX));
-                    async { Ok::<(), HandlerError>(()) }
-                },
-            )
+            .subscribe_with(topic, sub, move |msg: Message<Value>| {
+                on_start(msg.data["id"].as_u64().unwrap_or(u64::MAX));
+                async { Ok::<(), HandlerError>(()) }
+            })
             .build()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(worker.run_until(async {
