@@ -6,6 +6,9 @@
 //!   are testable without disturbing other tests. It can also serve TLS on a
 //!   second port ([`RedisOptions::tls`]) and create ACL users
 //!   ([`RedisServer::acl_setuser`], [`RedisServer::url_as`]).
+//! - [`TestCluster`]: a real Redis Cluster (masters and replicas, each a `redis-server`
+//!   process) and [`TestSentinel`]: a master, its replicas and three sentinels, for the
+//!   scale-out and failover tests.
 //! - [`check_invariants`] / [`assert_none_lost`]: read ForgeMQ's keys and fail
 //!   loudly if a message is in two states, lost its body or lease, or vanished
 //!   without being processed. They restate the key layout on purpose (see
@@ -30,12 +33,16 @@
 //! assert_eq!(report.state_of("m1"), Some(State::Pending));
 //! ```
 
+mod cluster;
 mod invariants;
+mod sentinel;
 mod server;
 mod wait;
 
+pub use cluster::{key_slot, TestCluster};
 pub use invariants::{
     assert_none_lost, check_invariants, Layout, State, StateReport, DEFAULT_NAMESPACE,
 };
-pub use server::{free_port, Aof, RedisOptions, RedisServer, TlsFiles};
+pub use sentinel::{TestSentinel, MASTER_NAME};
+pub use server::{free_cluster_port, free_port, Aof, RedisOptions, RedisServer, TlsFiles};
 pub use wait::eventually;

@@ -65,6 +65,8 @@ pub struct RedisOptions {
     pub extra_args: Vec<String>,
     /// Also serve TLS on a second port (see [`RedisOptions::tls`]).
     pub tls: Option<TlsFiles>,
+    /// Run as a Redis Cluster node (see [`RedisOptions::cluster_node`]).
+    pub cluster_node: bool,
 }
 
 /// PEM files for a TLS port: what the server presents and which CA it trusts
@@ -138,6 +140,15 @@ impl RedisOptions {
         self
     }
 
+    /// Runs the server as a Redis Cluster node (`--cluster-enabled yes`, node timeout
+    /// 2 s so that failovers happen within seconds), on a port whose cluster bus port
+    /// (port + 10000) is free too. [`crate::TestCluster`] joins such nodes.
+    #[must_use]
+    pub fn cluster_node(mut self) -> Self {
+        self.cluster_node = true;
+        self
+    }
+
     /// Appends several raw arguments.
     #[must_use]
     pub fn args<I, S>(mut self, args: I) -> Self
@@ -171,6 +182,22 @@ impl RedisOptions {
         }
         if let Some(policy) = &self.maxmemory_policy {
             args.extend(["--maxmemory-policy".into(), policy.clone()]);
+        }
+        if self.cluster_node {
+            args.extend(
+                [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    // A replica of a failed master takes over at once, whatever its lag.
+                    "--cluster-replica-validity-factor",
+                    "0",
+                ]
+                .map(String::from),
+            );
         }
         if let (Some(tls), Some(port)) = (&self.tls, tls_port) {
             let path = |p: &Path| p.to_string_lossy().into_owned();
@@ -230,7 +257,11 @@ impl RedisServer {
             .expect("cannot create a temporary directory for redis-server");
         let mut failures = Vec::new();
         for _ in 0..MAX_PORT_ATTEMPTS {
-            let port = free_port();
+            let port = if options.cluster_node {
+                free_cluster_port()
+            } else {
+                free_port()
+            };
             let tls_port = options.tls.as_ref().map(|_| free_port_besides(port));
             let mut child = spawn(dir.path(), port, tls_port, &options);
             match wait_ready(&mut child, port, dir.path(), &options) {
@@ -473,6 +504,24 @@ pub fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
         .expect("cannot bind 127.0.0.1:0 to find a free port")
+}
+
+/// A free port below 55535 whose cluster bus port (port + 10000) is free too.
+pub fn free_cluster_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Spread over the range from a per-process start, so that parallel tests (and
+    // processes) rarely try the same ports.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = 20_000 + (std::process::id() % 3000) as u16 * 10;
+    for _ in 0..10_000 {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % 35_000;
+        let port = 20_000 + (start - 20_000 + offset) % 35_000;
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    panic!("no free port pair (p, p + 10000) below 55535 for a cluster node");
 }
 
 /// A free port other than `taken` (which is free too until redis binds it).

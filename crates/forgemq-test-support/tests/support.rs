@@ -476,3 +476,47 @@ fn acl_helpers_create_and_use_a_user() {
     let message = panic_message(|| server.acl_setuser("bad", &["+no-such-command"]));
     assert!(message.contains("ACL SETUSER bad"), "{message}");
 }
+
+/// A 3-master cluster with a replica each forms, routes keys to the right master, and
+/// moves a slot with its keys.
+#[test]
+fn cluster_of_three_masters_forms_and_moves_a_slot() {
+    use forgemq_test_support::{key_slot, TestCluster};
+    let cluster = TestCluster::start(3, 1);
+    assert_eq!(cluster.nodes().len(), 6);
+    let mut conn = cluster.conn();
+    for i in 0..30 {
+        redis::cmd("SET")
+            .arg(format!("k{i}"))
+            .arg(i)
+            .exec(&mut conn)
+            .unwrap();
+    }
+    let masters: HashSet<usize> = (0..30)
+        .map(|i| cluster.master_of(&format!("k{i}")))
+        .collect();
+    assert_eq!(masters.len(), 3, "30 keys land on all 3 masters");
+    let slot = key_slot(b"k7");
+    let from = cluster.master_of("k7");
+    let to = (from + 1) % 3;
+    cluster.move_slot(slot, to);
+    assert_eq!(cluster.master_of("k7"), to);
+    let v: i64 = redis::cmd("GET")
+        .arg("k7")
+        .query(&mut cluster.conn())
+        .unwrap();
+    assert_eq!(v, 7);
+    assert!(cluster.url().starts_with("redis+cluster://127.0.0.1:"));
+}
+
+/// A sentinel group forms, names its master, and fails over to the replica on request.
+#[test]
+fn sentinel_group_fails_over_on_request() {
+    use forgemq_test_support::TestSentinel;
+    let group = TestSentinel::start();
+    assert_eq!(group.master(), 0);
+    group.failover();
+    let now = group.wait_for_new_master(0, Duration::from_secs(20));
+    assert_eq!(now, 1);
+    assert!(group.url().ends_with("/forgemq"));
+}

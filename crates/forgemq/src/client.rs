@@ -61,7 +61,16 @@ pub(crate) struct Inner {
     max_payload: usize,
     /// Poison limit of the recovery that a manual fetch runs first.
     pub(crate) max_recoveries: u32,
+    /// When this client last added each topic to the topic registry (`mq:topics`): the
+    /// registry is a namespace-wide key, another slot than the topic's on a cluster, so it
+    /// is written on its own, once a minute per topic at most.
+    registered: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
+
+/// How long a topic's registration is trusted before the next publish writes it again
+/// (the registry is a set: writing it again is harmless, and restores it after a Redis
+/// restart without persistence).
+const REGISTRATION_REFRESH: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -86,6 +95,7 @@ pub struct ClientBuilder {
     dead_max_age: Duration,
     tls_ca: Option<Vec<u8>>,
     tls_client: Option<(Vec<u8>, Vec<u8>)>,
+    replicas: Option<(usize, Duration)>,
 }
 
 /// Dead letters kept per topic by default: enough to investigate an incident, few enough
@@ -170,6 +180,17 @@ impl ClientBuilder {
         self
     }
 
+    /// Acknowledged means replicated: a publish (and a worker's settle) returns `Ok` only
+    /// once `replicas` replicas of the master that took it confirmed the write (`WAIT`),
+    /// within `timeout`; else [`Error::NotReplicated`]. Off by default: each acknowledged
+    /// write then waits one replication round trip, and needs a dedicated connection
+    /// (`WAIT` blocks its connection). With it, a master failover loses no acknowledged
+    /// message.
+    pub fn replicas(mut self, replicas: usize, timeout: Duration) -> Self {
+        self.replicas = (replicas > 0).then_some((replicas, timeout));
+        self
+    }
+
     /// Lease expiries a message survives before the recovery that
     /// [`Client::pop_messages`] runs first dead-letters it as poison (default 3, as
     /// [`WorkerBuilder::max_recoveries`](crate::WorkerBuilder::max_recoveries)).
@@ -196,6 +217,7 @@ impl ClientBuilder {
                 dead_max_age: self.dead_max_age,
                 tls_ca: self.tls_ca,
                 tls_client: self.tls_client,
+                replicas: self.replicas,
             },
         )
         .await?;
@@ -206,6 +228,7 @@ impl ClientBuilder {
                 store,
                 max_payload: self.max_payload,
                 max_recoveries: self.max_recoveries,
+                registered: Default::default(),
             }),
         })
     }
@@ -560,6 +583,7 @@ impl Client {
             dead_max_age: DEFAULT_DEAD_LETTER_MAX_AGE,
             tls_ca: None,
             tls_client: None,
+            replicas: None,
         }
     }
 
@@ -745,6 +769,7 @@ impl Client {
 
     /// Writes prepared messages, retrying transient failures with the same ids.
     async fn write(&self, keys: &TopicKeys, items: &[PublishItem]) -> Result<Vec<Written>> {
+        self.register(&keys.topic).await?;
         let mut attempt = 1;
         loop {
             match self.inner.store.publish(keys, items).await {
@@ -756,6 +781,30 @@ impl Client {
                 other => return other,
             }
         }
+    }
+
+    /// Adds the topic to the registry unless this client did so within the last minute.
+    async fn register(&self, topic: &str) -> Result<()> {
+        let fresh = |map: &std::collections::HashMap<String, std::time::Instant>| {
+            map.get(topic)
+                .is_some_and(|at| at.elapsed() < REGISTRATION_REFRESH)
+        };
+        if fresh(
+            &self
+                .inner
+                .registered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        ) {
+            return Ok(());
+        }
+        self.inner.store.register_topic(topic).await?;
+        self.inner
+            .registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(topic.to_owned(), std::time::Instant::now());
+        Ok(())
     }
 
     /// Messages waiting to be consumed in `topic` (not counting active, delayed or dead
@@ -1033,45 +1082,54 @@ impl Client {
     /// services, ACL users without `+config|get`), so that nothing could be verified.
     /// Empty when all is well.
     pub async fn server_warnings(&self) -> Result<Vec<ServerWarning>> {
-        let config = match self
+        let nodes = self
             .inner
             .store
             .config_get(&["maxmemory-policy", "appendonly", "save"])
-            .await?
-        {
-            Ok(config) => config,
-            Err(refusal) => {
-                return Ok(vec![ServerWarning {
-                    kind: WarningKind::Unverified,
-                    message: format!(
-                        "could not verify that Redis keeps messages safe (eviction policy, persistence): CONFIG GET was refused ({refusal}). Check `maxmemory-policy noeviction` and `appendonly yes` by hand."
-                    ),
-                }])
-            }
-        };
+            .await?;
         let mut warnings = Vec::new();
-        if let Some(policy) = config.get("maxmemory-policy") {
-            if policy != "noeviction" {
+        for node in nodes {
+            // On a cluster, every master is checked and named.
+            let on = node
+                .node
+                .as_deref()
+                .map(|n| format!(" (master {n})"))
+                .unwrap_or_default();
+            let config = match node.config {
+                Ok(config) => config,
+                Err(refusal) => {
+                    warnings.push(ServerWarning {
+                        kind: WarningKind::Unverified,
+                        message: format!(
+                            "could not verify that Redis{on} keeps messages safe (eviction policy, persistence): CONFIG GET was refused ({refusal}). Check `maxmemory-policy noeviction` and `appendonly yes` by hand."
+                        ),
+                    });
+                    continue;
+                }
+            };
+            if let Some(policy) = config.get("maxmemory-policy") {
+                if policy != "noeviction" {
+                    warnings.push(ServerWarning {
+                        kind: WarningKind::EvictionPolicy,
+                        message: format!(
+                            "Redis{on} maxmemory-policy is {policy:?}: when memory fills up Redis will evict queued messages. Set `maxmemory-policy noeviction`."
+                        ),
+                    });
+                }
+            }
+            let aof = config.get("appendonly").is_some_and(|v| v == "yes");
+            let rdb = config.get("save").is_some_and(|v| !v.trim().is_empty());
+            if !aof && !rdb {
                 warnings.push(ServerWarning {
-                    kind: WarningKind::EvictionPolicy,
-                    message: format!(
-                        "Redis maxmemory-policy is {policy:?}: when memory fills up Redis will evict queued messages. Set `maxmemory-policy noeviction`."
-                    ),
+                    kind: WarningKind::PersistenceOff,
+                    message: format!("Redis{on} persistence is off (no AOF, no RDB snapshots): a Redis restart loses every queued message. Set `appendonly yes`."),
+                });
+            } else if !aof {
+                warnings.push(ServerWarning {
+                    kind: WarningKind::AofOff,
+                    message: format!("Redis{on} AOF is off: a crash loses the messages published since the last RDB snapshot. Set `appendonly yes`."),
                 });
             }
-        }
-        let aof = config.get("appendonly").is_some_and(|v| v == "yes");
-        let rdb = config.get("save").is_some_and(|v| !v.trim().is_empty());
-        if !aof && !rdb {
-            warnings.push(ServerWarning {
-                kind: WarningKind::PersistenceOff,
-                message: "Redis persistence is off (no AOF, no RDB snapshots): a Redis restart loses every queued message. Set `appendonly yes`.".to_owned(),
-            });
-        } else if !aof {
-            warnings.push(ServerWarning {
-                kind: WarningKind::AofOff,
-                message: "Redis AOF is off: a crash loses the messages published since the last RDB snapshot. Set `appendonly yes`.".to_owned(),
-            });
         }
         Ok(warnings)
     }

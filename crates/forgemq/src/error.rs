@@ -97,6 +97,17 @@ pub enum Error {
     /// An operation did not finish in time.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// The write is on the master but fewer replicas than asked confirmed it in time
+    /// (`ClientBuilder::replicas`): it would be lost if the master failed now. A publish
+    /// can be sent again with the same id (it is stored once); a settle is sent again by
+    /// the worker.
+    #[error("written, but only {acked} of {wanted} replicas confirmed it in time")]
+    NotReplicated {
+        /// Replicas that confirmed the write.
+        acked: usize,
+        /// Replicas asked for.
+        wanted: usize,
+    },
 }
 
 impl Error {
@@ -110,7 +121,17 @@ impl Error {
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
                     || server_codes(e).iter().any(|c| {
-                        matches!(c.as_str(), "LOADING" | "TRYAGAIN" | "MASTERDOWN" | "BUSY")
+                        matches!(
+                            c.as_str(),
+                            "LOADING"
+                                | "TRYAGAIN"
+                                | "MASTERDOWN"
+                                | "BUSY"
+                                | "READONLY"
+                                | "CLUSTERDOWN"
+                                | "MOVED"
+                                | "ASK"
+                        )
                     })
             }
             Error::Timeout(_) => true,
@@ -122,6 +143,22 @@ impl Error {
     /// with `noeviction`): nothing was written; consume or raise `maxmemory`, then retry.
     pub fn is_out_of_memory(&self) -> bool {
         matches!(self, Error::Redis(e) if server_codes(e).iter().any(|c| c == "OOM"))
+    }
+
+    /// True when a node refused a write because it is a replica now (`READONLY`): a master
+    /// was demoted by a failover; the client follows the new master.
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, Error::Redis(e) if server_codes(e).iter().any(|c| c == "READONLY"))
+    }
+
+    /// True when the Redis user lacks a permission (`NOPERM`, from an ACL).
+    pub fn is_no_permission(&self) -> bool {
+        matches!(self, Error::Redis(e) if server_codes(e).iter().any(|c| c == "NOPERM"))
+    }
+
+    /// True for [`Error::NotReplicated`].
+    pub fn is_not_replicated(&self) -> bool {
+        matches!(self, Error::NotReplicated { .. })
     }
 
     /// True for [`Error::NotFound`].
@@ -156,8 +193,31 @@ fn server_codes(e: &redis::RedisError) -> Vec<String> {
     if let Some(errors) = e.clone().into_server_errors() {
         codes.extend(errors.iter().map(|(_, se)| se.code().to_owned()));
     }
+    // Redis 6.2 wraps an error raised inside a script: `ERR Error running script (call to
+    // f_…): @user_script:…: -OOM command not allowed …`. The code inside is what counts.
+    let text = e.to_string();
+    for code in WRAPPED_CODES {
+        if text.contains(&format!("-{code} ")) {
+            codes.push((*code).to_owned());
+        }
+    }
     codes
 }
+
+/// The error codes looked for inside a wrapped script error.
+const WRAPPED_CODES: &[&str] = &[
+    "OOM",
+    "LOADING",
+    "TRYAGAIN",
+    "MASTERDOWN",
+    "BUSY",
+    "NOSCRIPT",
+    "READONLY",
+    "NOPERM",
+    "CLUSTERDOWN",
+    "MOVED",
+    "ASK",
+];
 
 /// `Result` with ForgeMQ's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -35,6 +35,7 @@
 //! - `store`: Redis commands (the only place they are sent); scripts live in `lua/*.lua`.
 
 pub mod client;
+mod conn;
 pub mod delivery;
 pub mod error;
 pub mod handler;

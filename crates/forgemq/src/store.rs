@@ -8,8 +8,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Value};
+use redis::aio::MultiplexedConnection;
+use redis::{Cmd, FromRedisValue, Value};
+
+use crate::conn::{Backend, Node, Req, Route};
 
 use crate::error::{Error, Result};
 use crate::keys::{Namespace, TopicKeys};
@@ -33,6 +35,9 @@ pub(crate) struct ConnSettings {
     pub(crate) tls_ca: Option<Vec<u8>>,
     /// PEM client certificate and key for mutual TLS.
     pub(crate) tls_client: Option<(Vec<u8>, Vec<u8>)>,
+    /// Acknowledge publishes and settles only once this many replicas have them
+    /// (`WAIT n timeout`); `None`: as soon as the master has them.
+    pub(crate) replicas: Option<(usize, Duration)>,
 }
 
 /// One message to publish.
@@ -167,11 +172,18 @@ pub(crate) struct RawStats {
 ///
 /// A blocked `BLPOP` holds its connection for the whole wait, so it must not share the
 /// multiplexed connection (it would stall every other command), and the normal response
-/// timeout would cut it short (DESIGN.md rule 6).
+/// timeout would cut it short (DESIGN.md rule 6). On a cluster it goes to the master of
+/// the slot it waits on; after a Sentinel failover it reconnects to the new master.
 pub(crate) struct BlockingConn {
     conn: Option<MultiplexedConnection>,
     /// Redis's `CLIENT ID` of the connection (0 until connected), for `CLIENT UNBLOCK`.
     id: Arc<std::sync::atomic::AtomicU64>,
+    /// The node it is connected to (shared with the waiter, for `CLIENT UNBLOCK`).
+    node: Arc<RwLock<Option<Node>>>,
+    /// The master epoch it was opened in.
+    epoch: u64,
+    /// The last wait failed: look the slot's master up again before reconnecting.
+    stale: bool,
 }
 
 impl BlockingConn {
@@ -180,15 +192,34 @@ impl BlockingConn {
     pub(crate) fn id_cell(&self) -> Arc<std::sync::atomic::AtomicU64> {
         Arc::clone(&self.id)
     }
+
+    /// A handle on the node the connection goes to.
+    pub(crate) fn node_cell(&self) -> Arc<RwLock<Option<Node>>> {
+        Arc::clone(&self.node)
+    }
+}
+
+/// A script call: the `EVALSHA` command and the key whose slot it runs in.
+pub(crate) struct Call {
+    cmd: Cmd,
+    route: String,
+}
+
+impl std::ops::Deref for Call {
+    type Target = Cmd;
+    fn deref(&self) -> &Cmd {
+        &self.cmd
+    }
+}
+
+impl std::ops::DerefMut for Call {
+    fn deref_mut(&mut self) -> &mut Cmd {
+        &mut self.cmd
+    }
 }
 
 pub(crate) struct Store {
-    /// The shared multiplexed connection. Swapped for a new one after a timeout: the
-    /// manager reconnects by itself on I/O errors, but a link that silently stopped
-    /// answering (no RST) would otherwise keep failing every call (DESIGN.md rule 6).
-    conn: RwLock<Arc<ConnectionManager>>,
-    config: ConnectionManagerConfig,
-    client: redis::Client,
+    backend: Backend,
     settings: ConnSettings,
     pub(crate) ns: Namespace,
     scripts: Scripts,
@@ -196,126 +227,108 @@ pub(crate) struct Store {
 
 impl Store {
     pub(crate) async fn connect(url: &str, ns: Namespace, settings: ConnSettings) -> Result<Self> {
-        let client = open_client(url, &settings)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(settings.response_timeout))
-            .set_connection_timeout(Some(settings.connect_timeout))
-            .set_number_of_retries(settings.reconnect_retries)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client.clone(), config.clone()).await?;
+        let backend = Backend::connect(url, settings.clone()).await?;
         Ok(Self {
-            conn: RwLock::new(Arc::new(conn)),
-            config,
-            client,
+            backend,
             settings,
             ns,
             scripts: Scripts::new(),
         })
     }
 
-    fn manager(&self) -> Arc<ConnectionManager> {
-        Arc::clone(&self.conn.read().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    /// Replaces the connection `used` after it timed out, unless another caller already did.
-    fn replace(&self, used: &Arc<ConnectionManager>) {
-        let mut current = self.conn.write().unwrap_or_else(|p| p.into_inner());
-        if !Arc::ptr_eq(&current, used) {
-            return;
-        }
-        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
-            Ok(fresh) => {
-                tracing::warn!("redis did not answer in time; opening a new connection");
-                *current = Arc::new(fresh);
-            }
-            Err(e) => tracing::warn!(error = %e, "could not open a new redis connection"),
-        }
-    }
-
-    /// Sends a command or a pipeline. On `NOSCRIPT` (a restarted Redis forgets its script
-    /// cache) it loads `script` and sends again; after a timeout it replaces the connection.
-    async fn exec<T: FromRedisValue>(&self, req: Req<'_>, script: Option<&Lua>) -> Result<T> {
-        let manager = self.manager();
-        // One bound for the whole call, reconnecting included: the manager's own connect
-        // retries are not covered by the response timeout, and a caller stuck behind them
-        // (a worker shutting down during a partition) must get an answer in time.
-        let limit = self
-            .settings
-            .response_timeout
-            .saturating_mul(2)
-            .saturating_add(self.settings.connect_timeout);
-        match tokio::time::timeout(limit, self.exec_on(&manager, req, script)).await {
-            Ok(result) => result,
-            Err(_) => {
-                self.replace(&manager);
-                Err(Error::Timeout(limit))
-            }
-        }
-    }
-
-    async fn exec_on<T: FromRedisValue>(
+    async fn exec<T: FromRedisValue>(
         &self,
-        manager: &Arc<ConnectionManager>,
         req: Req<'_>,
+        route: Route<'_>,
         script: Option<&Lua>,
     ) -> Result<T> {
-        let mut conn = (**manager).clone();
-        let mut result = req.query(&mut conn).await;
-        if let (Err(e), Some(script)) = (&result, script) {
-            if is_noscript(e) {
-                let loaded: redis::RedisResult<String> = redis::cmd("SCRIPT")
-                    .arg("LOAD")
-                    .arg(script.code())
-                    .query_async(&mut conn)
-                    .await;
-                result = match loaded {
-                    Ok(_) => req.query(&mut conn).await,
-                    Err(e) => Err(e),
-                };
-            }
+        self.backend.exec(req, route, script).await
+    }
+
+    /// A command on the key's slot.
+    async fn cmd<T: FromRedisValue>(&self, cmd: &Cmd, key: &str) -> Result<T> {
+        self.exec(Req::Cmd(cmd), Route::Key(key), None).await
+    }
+
+    /// The nodes that hold data: every master of a cluster, or the one master.
+    async fn targets(&self) -> Result<Vec<Option<Node>>> {
+        if self.backend.is_cluster() {
+            Ok(self
+                .backend
+                .masters()
+                .await?
+                .into_iter()
+                .map(Some)
+                .collect())
+        } else {
+            Ok(vec![None])
         }
-        if let Err(e) = &result {
-            if e.is_timeout() {
-                self.replace(manager);
-            }
-        }
-        Ok(result?)
     }
 
     /// Proves Redis answers and accepts writes (not read-only, not out of memory): a
     /// short-lived marker key in the namespace.
     pub(crate) async fn check_writable(&self) -> Result<()> {
+        let key = format!("{}:readyz", self.ns.name());
         let set = redis::cmd("SET")
-            .arg(format!("{}:readyz", self.ns.name()))
+            .arg(&key)
             .arg(1)
             .arg("PX")
             .arg(10_000)
             .to_owned();
-        self.exec::<()>(Req::Cmd(&set), None).await
+        self.cmd::<()>(&set, &key).await
     }
 
-    /// Loads every script in one round trip, so that the first calls need no `NOSCRIPT`
-    /// detour; it also proves Redis answers.
+    /// Loads every script on every master, one round trip each, so that the first calls
+    /// need no `NOSCRIPT` detour; it also proves Redis answers.
     pub(crate) async fn load_scripts(&self) -> Result<()> {
         let mut pipe = redis::pipe();
         for script in self.scripts.all() {
-            pipe.cmd("SCRIPT").arg("LOAD").arg(script.code()).ignore();
+            pipe.cmd("SCRIPT").arg("LOAD").arg(script.code());
         }
-        self.exec::<()>(Req::Pipe(&pipe), None).await
+        for node in self.targets().await? {
+            let route = node.as_ref().map_or(Route::Key(""), Route::Node);
+            self.exec::<Vec<String>>(Req::Pipe(&pipe), route, None)
+                .await?;
+        }
+        Ok(())
     }
 
-    fn evalsha(script: &Lua, keys: &[&str]) -> Cmd {
+    fn evalsha(script: &Lua, keys: &[&str]) -> Call {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(script.hash()).arg(keys.len()).arg(keys);
-        cmd
+        Call {
+            cmd,
+            route: keys.first().map(|k| (*k).to_owned()).unwrap_or_default(),
+        }
     }
 
     /// Runs a script call built by [`Store::evalsha`].
-    async fn run<T: FromRedisValue>(&self, script: &Lua, cmd: &Cmd) -> Result<T> {
-        self.exec(Req::Cmd(cmd), Some(script)).await
+    async fn run<T: FromRedisValue>(&self, script: &Lua, call: &Call) -> Result<T> {
+        self.exec(Req::Cmd(&call.cmd), Route::Key(&call.route), Some(script))
+            .await
     }
 
-    /// Stores messages and registers the topic, in one round trip.
+    /// Runs a script call that acknowledges something to the caller (publish, settle):
+    /// with [`ConnSettings::replicas`], on a dedicated connection followed by `WAIT`.
+    async fn run_acknowledged<T: FromRedisValue>(&self, script: &Lua, call: &Call) -> Result<T> {
+        match self.settings.replicas {
+            Some((n, timeout)) if n > 0 => {
+                self.backend
+                    .exec_replicated(&call.cmd, &call.route, script, n, timeout)
+                    .await
+            }
+            _ => self.run(script, call).await,
+        }
+    }
+
+    /// Adds `topic` to the namespace's topic registry (`mq:topics`).
+    pub(crate) async fn register_topic(&self, topic: &str) -> Result<()> {
+        let key = self.ns.topics();
+        let add = redis::cmd("SADD").arg(&key).arg(topic).to_owned();
+        self.cmd::<()>(&add, &key).await
+    }
+
+    /// Stores messages (the caller registers the topic).
     pub(crate) async fn publish(
         &self,
         keys: &TopicKeys,
@@ -354,15 +367,8 @@ impl Store {
         for (item, options) in items.iter().zip(&options) {
             call.arg(&item.id).arg(&item.body).arg(options);
         }
-        let mut pipe = redis::pipe();
-        pipe.cmd("SADD")
-            .arg(self.ns.topics())
-            .arg(&keys.topic)
-            .ignore()
-            .add_command(call);
-        let written: (Vec<Value>,) = self.exec(Req::Pipe(&pipe), Some(script)).await?;
+        let written: Vec<Value> = self.run_acknowledged(script, &call).await?;
         written
-            .0
             .into_iter()
             .map(|v| match v {
                 Value::Int(1) => Ok(Written::New),
@@ -521,7 +527,8 @@ impl Store {
             call.arg(name).arg(token).arg(id).arg(text).arg(delay);
         }
         let order = acks.into_iter().chain(others.into_iter().map(|(i, _)| i));
-        let answers = self.run_flags(script, &call).await?;
+        let answers: Vec<i64> = self.run_acknowledged(script, &call).await?;
+        let answers = answers.into_iter().map(|f| f == 1);
         let mut flags = vec![false; outcomes.len()];
         for (i, ok) in order.zip(answers) {
             flags[i] = ok;
@@ -671,7 +678,7 @@ impl Store {
                     .arg(start)
                     .arg(stop)
                     .to_owned();
-                let ids: Vec<Vec<u8>> = self.exec(Req::Cmd(&range), None).await?;
+                let ids: Vec<Vec<u8>> = self.cmd(&range, &keys.pending).await?;
                 ids.into_iter().map(|id| (id, None)).collect()
             }
             PeekState::Delayed | PeekState::Active | PeekState::Dead => {
@@ -686,7 +693,7 @@ impl Store {
                     .arg(stop)
                     .arg("WITHSCORES")
                     .to_owned();
-                let ids: Vec<(Vec<u8>, f64)> = self.exec(Req::Cmd(&range), None).await?;
+                let ids: Vec<(Vec<u8>, f64)> = self.cmd(&range, key).await?;
                 ids.into_iter().map(|(id, s)| (id, Some(s))).collect()
             }
         };
@@ -697,7 +704,7 @@ impl Store {
             .arg(&keys.msg)
             .arg(ranked.iter().map(|(id, _)| id).collect::<Vec<_>>())
             .to_owned();
-        let bodies: Vec<Option<Vec<u8>>> = self.exec(Req::Cmd(&hmget), None).await?;
+        let bodies: Vec<Option<Vec<u8>>> = self.cmd(&hmget, &keys.msg).await?;
         Ok(ranked
             .into_iter()
             .zip(bodies)
@@ -758,7 +765,7 @@ impl Store {
     /// Pauses a topic: fetches hand out nothing until it is resumed.
     pub(crate) async fn pause(&self, keys: &TopicKeys) -> Result<()> {
         let set = redis::cmd("SET").arg(&keys.paused).arg(1).to_owned();
-        self.exec(Req::Cmd(&set), None).await
+        self.cmd(&set, &keys.paused).await
     }
 
     /// Resumes a topic and wakes a worker; true if it was paused.
@@ -768,7 +775,7 @@ impl Store {
         Ok(self.run::<i64>(script, &call).await? == 1)
     }
 
-    async fn run_flags(&self, script: &Lua, call: &Cmd) -> Result<Vec<bool>> {
+    async fn run_flags(&self, script: &Lua, call: &Call) -> Result<Vec<bool>> {
         let flags: Vec<i64> = self.run(script, call).await?;
         Ok(flags.into_iter().map(|f| f == 1).collect())
     }
@@ -791,7 +798,9 @@ impl Store {
             u64,
             HashMap<String, u64>,
             bool,
-        ) = self.exec(Req::Pipe(&pipe), None).await?;
+        ) = self
+            .exec(Req::Pipe(&pipe), Route::Key(&keys.stats), None)
+            .await?;
         Ok(RawStats {
             // Entries of cancelled messages stay listed until a fetch skips them.
             pending: listed.saturating_sub(tombstones),
@@ -811,8 +820,9 @@ impl Store {
     ) -> Result<(i64, Vec<(i64, u64, u64, u64)>)> {
         let mut pipe = redis::pipe();
         pipe.hgetall(&keys.minutes).cmd("TIME");
-        let (fields, (secs, micros)): (HashMap<String, i64>, (i64, i64)) =
-            self.exec(Req::Pipe(&pipe), None).await?;
+        let (fields, (secs, micros)): (HashMap<String, i64>, (i64, i64)) = self
+            .exec(Req::Pipe(&pipe), Route::Key(&keys.minutes), None)
+            .await?;
         let get = |slot: i64, kind: &str| fields.get(&format!("{slot}:{kind}")).copied();
         let slots = (0..60)
             .filter_map(|slot| {
@@ -825,69 +835,82 @@ impl Store {
     }
 
     pub(crate) async fn topics(&self) -> Result<Vec<String>> {
-        let members = redis::cmd("SMEMBERS").arg(self.ns.topics()).to_owned();
-        let mut topics: Vec<String> = self.exec(Req::Cmd(&members), None).await?;
+        let key = self.ns.topics();
+        let members = redis::cmd("SMEMBERS").arg(&key).to_owned();
+        let mut topics: Vec<String> = self.cmd(&members, &key).await?;
         topics.sort();
         Ok(topics)
     }
 
     /// `CONFIG GET` of the given parameters, or why the server refused it (managed
     /// services rename or disable `CONFIG`; an ACL user may lack `+config|get`).
-    pub(crate) async fn config_get(
-        &self,
-        params: &[&str],
-    ) -> Result<std::result::Result<HashMap<String, String>, String>> {
-        let mut out = HashMap::new();
-        for p in params {
-            let get = redis::cmd("CONFIG").arg("GET").arg(p).to_owned();
-            match self
-                .exec::<HashMap<String, String>>(Req::Cmd(&get), None)
-                .await
-            {
-                Ok(map) => out.extend(map),
-                Err(Error::Redis(e)) if matches!(e.kind(), redis::ErrorKind::Server(_)) => {
-                    return Ok(Err(e.to_string()))
+    pub(crate) async fn config_get(&self, params: &[&str]) -> Result<Vec<NodeConfig>> {
+        let mut nodes = Vec::new();
+        for node in self.targets().await? {
+            let route = node.as_ref().map_or(Route::Key(""), Route::Node);
+            let mut out = HashMap::new();
+            let mut refused = None;
+            for p in params {
+                let get = redis::cmd("CONFIG").arg("GET").arg(p).to_owned();
+                match self
+                    .exec::<HashMap<String, String>>(Req::Cmd(&get), route, None)
+                    .await
+                {
+                    Ok(map) => out.extend(map),
+                    Err(Error::Redis(e)) if matches!(e.kind(), redis::ErrorKind::Server(_)) => {
+                        refused = Some(e.to_string());
+                        break;
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
+            nodes.push(NodeConfig {
+                node: node.map(|n| n.to_string()),
+                config: refused.map_or(Ok(out), Err),
+            });
         }
-        Ok(Ok(out))
+        Ok(nodes)
     }
 
     pub(crate) fn blocking_conn(&self) -> BlockingConn {
         BlockingConn {
             conn: None,
             id: Arc::default(),
+            node: Arc::default(),
+            epoch: 0,
+            stale: false,
         }
     }
 
-    /// Ends the blocking wait of the connection with this `CLIENT ID`, if it is blocked;
-    /// true if it was. A wait left on Redis after its worker went back to work would take
-    /// the next wake-up token (Redis serves the oldest waiter first) from idle workers.
-    pub(crate) async fn unblock(&self, client_id: u64) -> Result<bool> {
-        let cmd = redis::cmd("CLIENT")
-            .arg("UNBLOCK")
-            .arg(client_id)
-            .to_owned();
-        Ok(self.exec::<i64>(Req::Cmd(&cmd), None).await? == 1)
+    /// Groups wake-up keys that one blocking call may wait on together (one slot each on
+    /// a cluster).
+    pub(crate) fn wait_groups(&self, keys: &[String]) -> Vec<Vec<String>> {
+        self.backend.wait_groups(keys)
     }
 
-    /// Waits on the wake lists of one or more topics for at most `timeout` (whole ms).
-    /// Returns true if a wake-up token was taken.
+    /// Ends the blocking wait of the connection with this `CLIENT ID` on `node`, if it is
+    /// blocked; true if it was. A wait left on Redis after its worker went back to work
+    /// would take the next wake-up token (Redis serves the oldest waiter first) from idle
+    /// workers.
+    pub(crate) async fn unblock(&self, node: Option<&Node>, client_id: u64) -> Result<bool> {
+        self.backend.unblock(node, client_id).await
+    }
+
+    /// Waits on the wake lists of one or more topics (of one slot) for at most `timeout`
+    /// (whole ms). Returns true if a wake-up token was taken.
     pub(crate) async fn wait_wake(
         &self,
         bc: &mut BlockingConn,
         wake_keys: &[&str],
         timeout: Duration,
     ) -> Result<bool> {
+        if bc.conn.is_some() && bc.epoch != self.backend.epoch() {
+            // Sentinel named another master since this connection was opened.
+            bc.conn = None;
+        }
         if bc.conn.is_none() {
-            let config = AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(self.settings.connect_timeout))
-                .set_response_timeout(None);
-            let mut conn = self
-                .client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?;
+            let first = wake_keys.first().copied().unwrap_or_default();
+            let (mut conn, node, epoch) = self.backend.blocking_connection(first, bc.stale).await?;
             // Without its id (an ACL user without `+client|id`) a wait that must end early
             // is ended by dropping the connection instead.
             let id = redis::cmd("CLIENT").arg("ID").to_owned();
@@ -903,6 +926,9 @@ impl Store {
                 Err(_) => return Err(Error::Timeout(self.settings.response_timeout)),
             };
             bc.id.store(id, std::sync::atomic::Ordering::SeqCst);
+            *bc.node.write().unwrap_or_else(|p| p.into_inner()) = node;
+            bc.epoch = epoch;
+            bc.stale = false;
             bc.conn = Some(conn);
         }
         let Some(conn) = bc.conn.as_mut() else {
@@ -918,77 +944,26 @@ impl Store {
         {
             Ok(Ok(popped)) => Ok(popped.is_some()),
             Ok(Err(e)) => {
+                // A moved slot, a failed-over node: look the master up again.
                 bc.conn = None;
+                bc.stale = true;
                 Err(e.into())
             }
             Err(_) => {
                 bc.conn = None;
+                bc.stale = true;
                 Err(Error::Timeout(guard))
             }
         }
     }
 }
 
-/// A `redis::Client` for `url`, with the TLS settings when there are some.
-#[cfg(feature = "tls")]
-fn open_client(url: &str, settings: &ConnSettings) -> Result<redis::Client> {
-    if url.starts_with("rediss") || settings.tls_ca.is_some() {
-        // rustls needs a process-wide crypto provider; install ring's unless the
-        // application chose one already.
-        if rustls::crypto::CryptoProvider::get_default().is_none() {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-    }
-    if settings.tls_ca.is_some() || settings.tls_client.is_some() {
-        let certs = redis::TlsCertificates {
-            client_tls: settings
-                .tls_client
-                .clone()
-                .map(|(cert, key)| redis::ClientTlsConfig {
-                    client_cert: cert,
-                    client_key: key,
-                }),
-            root_cert: settings.tls_ca.clone(),
-        };
-        Ok(redis::Client::build_with_tls(url, certs)?)
-    } else {
-        Ok(redis::Client::open(url)?)
-    }
-}
-
-/// A `redis::Client` for `url`; this build has no TLS.
-#[cfg(not(feature = "tls"))]
-fn open_client(url: &str, settings: &ConnSettings) -> Result<redis::Client> {
-    if url.starts_with("rediss") || settings.tls_ca.is_some() || settings.tls_client.is_some() {
-        return Err(Error::Config(
-            "this build of forgemq has no TLS: enable the crate's `tls` feature for rediss:// URLs"
-                .into(),
-        ));
-    }
-    Ok(redis::Client::open(url)?)
-}
-
-/// A request for [`Store::exec`].
-enum Req<'a> {
-    Cmd(&'a Cmd),
-    Pipe(&'a redis::Pipeline),
-}
-
-impl Req<'_> {
-    async fn query<T: FromRedisValue>(
-        &self,
-        conn: &mut ConnectionManager,
-    ) -> redis::RedisResult<T> {
-        match self {
-            Req::Cmd(c) => c.query_async(conn).await,
-            Req::Pipe(p) => p.query_async(conn).await,
-        }
-    }
-}
-
-fn is_noscript(e: &redis::RedisError) -> bool {
-    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
-        || e.to_string().contains("NOSCRIPT")
+/// The `CONFIG GET` answers of one node, or why it refused them.
+#[derive(Debug)]
+pub(crate) struct NodeConfig {
+    /// The node, on a cluster.
+    pub(crate) node: Option<String>,
+    pub(crate) config: std::result::Result<HashMap<String, String>, String>,
 }
 
 /// Milliseconds for a script argument, at most 100 years: Lua numbers are doubles, and

@@ -98,20 +98,32 @@ impl Group {
         stop: &mut watch::Receiver<bool>,
     ) {
         let idle = self.idle_wait();
-        let blocked = waiter.outstanding.get_or_insert_with(|| {
-            let mut conn = waiter
-                .conn
-                .take()
-                .unwrap_or_else(|| self.store().blocking_conn());
-            waiter.client_id = conn.id_cell();
+        if waiter.waits.is_empty() {
             let keys: Vec<String> = self.runners.iter().map(|r| r.keys.wake.clone()).collect();
-            let client = self.runners[0].client.clone();
-            tokio::spawn(async move {
-                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                let woke = client.store().wait_wake(&mut conn, &keys, idle).await;
-                (conn, woke)
-            })
-        });
+            waiter.waits = self
+                .store()
+                .wait_groups(&keys)
+                .into_iter()
+                .map(SlotWait::new)
+                .collect();
+        }
+        for w in &mut waiter.waits {
+            if w.outstanding.is_none() {
+                let mut conn = w
+                    .conn
+                    .take()
+                    .unwrap_or_else(|| self.store().blocking_conn());
+                w.client_id = conn.id_cell();
+                w.node = conn.node_cell();
+                let keys = w.keys.clone();
+                let client = self.runners[0].client.clone();
+                w.outstanding = Some(tokio::spawn(async move {
+                    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                    let woke = client.store().wait_wake(&mut conn, &keys, idle).await;
+                    (conn, woke)
+                }));
+            }
+        }
         let due = async {
             if wait < idle {
                 tokio::time::sleep(wait).await;
@@ -119,12 +131,19 @@ impl Group {
                 std::future::pending::<()>().await;
             }
         };
+        let any = futures::future::select_all(
+            waiter
+                .waits
+                .iter_mut()
+                .map(|w| w.outstanding.as_mut().expect("started above")),
+        );
         tokio::select! {
-            done = blocked => {
-                waiter.outstanding = None;
+            (done, index, _) = any => {
+                let w = &mut waiter.waits[index];
+                w.outstanding = None;
                 match done {
                     Ok((conn, woke)) => {
-                        waiter.conn = Some(conn);
+                        w.conn = Some(conn);
                         if let Err(e) = woke {
                             tracing::warn!(error = %e, "waiting for work failed; retrying");
                             pause(backoff.next(), stop).await;
@@ -132,38 +151,50 @@ impl Group {
                     }
                     Err(e) => tracing::warn!(error = %e, "the wait for work ended abnormally"),
                 }
+                // The other waits (other slots) must not stay registered while this worker
+                // goes back to work.
+                self.cancel_waits(waiter).await;
             }
-            () = due => self.cancel_wait(waiter).await,
+            () = due => self.cancel_waits(waiter).await,
             _ = stop.changed() => {
-                if let Some(task) = waiter.outstanding.take() {
-                    task.abort();
+                for w in &mut waiter.waits {
+                    if let Some(task) = w.outstanding.take() {
+                        task.abort();
+                    }
                 }
             }
         }
     }
 
-    /// Ends a blocking wait that is still outstanding: `CLIENT UNBLOCK` makes Redis answer
-    /// it at once, and the connection is kept for the next wait. If Redis does not confirm
-    /// (the wait was not blocked yet, the ACL forbids `CLIENT UNBLOCK`, the link is gone), the
-    /// wait is dropped with its connection, which Redis notices when the socket closes.
-    async fn cancel_wait(&self, waiter: &mut Waiter) {
-        let Some(task) = waiter.outstanding.take() else {
-            return;
-        };
-        let id = waiter.client_id.load(std::sync::atomic::Ordering::SeqCst);
-        let unblocked = id != 0 && matches!(self.store().unblock(id).await, Ok(true));
-        if unblocked || task.is_finished() {
-            let limit = self.runners[0]
-                .settings
-                .idle_wait
-                .min(Duration::from_secs(1));
-            match tokio::time::timeout(limit, task).await {
-                Ok(Ok((conn, Ok(_)))) => waiter.conn = Some(conn),
-                Ok(_) => {}
-                Err(_) => tracing::debug!("an unblocked wait did not end; dropping its connection"),
+    /// Ends the blocking waits that are still outstanding: `CLIENT UNBLOCK` makes Redis
+    /// answer each at once, and its connection is kept for the next wait. If Redis does not
+    /// confirm (the wait was not blocked yet, the ACL forbids `CLIENT UNBLOCK`, the link is
+    /// gone), the wait is dropped with its connection, which Redis notices when the socket
+    /// closes.
+    async fn cancel_waits(&self, waiter: &mut Waiter) {
+        for w in &mut waiter.waits {
+            let Some(task) = w.outstanding.take() else {
+                continue;
+            };
+            let id = w.client_id.load(std::sync::atomic::Ordering::SeqCst);
+            let node = w.node.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let unblocked =
+                id != 0 && matches!(self.store().unblock(node.as_ref(), id).await, Ok(true));
+            if unblocked || task.is_finished() {
+                let limit = self.runners[0]
+                    .settings
+                    .idle_wait
+                    .min(Duration::from_secs(1));
+                match tokio::time::timeout(limit, task).await {
+                    Ok(Ok((conn, Ok(_)))) => w.conn = Some(conn),
+                    Ok(_) => {}
+                    Err(_) => {
+                        tracing::debug!("an unblocked wait did not end; dropping its connection")
+                    }
+                }
+            } else {
+                task.abort();
             }
-        } else {
-            task.abort();
         }
     }
 
@@ -373,17 +404,38 @@ impl Group {
     }
 }
 
-/// A blocking wait that may still be outstanding from an earlier [`Group::wait`], and
-/// its connection while none is.
+/// The blocking waits of a group, one per set of wake-up keys that can be waited on
+/// together (all of them on one server; one slot each on a cluster), each possibly still
+/// outstanding from an earlier [`Group::wait`].
 #[derive(Default)]
 struct Waiter {
+    waits: Vec<SlotWait>,
+}
+
+/// One blocking wait and its connection while none is outstanding.
+struct SlotWait {
+    keys: Vec<String>,
     conn: Option<BlockingConn>,
     outstanding: Option<tokio::task::JoinHandle<(BlockingConn, crate::Result<bool>)>>,
     /// Redis's client id of the connection the outstanding wait blocks on.
     client_id: Arc<std::sync::atomic::AtomicU64>,
+    /// The node that connection goes to.
+    node: Arc<std::sync::RwLock<Option<crate::conn::Node>>>,
 }
 
-impl Drop for Waiter {
+impl SlotWait {
+    fn new(keys: Vec<String>) -> Self {
+        Self {
+            keys,
+            conn: None,
+            outstanding: None,
+            client_id: Arc::default(),
+            node: Arc::default(),
+        }
+    }
+}
+
+impl Drop for SlotWait {
     fn drop(&mut self) {
         if let Some(task) = self.outstanding.take() {
             task.abort();

@@ -6,10 +6,19 @@ use forgemq::{Client, Error, MessageId};
 use forgemq_test_support::RedisServer;
 use serde_json::json;
 
-use crate::common::{init_tracing, setup};
+use crate::common::single_server_only;
+use crate::common::{init_tracing, setup, TestRedis};
 
-fn dbsize(server: &RedisServer) -> u64 {
-    redis::cmd("DBSIZE").query(&mut server.conn()).unwrap()
+/// Keys in Redis (every master of a cluster).
+fn dbsize(server: &TestRedis) -> u64 {
+    match server {
+        TestRedis::Single(s) => redis::cmd("DBSIZE").query(&mut s.conn()).unwrap(),
+        TestRedis::Cluster(c) => c
+            .nodes()
+            .iter()
+            .map(|n| redis::cmd("DBSIZE").query::<u64>(&mut n.conn()).unwrap())
+            .sum(),
+    }
 }
 
 /// Invalid topic names are refused before anything is written.
@@ -45,7 +54,7 @@ async fn invalid_topic_names_are_refused_and_nothing_is_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_payload_is_refused_without_any_redis_write() {
     init_tracing();
-    let server = RedisServer::start();
+    let server = TestRedis::start();
     let mq = Client::builder(server.url())
         .max_payload(1024)
         .build()
@@ -86,6 +95,7 @@ async fn oversized_payload_is_refused_without_any_redis_write() {
 /// With Redis unreachable, connecting and publishing fail loudly, never a silent Ok.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_redis_is_an_error_not_a_silent_ok() {
+    single_server_only!();
     init_tracing();
     let mut server = RedisServer::start();
     let url = server.url();

@@ -21,6 +21,7 @@ use forgemq_test_support::{
 use serde_json::{json, Value};
 
 use crate::common::child::ChildProc;
+use crate::common::single_server_only;
 use crate::common::{init_tracing, invariants, setup, strings, Proxy, Running};
 
 fn ms(n: u64) -> Duration {
@@ -555,6 +556,7 @@ async fn produce_through_redis_crash(aof: Aof, topic: &'static str) -> CrashRun 
 /// Redis frozen, then SIGKILLed (AOF always): acked publishes processed, same-id retries stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_kill9_restart_aof_always() {
+    single_server_only!();
     let topic = "chaos.aof.always";
     let run = produce_through_redis_crash(Aof::Always, topic).await;
     assert_eq!(
@@ -615,6 +617,7 @@ async fn redis_kill9_restart_aof_always() {
 /// As the AOF-always test with `everysec`: prints how many acknowledged publishes a SIGKILL lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_aof_everysec() {
+    single_server_only!();
     let topic = "chaos.aof.everysec";
     let run = produce_through_redis_crash(Aof::EverySec, topic).await;
     let ran = run.log.ids();
@@ -640,6 +643,7 @@ async fn redis_restart_aof_everysec() {
 /// `CLIENT KILL` loop while 1,000 are consumed: each acked once, nothing left, reruns counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_kill_racing_acks() {
+    single_server_only!();
     let (server, mq) = setup().await;
     let topic = "chaos.clientkill";
     let ids = strings(
@@ -703,6 +707,7 @@ async fn client_kill_racing_acks() {
 /// Partitioned worker: others take over, its acks are refused after healing, its stop is bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blackhole_then_heal() {
+    single_server_only!();
     let (server, mq) = setup().await;
     let proxy = Proxy::start(server.port()).await;
     let topic = "chaos.blackhole";
@@ -828,6 +833,7 @@ fn first_run_after(log: &Log, t: Instant) -> Option<Instant> {
 /// `CLIENT PAUSE 4000 ALL`, then SIGSTOP of Redis for 4 s: nothing lost, work resumes within 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused() {
+    single_server_only!();
     init_tracing();
     let mut server = RedisServer::start();
     let mq = Client::builder(server.url())
@@ -1352,6 +1358,7 @@ async fn poison_crash_loop() {
 /// 1,000 delayed 0–10 s across a Redis SIGKILL at 5 s: none early, all by due + 2 s, none lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_across_restart() {
+    single_server_only!();
     init_tracing();
     let mut server = RedisServer::start_with(RedisOptions::new().aof(Aof::Always));
     let mq = Client::builder(server.url())
@@ -1423,6 +1430,7 @@ async fn delayed_across_restart() {
 /// 1,000 dead-letter moves under CLIENT KILL and a Redis SIGKILL: atomic, then reprocessed once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_moves_atomic() {
+    single_server_only!();
     init_tracing();
     let mut server = RedisServer::start_with(RedisOptions::new().aof(Aof::Always));
     let mq = Client::builder(server.url())

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use forgemq::{Client, Worker};
-use forgemq_test_support::{check_invariants, Layout, RedisServer, StateReport};
+use forgemq_test_support::{check_invariants, Layout, RedisServer, StateReport, TestCluster};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -23,10 +23,163 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// A private Redis and a client connected to it.
-pub async fn setup() -> (RedisServer, Client) {
+/// Which Redis the suite runs against: `FORGEMQ_TEST_TOPOLOGY=cluster` runs every test
+/// that [`setup`] starts on a private 3-master Redis Cluster instead of one server.
+pub fn cluster_mode() -> bool {
+    std::env::var("FORGEMQ_TEST_TOPOLOGY").is_ok_and(|t| t == "cluster")
+}
+
+/// Returns from a test that needs one server of its own (it kills, freezes, proxies or
+/// reconfigures it) when the suite runs on a cluster; the test runs in the single-server
+/// run.
+macro_rules! single_server_only {
+    () => {
+        if crate::common::cluster_mode() {
+            eprintln!("single-server test: runs in the single-server suite, skipped on a cluster");
+            return;
+        }
+    };
+}
+pub(crate) use single_server_only;
+
+/// The Redis of one test: a private server, or a private 3-master cluster.
+pub enum TestRedis {
+    Single(RedisServer),
+    Cluster(TestCluster),
+}
+
+impl TestRedis {
+    /// A private Redis of the suite's topology.
+    pub fn start() -> Self {
+        if cluster_mode() {
+            TestRedis::Cluster(TestCluster::start(3, 0))
+        } else {
+            TestRedis::Single(RedisServer::start())
+        }
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            TestRedis::Single(s) => s.url(),
+            TestRedis::Cluster(c) => c.url(),
+        }
+    }
+
+    /// A connection for setting up and checking state: on a cluster, every command goes
+    /// to the master of its key.
+    pub fn conn(&self) -> AnyConn {
+        match self {
+            TestRedis::Single(s) => AnyConn::Single(s.conn()),
+            TestRedis::Cluster(c) => AnyConn::Cluster(Box::new(c.conn())),
+        }
+    }
+
+    /// A plain connection to the node that holds `topic`'s keys (for a `MULTI`).
+    pub fn conn_for_topic(&self, topic: &str) -> redis::Connection {
+        match self {
+            TestRedis::Single(s) => s.conn(),
+            TestRedis::Cluster(c) => c.conn_for_key(&format!("{{{topic}}}")),
+        }
+    }
+
+    /// Calls per command (summed over the masters of a cluster).
+    pub fn command_stats(&self) -> std::collections::HashMap<String, u64> {
+        match self {
+            TestRedis::Single(s) => s.command_stats(),
+            TestRedis::Cluster(c) => c.command_stats(),
+        }
+    }
+
+    /// The one server (tests that kill, freeze, proxy or reconfigure it are single-server
+    /// only: they start with `single_server_only!()`).
+    pub fn single(&self) -> &RedisServer {
+        match self {
+            TestRedis::Single(s) => s,
+            TestRedis::Cluster(_) => panic!("this test needs a single server"),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.single().port()
+    }
+}
+
+/// Something that holds a topic's keys: a plain connection to that node.
+pub trait HoldsTopic {
+    fn conn_for_topic(&self, topic: &str) -> redis::Connection;
+}
+
+impl HoldsTopic for RedisServer {
+    fn conn_for_topic(&self, _topic: &str) -> redis::Connection {
+        self.conn()
+    }
+}
+
+impl HoldsTopic for TestRedis {
+    fn conn_for_topic(&self, topic: &str) -> redis::Connection {
+        TestRedis::conn_for_topic(self, topic)
+    }
+}
+
+/// A connection to either topology, usable wherever a `redis::ConnectionLike` is.
+pub enum AnyConn {
+    Single(redis::Connection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+impl redis::ConnectionLike for AnyConn {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<redis::Value> {
+        match self {
+            AnyConn::Single(c) => c.req_packed_command(cmd),
+            AnyConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
+        match self {
+            AnyConn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            AnyConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn req_command(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
+        match self {
+            AnyConn::Single(c) => c.req_command(cmd),
+            AnyConn::Cluster(c) => c.req_command(cmd),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            AnyConn::Single(c) => c.get_db(),
+            AnyConn::Cluster(c) => c.get_db(),
+        }
+    }
+
+    fn check_connection(&mut self) -> bool {
+        match self {
+            AnyConn::Single(c) => c.check_connection(),
+            AnyConn::Cluster(c) => c.check_connection(),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        match self {
+            AnyConn::Single(c) => c.is_open(),
+            AnyConn::Cluster(c) => c.is_open(),
+        }
+    }
+}
+
+/// A private Redis of the suite's topology and a client connected to it.
+pub async fn setup() -> (TestRedis, Client) {
     init_tracing();
-    let server = RedisServer::start();
+    let server = TestRedis::start();
     let client = Client::connect(&server.url()).await.unwrap();
     (server, client)
 }
@@ -119,8 +272,12 @@ impl Runs {
 }
 
 /// Runs the invariant checker for `topic` in the default namespace.
-pub fn invariants(server: &RedisServer, topic: &str, ids: &[String]) -> StateReport {
-    check_invariants(&mut server.conn(), &Layout::new("mq", topic), ids)
+pub fn invariants(server: &impl HoldsTopic, topic: &str, ids: &[String]) -> StateReport {
+    check_invariants(
+        &mut server.conn_for_topic(topic),
+        &Layout::new("mq", topic),
+        ids,
+    )
 }
 
 pub fn strings<T: ToString>(ids: &[T]) -> Vec<String> {

@@ -7,6 +7,7 @@ use forgemq::{HandlerError, Message, Subscription, Worker};
 use serde_json::{json, Value};
 
 use crate::common::child::ChildProc;
+use crate::common::single_server_only;
 use crate::common::{eventually, invariants, setup, strings, Running, Runs};
 
 fn recording_worker(mq: &forgemq::Client, topic: &str, runs: &Runs) -> Worker {
@@ -161,6 +162,7 @@ async fn delayed_messages_are_delivered_exactly_once_with_three_racing_workers()
 /// a worker relying on it would start these messages up to a second late.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_message_fires_on_time_whatever_the_redis_tick() {
+    single_server_only!();
     let server = forgemq_test_support::RedisServer::start_with(
         forgemq_test_support::RedisOptions::new().args(["--hz", "1"]),
     );

@@ -10,6 +10,7 @@ use forgemq_test_support::{assert_none_lost, Aof, RedisOptions, RedisServer};
 use serde_json::{json, Value};
 
 use crate::common::child::ChildProc;
+use crate::common::single_server_only;
 use crate::common::{eventually, init_tracing, invariants, setup, strings, Running, Runs};
 
 /// A worker process killed with SIGKILL mid-handler: its messages run again on another
@@ -153,6 +154,7 @@ async fn frozen_worker_loses_its_lease_and_its_late_ack_is_refused() {
 /// port: every publish that returned Ok is processed, and the worker carries on by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_kill9_with_aof_always_loses_no_acknowledged_publish() {
+    single_server_only!();
     init_tracing();
     let mut server = RedisServer::start_with(RedisOptions::new().aof(Aof::Always));
     let mq = Client::builder(server.url())

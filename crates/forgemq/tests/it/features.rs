@@ -10,10 +10,11 @@ use forgemq::{
     Backoff, BatchOptions, BatchOutcome, Cancelled, Client, Error, HandlerError, Message,
     MessageId, Priority, PublishOptions, PublishOutcome, Subscription, Worker,
 };
-use forgemq_test_support::RedisServer;
 use serde_json::{json, Value};
 
-use crate::common::{eventually, init_tracing, invariants, setup, strings, Running, Runs};
+use crate::common::{
+    eventually, init_tracing, invariants, setup, strings, Running, Runs, TestRedis,
+};
 
 fn recorder(
     runs: &Runs,
@@ -713,7 +714,7 @@ async fn pause_and_resume_take_effect_within_a_second_in_every_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_trimmed_by_count_and_age() {
     init_tracing();
-    let server = RedisServer::start();
+    let server = TestRedis::start();
     let mq = Client::builder(server.url())
         .dead_letter_retention(5, Duration::from_secs(3600))
         .build()

@@ -12,14 +12,17 @@ use forgemq::{
 use forgemq_test_support::{assert_none_lost, RedisServer};
 use serde_json::{json, Value};
 
-use crate::common::{eventually, init_tracing, invariants, setup, strings, Proxy, Running, Runs};
+use crate::common::single_server_only;
+use crate::common::{
+    eventually, init_tracing, invariants, setup, strings, Proxy, Running, Runs, TestRedis,
+};
 
 /// Defect 2: a handler's long error texts are capped, so a message near the payload limit
 /// keeps all its runs, and a dead-letter retry does not grow it past the limit either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_errors_do_not_grow_a_message_past_the_payload_limit() {
     init_tracing();
-    let server = RedisServer::start();
+    let server = TestRedis::start();
     const LIMIT: usize = 64 * 1024;
     let mq = Client::builder(server.url())
         .max_payload(LIMIT)
@@ -468,6 +471,7 @@ async fn prefetched_message_whose_lease_was_lost_does_not_start() {
 /// answered as applied, not as "lease lost"; no duplicate run is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_that_applied_are_not_reported_as_lease_lost() {
+    single_server_only!();
     init_tracing();
     let server = RedisServer::start();
     let proxy = Proxy::start(server.port()).await;
@@ -516,6 +520,7 @@ async fn acks_that_applied_are_not_reported_as_lease_lost() {
 /// not refused when sent again, and the messages are not run twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_outcomes_with_a_lost_reply_are_not_refused() {
+    single_server_only!();
     init_tracing();
     let server = RedisServer::start();
     let proxy = Proxy::start(server.port()).await;
@@ -695,7 +700,7 @@ async fn purge_frees_memory_in_the_background() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recoveries_of_manual_fetches_follow_the_client_settings() {
     init_tracing();
-    let server = RedisServer::start();
+    let server = TestRedis::start();
     let strict = Client::builder(server.url())
         .max_recoveries(0)
         .build()

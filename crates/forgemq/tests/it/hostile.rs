@@ -15,7 +15,10 @@ use forgemq_test_support::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::common::{eventually, init_tracing, invariants, setup, strings, Running, Runs};
+use crate::common::single_server_only;
+use crate::common::{
+    eventually, init_tracing, invariants, setup, strings, HoldsTopic, Running, Runs,
+};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -72,9 +75,9 @@ fn assert_no_library_panic_since(mark: usize) {
 
 /// Stores `body` under `id` and makes it pending, behind the library's back, then leaves a
 /// wake-up token so that an idle worker looks.
-fn plant(server: &RedisServer, topic: &str, id: &[u8], body: &[u8]) {
+fn plant(server: &impl HoldsTopic, topic: &str, id: &[u8], body: &[u8]) {
     let layout = Layout::new("mq", topic);
-    let mut conn = server.conn();
+    let mut conn = server.conn_for_topic(topic);
     redis::pipe()
         .cmd("HSET")
         .arg(layout.msg())
@@ -97,18 +100,18 @@ fn envelope_with_raw_data(id: &str, topic: &str, data: &str) -> String {
     )
 }
 
-fn hstrlen(server: &RedisServer, topic: &str, id: &str) -> usize {
+fn hstrlen(server: &impl HoldsTopic, topic: &str, id: &str) -> usize {
     redis::cmd("HSTRLEN")
         .arg(Layout::new("mq", topic).msg())
         .arg(id)
-        .query(&mut server.conn())
+        .query(&mut server.conn_for_topic(topic))
         .unwrap()
 }
 
-fn hlen(server: &RedisServer, topic: &str) -> usize {
+fn hlen(server: &impl HoldsTopic, topic: &str) -> usize {
     redis::cmd("HLEN")
         .arg(Layout::new("mq", topic).msg())
-        .query(&mut server.conn())
+        .query(&mut server.conn_for_topic(topic))
         .unwrap()
 }
 
@@ -146,6 +149,7 @@ struct Big {
 /// Planted bodies that don't decode (bytes, bad JSON, wrong schema, no id, deep nesting, out-of-range numbers) are dead-lettered once with a decode error, never block the queue, and valid u64s round-trip exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_payloads() {
+    single_server_only!();
     let panic_mark = watch_library_panics();
     let (server, mq) = setup().await;
     let topic = "hostile.malformed";
@@ -477,6 +481,7 @@ async fn malformed_payloads() {
 /// A message of exactly max_payload round-trips, one byte more is refused without a Redis write, and a 10 MiB body planted behind the library's back is dead-lettered without stopping the worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payload_size_limits() {
+    single_server_only!();
     let panic_mark = watch_library_panics();
     init_tracing();
     const LIMIT: usize = 4096;
@@ -666,6 +671,7 @@ fn set_maxmemory(server: &RedisServer, value: &str) {
 /// With maxmemory 8mb and noeviction, publishing ends in an out-of-memory error (never a silent Ok), writes nothing partial, acks still work, and publishing resumes after draining.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_oom_noeviction() {
+    single_server_only!();
     let panic_mark = watch_library_panics();
     init_tracing();
     let server = RedisServer::start_with(
@@ -849,6 +855,7 @@ fn noop_worker(mq: &Client, topic: &str, runs: &Runs, strict: bool) -> Worker {
 /// Eviction and missing persistence are warned about, require_safe_redis refuses them at once, and a user denied CONFIG gets one Unverified warning while its worker still runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_config_checks() {
+    single_server_only!();
     let panic_mark = watch_library_panics();
     init_tracing();
     let topic = "hostile.config";
@@ -1132,6 +1139,7 @@ fn acl_log(server: &RedisServer) -> Vec<(String, String, String)> {
 /// The documented least-privilege ACL user runs the whole feature set over verified TLS; a wrong CA is refused; keys outside the namespace are NOPERM; KEYS/SCAN are never sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acl_and_tls() {
+    single_server_only!();
     let panic_mark = watch_library_panics();
     init_tracing();
     // The redis crate's rustls has no crypto provider of its own: the application installs

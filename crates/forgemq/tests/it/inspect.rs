@@ -6,6 +6,7 @@ use forgemq::{HandlerError, Message, Subscription, Worker};
 use forgemq_test_support::{Aof, RedisOptions, RedisServer};
 use serde_json::{json, Value};
 
+use crate::common::single_server_only;
 use crate::common::{eventually, init_tracing, invariants, setup, strings, Running};
 
 /// `get_all_queues` lists every topic from the registry with its waiting count.
@@ -72,6 +73,7 @@ async fn dead_letters_are_paged_oldest_first() {
 /// Start-up warnings name an evicting policy and missing persistence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_warnings_name_eviction_and_missing_persistence() {
+    single_server_only!();
     init_tracing();
     let risky = RedisServer::start_with(RedisOptions::new().maxmemory_policy("allkeys-lru"));
     let mq = forgemq::Client::connect(&risky.url()).await.unwrap();

@@ -11,6 +11,7 @@ use forgemq::{
 };
 use serde_json::{json, Value};
 
+use crate::common::single_server_only;
 use crate::common::{eventually, invariants, setup, strings, Proxy, Running, Runs};
 
 /// Asking for more than one call's worth (1,000) returns 1,000 and loses nothing.
@@ -148,6 +149,7 @@ async fn a_stale_run_does_not_cancel_the_lease_of_a_fresh_run_of_the_same_id() {
 /// consuming through a new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silently_dead_connection_is_replaced() {
+    single_server_only!();
     let (server, direct) = setup().await;
     let proxy = Proxy::start(server.port()).await;
     let mq = Client::builder(proxy.url())

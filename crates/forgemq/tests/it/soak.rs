@@ -25,6 +25,7 @@ use forgemq_test_support::{assert_none_lost, Aof, RedisOptions, RedisServer};
 use rand::Rng;
 use serde_json::{json, Value};
 
+use crate::common::single_server_only;
 use crate::common::{init_tracing, invariants};
 
 const TOPIC: &str = "soak.events";
@@ -82,6 +83,7 @@ struct Plan {
 /// 50,000 messages, 4 worker processes, 2 worker kills and 1 Redis kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_50k() {
+    single_server_only!();
     soak(Plan {
         name: "soak_50k",
         messages: 50_000,
@@ -103,6 +105,7 @@ async fn soak_50k() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long soak (minutes); run by name in release: cargo test --release -p forgemq --test it soak::soak_1m -- --ignored --nocapture"]
 async fn soak_1m() {
+    single_server_only!();
     soak(Plan {
         name: "soak_1m",
         messages: 1_000_000,
