@@ -756,7 +756,18 @@ impl Backend {
             let mut fresh = false;
             for _ in 0..3 {
                 let node = self.node_for(key, fresh).await?;
-                let mut conn = self.replicated_conn(&node).await?;
+                let mut conn = match self.replicated_conn(&node).await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        self.forget_slots();
+                        if let Kind::Master(link) = &self.kind {
+                            if let Some(watch) = &link.sentinel {
+                                watch.kick.notify_one();
+                            }
+                        }
+                        return Err(e);
+                    }
+                };
                 let mut pipe = redis::pipe();
                 pipe.add_command(cmd.clone())
                     .cmd("WAIT")
@@ -793,6 +804,9 @@ impl Backend {
                     }
                     Err(e) => {
                         self.after_error(&e);
+                        // A node that failed may not be the slot's master any more: the
+                        // next replicated write looks the master up again.
+                        self.forget_slots();
                         return Err(e.into());
                     }
                 }
@@ -804,6 +818,13 @@ impl Backend {
         match tokio::time::timeout(limit, run).await {
             Ok(r) => r,
             Err(_) => Err(Error::Timeout(limit)),
+        }
+    }
+
+    /// Drops the cached slot map: the next lookup asks the cluster.
+    fn forget_slots(&self) {
+        if let Kind::Cluster(c) = &self.kind {
+            c.slots.write().unwrap_or_else(|p| p.into_inner()).clear();
         }
     }
 
@@ -855,7 +876,12 @@ enum Handle {
 }
 
 impl Handle {
+    /// Sends a request; an error reply (also one inside a pipeline's answers) is an `Err`.
     async fn query(&mut self, req: Req<'_>, route: Route<'_>) -> redis::RedisResult<Value> {
+        self.query_raw(req, route).await?.extract_error()
+    }
+
+    async fn query_raw(&mut self, req: Req<'_>, route: Route<'_>) -> redis::RedisResult<Value> {
         match self {
             Handle::Master(conn) => match req {
                 Req::Cmd(c) => c.query_async(conn).await,

@@ -18,6 +18,7 @@ mod hostile;
 mod inspect;
 mod publish;
 mod regressions;
+mod scaleout;
 mod soak;
 mod worker;
 
