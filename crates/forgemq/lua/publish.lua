@@ -7,8 +7,13 @@
 -- KEYS[6] processed  ZSET  ledger of recently processed ids (deduplicating workers)
 -- KEYS[7] minutes    HASH  per-minute counters (see count_minute)
 -- KEYS[8] uniq       HASH  id -> unique key it holds until its final state
--- KEYS[9..] unique-key STRINGs (id of the message that holds the key), as referenced below
--- ARGV    groups of 3: id, envelope, options; options is '' for a message to run now
+-- KEYS[9] meta       HASH  the topic's layout: partitions (absent = 1), frozen
+-- KEYS[10..] unique-key STRINGs (id of the message that holds the key), as referenced below
+-- ARGV[1] the number of partitions the caller believes the topic has (1: a plain topic).
+--         Another number in meta means the caller's layout is out of date: nothing is
+--         written and the reply is the error `PARTITIONED <n>` (the caller re-reads it);
+--         a frozen layout (being changed) is `TRYAGAIN`.
+-- ARGV    then groups of 3: id, envelope, options; options is '' for a message to run now
 --         without a unique key (the common case: nothing to convert), else
 --         '<delay_ms>,<unique_key_index>,<unique_ttl_ms>,<until_final>' (delay 0 = now;
 --         index 0 = no unique key, else an index into KEYS; until_final 1 = the key is
@@ -20,14 +25,21 @@
 
 local G = 3
 local now, now_up = clock()
-local count = #ARGV / G
+local layout = redis.call('HMGET', KEYS[9], 'partitions', 'frozen')
+if layout[2] then
+  return redis.error_reply('TRYAGAIN the partitions of this topic are being changed; try again')
+end
+if tonumber(layout[1] or '1') ~= tonumber(ARGV[1]) then
+  return redis.error_reply('PARTITIONED ' .. (layout[1] or '1'))
+end
+local count = (#ARGV - 1) / G
 if count == 0 then
   return {}
 end
 -- Message k: its id, and its delay, unique key index and unique key ttl.
 local ids, delays, uks, ttls, finals = {}, {}, {}, {}, {}
 for k = 1, count do
-  local i = (k - 1) * G + 1
+  local i = (k - 1) * G + 2
   ids[k] = ARGV[i]
   local options = ARGV[i + 2]
   if options == '' then
@@ -74,7 +86,7 @@ for k = 1, count do
   if results[k] == 1 then
     local id = ids[k]
     bodies[#bodies + 1] = id
-    bodies[#bodies + 1] = ARGV[(k - 1) * G + 2]
+    bodies[#bodies + 1] = ARGV[(k - 1) * G + 3]
     if delays[k] > 0 then
       later[#later + 1] = now_up + delays[k]
       later[#later + 1] = id

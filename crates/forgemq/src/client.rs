@@ -8,11 +8,12 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::keys::{validate_topic, Namespace, TopicKeys};
+use crate::keys::{partition_of, validate_topic, Namespace, TopicKeys};
 use crate::message::{from_millis, json_shape, rfc3339, Envelope, MessageId};
 use crate::store::{
-    CancelState, ConnSettings, PeekState, PublishItem, Store, Written, MAX_PER_CALL,
+    CancelState, ConnSettings, PeekState, PublishItem, RawStats, Store, Written, MAX_PER_CALL,
 };
+use crate::topic::TopicLayout;
 
 /// Default namespace: keys look like `mq:{user.welcome}:pending`.
 pub const DEFAULT_NAMESPACE: &str = "mq";
@@ -20,6 +21,10 @@ pub const DEFAULT_NAMESPACE: &str = "mq";
 /// Default payload limit. Redis holds every body in memory; a megabyte is already a large
 /// message for a queue, and bigger blobs belong in object storage with a reference here.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// How deep the pages of a partitioned topic's peek reach (every partition is read
+/// from its head to the end of the page).
+const PARTITIONED_PEEK_DEPTH: usize = 10_000;
 
 /// Messages per `publish_batch` round trip. Large enough to amortise the round trip,
 /// small enough that one script call does not stall Redis for other clients.
@@ -61,6 +66,10 @@ pub(crate) struct Inner {
     max_payload: usize,
     /// Poison limit of the recovery that a manual fetch runs first.
     pub(crate) max_recoveries: u32,
+    /// The layout (partitions) of each topic this client used, with when it was read.
+    pub(crate) layouts: std::sync::Mutex<std::collections::HashMap<String, Arc<TopicLayout>>>,
+    /// Which partition a manual fetch of a partitioned topic starts with next.
+    pub(crate) pop_turn: std::sync::atomic::AtomicUsize,
     /// When this client last added each topic to the topic registry (`mq:topics`): the
     /// registry is a namespace-wide key, another slot than the topic's on a cluster, so it
     /// is written on its own, once a minute per topic at most.
@@ -229,6 +238,8 @@ impl ClientBuilder {
                 max_payload: self.max_payload,
                 max_recoveries: self.max_recoveries,
                 registered: Default::default(),
+                layouts: Default::default(),
+                pop_turn: Default::default(),
             }),
         })
     }
@@ -243,6 +254,7 @@ pub struct PublishOptions {
     id: Option<MessageId>,
     unique: Option<(String, Duration)>,
     unique_until: UniqueUntil,
+    partition_key: Option<String>,
 }
 
 /// How long a unique key ([`PublishOptions::unique_key`]) holds.
@@ -307,6 +319,24 @@ impl PublishOptions {
     pub fn unique_until(mut self, until: UniqueUntil) -> Self {
         self.unique_until = until;
         self
+    }
+
+    /// Which partition of a partitioned topic the message goes to: messages with the
+    /// same key go to the same partition (and so, with one worker slot per partition,
+    /// keep their order among themselves). Without it, the unique key decides, else the
+    /// message id (hashed). Ignored on a plain topic.
+    pub fn partition_key(mut self, key: impl Into<String>) -> Self {
+        self.partition_key = Some(key.into());
+        self
+    }
+
+    /// The key that picks the partition: the partition key, else the unique key, else
+    /// the id.
+    fn route_key(&self, id: &MessageId) -> String {
+        self.partition_key
+            .clone()
+            .or_else(|| self.unique.as_ref().map(|(k, _)| k.clone()))
+            .unwrap_or_else(|| id.as_str().to_owned())
     }
 
     /// Use this id instead of a generated one. Publishing the same id again while the
@@ -387,8 +417,15 @@ pub struct QueueStats {
     pub duplicate_runs: u64,
     /// Ids found without a body (deleted behind ForgeMQ's back) and dropped.
     pub orphans: u64,
-    /// Whether the topic is paused.
+    /// Whether the topic is paused (a partitioned one: any of its partitions).
     pub paused: bool,
+    /// Which partition these figures are of (in [`QueueStats::partitions`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
+    /// A partitioned topic's figures per partition (the fields above are their sums);
+    /// empty for a plain topic.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<QueueStats>,
 }
 
 impl QueueStats {
@@ -396,6 +433,62 @@ impl QueueStats {
     pub fn length(&self) -> u64 {
         self.pending
     }
+
+    fn from_raw(topic: &str, partition: Option<u32>, raw: &RawStats) -> Self {
+        let c = |name: &str| raw.counters.get(name).copied().unwrap_or(0);
+        QueueStats {
+            topic: topic.to_owned(),
+            pending: raw.pending,
+            active: raw.active,
+            delayed: raw.delayed,
+            dead: raw.dead,
+            published: c("published"),
+            processed: c("processed"),
+            failed: c("failed"),
+            retried: c("retried"),
+            dead_lettered: c("dead"),
+            recovered: c("recovered"),
+            reprocessed: c("reprocessed"),
+            purged: c("purged"),
+            cancelled: c("cancelled"),
+            deduplicated: c("deduplicated"),
+            dead_trimmed: c("dead_trimmed"),
+            dead_deleted: c("dead_deleted"),
+            duplicate_runs: c("duplicate_runs"),
+            orphans: c("orphans"),
+            paused: raw.paused,
+            partition,
+            partitions: Vec::new(),
+        }
+    }
+
+    /// Adds a partition's figures to these.
+    fn add(&mut self, p: &QueueStats) {
+        self.pending += p.pending;
+        self.active += p.active;
+        self.delayed += p.delayed;
+        self.dead += p.dead;
+        self.published += p.published;
+        self.processed += p.processed;
+        self.failed += p.failed;
+        self.retried += p.retried;
+        self.dead_lettered += p.dead_lettered;
+        self.recovered += p.recovered;
+        self.reprocessed += p.reprocessed;
+        self.purged += p.purged;
+        self.cancelled += p.cancelled;
+        self.deduplicated += p.deduplicated;
+        self.dead_trimmed += p.dead_trimmed;
+        self.dead_deleted += p.dead_deleted;
+        self.duplicate_runs += p.duplicate_runs;
+        self.orphans += p.orphans;
+        self.paused |= p.paused;
+    }
+}
+
+/// Whether a publish was refused because the topic's layout is not what the client read.
+fn layout_changed(e: &Error) -> bool {
+    matches!(e, Error::Redis(r) if r.code() == Some("PARTITIONED"))
 }
 
 fn outcome(id: MessageId, written: Written) -> PublishOutcome {
@@ -596,11 +689,6 @@ impl Client {
         &self.inner.store
     }
 
-    pub(crate) fn keys(&self, topic: &str) -> Result<TopicKeys> {
-        validate_topic(topic)?;
-        Ok(self.inner.store.ns.topic(topic))
-    }
-
     /// Publishes `data` to `topic` and returns its id once Redis has stored it.
     ///
     /// # Examples
@@ -642,10 +730,11 @@ impl Client {
         data: D,
         options: PublishOptions,
     ) -> Result<PublishOutcome> {
-        let keys = self.keys(topic)?;
+        validate_topic(topic)?;
         let id = options.id.clone().unwrap_or_else(MessageId::generate);
         let item = self.prepare(topic, &id, data, &options, &now_rfc3339())?;
-        let written = self.write(&keys, &[item]).await?;
+        let route = options.route_key(&id);
+        let written = self.write_routed(topic, &[item], &[route]).await?;
         Ok(outcome(
             id,
             written.into_iter().next().unwrap_or(Written::New),
@@ -669,8 +758,9 @@ impl Client {
     }
 
     /// Publishes many messages, each with its own options (id, delay, retries, unique
-    /// key), one round trip per 1,000. With caller-chosen ids the whole call can be
-    /// retried after an error: what was stored is reported as a duplicate, not stored twice.
+    /// key), one round trip per 1,000 (per partition, the partitions at once). With
+    /// caller-chosen ids the whole call can be retried after an error: what was stored is
+    /// reported as a duplicate, not stored twice.
     pub async fn publish_batch_with<I, D>(
         &self,
         topic: &str,
@@ -680,24 +770,84 @@ impl Client {
         I: IntoIterator<Item = (D, PublishOptions)>,
         D: Serialize,
     {
-        let keys = self.keys(topic)?;
+        validate_topic(topic)?;
         let mut ids = Vec::new();
         let mut prepared = Vec::new();
+        let mut routes = Vec::new();
         let timestamp = now_rfc3339();
         for (data, options) in items {
             let id = options.id.clone().unwrap_or_else(MessageId::generate);
             prepared.push(self.prepare(topic, &id, data, &options, &timestamp)?);
+            routes.push(options.route_key(&id));
             ids.push(id);
         }
-        let mut outcomes = Vec::with_capacity(ids.len());
-        let mut ids = ids.into_iter();
-        for chunk in prepared.chunks(PUBLISH_CHUNK) {
-            for written in self.write(&keys, chunk).await? {
-                let Some(id) = ids.next() else { break };
-                outcomes.push(outcome(id, written));
+        let written = self.write_routed(topic, &prepared, &routes).await?;
+        Ok(ids
+            .into_iter()
+            .zip(written)
+            .map(|(id, w)| outcome(id, w))
+            .collect())
+    }
+
+    /// Writes prepared messages to the partitions their routing keys pick (all to the
+    /// topic's keys when it is plain), 1,000 per script call; the answers in order. When
+    /// the topic's layout changed since this client read it, reads it again and writes
+    /// again (publish is idempotent by id).
+    async fn write_routed(
+        &self,
+        topic: &str,
+        items: &[PublishItem],
+        routes: &[String],
+    ) -> Result<Vec<Written>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.register(topic).await?;
+        let mut layout = self.layout(topic).await?;
+        let mut again = true;
+        loop {
+            match self.write_layout(&layout, items, routes).await {
+                Err(e) if again && layout_changed(&e) => {
+                    again = false;
+                    layout = self.fresh_layout(topic).await?;
+                }
+                other => return other,
             }
         }
-        Ok(outcomes)
+    }
+
+    async fn write_layout(
+        &self,
+        layout: &TopicLayout,
+        items: &[PublishItem],
+        routes: &[String],
+    ) -> Result<Vec<Written>> {
+        let n = layout.count();
+        let mut per_partition: Vec<Vec<usize>> = vec![Vec::new(); layout.partitions.len()];
+        for (i, route) in routes.iter().enumerate() {
+            let p = if n > 1 { partition_of(route, n) } else { 0 };
+            per_partition[p as usize].push(i);
+        }
+        let writes = per_partition
+            .iter()
+            .enumerate()
+            .filter(|(_, idx)| !idx.is_empty())
+            .map(|(p, idx)| async move {
+                let keys = &layout.partitions[p];
+                let mut written = Vec::with_capacity(idx.len());
+                for chunk in idx.chunks(PUBLISH_CHUNK) {
+                    let chunk: Vec<&PublishItem> = chunk.iter().map(|&i| &items[i]).collect();
+                    written.extend(self.write(keys, n, &chunk).await?);
+                }
+                Ok::<_, Error>((idx, written))
+            });
+        let mut out: Vec<Option<Written>> = (0..items.len()).map(|_| None).collect();
+        for (idx, written) in futures::future::try_join_all(writes).await? {
+            for (&i, w) in idx.iter().zip(written) {
+                out[i] = Some(w);
+            }
+        }
+        Ok(out.into_iter().map(|w| w.unwrap_or(Written::New)).collect())
     }
 
     /// Checks a message as [`Client::publish_with`] would (topic name, serializable data,
@@ -767,12 +917,17 @@ impl Client {
         })
     }
 
-    /// Writes prepared messages, retrying transient failures with the same ids.
-    async fn write(&self, keys: &TopicKeys, items: &[PublishItem]) -> Result<Vec<Written>> {
-        self.register(&keys.topic).await?;
+    /// Writes prepared messages to one topic's (or partition's) keys, retrying transient
+    /// failures with the same ids.
+    async fn write(
+        &self,
+        keys: &TopicKeys,
+        partitions: u32,
+        items: &[&PublishItem],
+    ) -> Result<Vec<Written>> {
         let mut attempt = 1;
         loop {
-            match self.inner.store.publish(keys, items).await {
+            match self.inner.store.publish(keys, partitions, items).await {
                 Err(e) if e.is_transient() && attempt < PUBLISH_ATTEMPTS => {
                     tracing::warn!(topic = %keys.topic, attempt, error = %e, "publish failed; retrying with the same ids");
                     tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
@@ -813,33 +968,44 @@ impl Client {
         Ok(self.stats(topic).await?.pending)
     }
 
-    /// Counts per state and the counters of one topic.
+    /// Runs `op` on every partition of `topic` at once (once for a plain topic); the
+    /// answers in partition order.
+    async fn each_partition<'a, T, F, Fut>(&'a self, topic: &str, op: F) -> Result<Vec<T>>
+    where
+        F: Fn(TopicKeys) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + 'a,
+    {
+        let layout = self.layout(topic).await?;
+        futures::future::try_join_all(layout.partitions.iter().cloned().map(op)).await
+    }
+
+    /// Counts per state and the counters of one topic. For a partitioned topic: the sums,
+    /// with each partition's own figures in [`QueueStats::partitions`].
     pub async fn stats(&self, topic: &str) -> Result<QueueStats> {
-        let keys = self.keys(topic)?;
-        let raw = self.inner.store.stats(&keys).await?;
-        let c = |name: &str| raw.counters.get(name).copied().unwrap_or(0);
-        Ok(QueueStats {
+        let layout = self.layout(topic).await?;
+        let store = &self.inner.store;
+        let raws =
+            futures::future::try_join_all(layout.partitions.iter().map(|keys| store.stats(keys)))
+                .await?;
+        let mut parts: Vec<QueueStats> = raws
+            .into_iter()
+            .zip(&layout.partitions)
+            .map(|(raw, keys)| QueueStats::from_raw(topic, keys.partition, &raw))
+            .collect();
+        if parts.len() == 1 {
+            let mut only = parts.remove(0);
+            only.partition = None;
+            return Ok(only);
+        }
+        let mut total = QueueStats {
             topic: topic.to_owned(),
-            pending: raw.pending,
-            active: raw.active,
-            delayed: raw.delayed,
-            dead: raw.dead,
-            published: c("published"),
-            processed: c("processed"),
-            failed: c("failed"),
-            retried: c("retried"),
-            dead_lettered: c("dead"),
-            recovered: c("recovered"),
-            reprocessed: c("reprocessed"),
-            purged: c("purged"),
-            cancelled: c("cancelled"),
-            deduplicated: c("deduplicated"),
-            dead_trimmed: c("dead_trimmed"),
-            dead_deleted: c("dead_deleted"),
-            duplicate_runs: c("duplicate_runs"),
-            orphans: c("orphans"),
-            paused: raw.paused,
-        })
+            ..QueueStats::default()
+        };
+        for p in &parts {
+            total.add(p);
+        }
+        total.partitions = parts;
+        Ok(total)
     }
 
     /// Names of every topic ever published to in this namespace, sorted; read from the
@@ -855,11 +1021,8 @@ impl Client {
     /// Read from the topic registry (`mq:topics`), never by scanning the keyspace.
     pub async fn get_all_queues(&self) -> Result<Vec<QueueStats>> {
         let mut all = Vec::new();
-        for topic in self.inner.store.topics().await? {
-            // A name planted by hand that breaks the rules is skipped, not fatal.
-            if validate_topic(&topic).is_ok() {
-                all.push(self.stats(&topic).await?);
-            }
+        for topic in self.topics().await? {
+            all.push(self.stats(&topic).await?);
         }
         Ok(all)
     }
@@ -888,14 +1051,18 @@ impl Client {
 
     /// Looks at the messages of one state without taking them, in order (pending: next
     /// to run first; delayed: soonest due first; active: soonest lease expiry first; dead:
-    /// oldest first). `0..20` is the first 20.
+    /// oldest first). `0..20` is the first 20, at most 1,000 at a time.
+    ///
+    /// A partitioned topic merges its partitions: by time for delayed, active and dead,
+    /// and the heads of the partitions in turn for pending (there is no order across
+    /// partitions). Its pages reach 10,000 deep.
     pub async fn peek(
         &self,
         topic: &str,
         state: MessageState,
         range: Range<usize>,
     ) -> Result<Vec<PeekedMessage>> {
-        let keys = self.keys(topic)?;
+        let layout = self.layout(topic).await?;
         if range.is_empty() {
             return Ok(Vec::new());
         }
@@ -906,11 +1073,50 @@ impl Client {
             MessageState::Dead => PeekState::Dead,
         };
         let end = range.end.min(range.start.saturating_add(MAX_PER_CALL));
-        let rows = self
-            .inner
-            .store
-            .peek(&keys, which, range.start, end - 1)
+        let store = &self.inner.store;
+        let rows = if layout.is_partitioned() {
+            // Every partition's first `end`, merged, then the page cut out of that.
+            let end = end.min(PARTITIONED_PEEK_DEPTH);
+            if range.start >= end {
+                return Ok(Vec::new());
+            }
+            let pages = futures::future::try_join_all(
+                layout
+                    .partitions
+                    .iter()
+                    .map(|keys| store.peek(keys, which, 0, end - 1)),
+            )
             .await?;
+            let mut merged = Vec::new();
+            if which == PeekState::Pending {
+                let mut iters: Vec<_> = pages.into_iter().map(Vec::into_iter).collect();
+                while merged.len() < end {
+                    let before = merged.len();
+                    for it in &mut iters {
+                        merged.extend(it.next());
+                    }
+                    if merged.len() == before {
+                        break;
+                    }
+                }
+            } else {
+                merged = pages.into_iter().flatten().collect();
+                merged.sort_by(|a, b| {
+                    a.1.unwrap_or(0.0)
+                        .total_cmp(&b.1.unwrap_or(0.0))
+                        .then_with(|| a.0.cmp(&b.0))
+                });
+            }
+            merged
+                .into_iter()
+                .skip(range.start)
+                .take(end - range.start)
+                .collect()
+        } else {
+            store
+                .peek(&layout.partitions[0], which, range.start, end - 1)
+                .await?
+        };
         Ok(rows
             .into_iter()
             .filter_map(|(id, score, body)| {
@@ -947,9 +1153,18 @@ impl Client {
     /// Moves one dead letter back to the queue with a fresh set of retries.
     /// [`Error::NotFound`] when `topic` has no dead letter with that id.
     pub async fn reprocess_dead_letter(&self, topic: &str, id: &MessageId) -> Result<()> {
-        let keys = self.keys(topic)?;
-        let done = self.inner.store.reprocess(&keys, &[id.as_str()]).await?;
-        if done.first().copied().unwrap_or(false) {
+        let store = &self.inner.store;
+        let done = self
+            .each_partition(topic, |keys| async move {
+                Ok(store
+                    .reprocess(&keys, &[id.as_str()])
+                    .await?
+                    .first()
+                    .copied()
+                    .unwrap_or(false))
+            })
+            .await?;
+        if done.contains(&true) {
             Ok(())
         } else {
             Err(self.no_dead_letter(topic, id))
@@ -957,11 +1172,20 @@ impl Client {
     }
 
     /// Moves every dead letter of `topic` back to the queue (oldest first, 1,000 per
-    /// script call); returns how many. Bounded by the dead letters there were when it
+    /// script call; a partitioned topic one partition after another, not atomically
+    /// across them); returns how many. Bounded by the dead letters there were when it
     /// started: ones that die again meanwhile are not chased.
     pub async fn reprocess_all_dead_letters(&self, topic: &str) -> Result<u64> {
-        let keys = self.keys(topic)?;
-        let at_start = self.inner.store.stats(&keys).await?.dead;
+        let layout = self.layout(topic).await?;
+        let mut total = 0;
+        for keys in &layout.partitions {
+            total += self.reprocess_all_in(keys).await?;
+        }
+        Ok(total)
+    }
+
+    async fn reprocess_all_in(&self, keys: &TopicKeys) -> Result<u64> {
+        let at_start = self.inner.store.stats(keys).await?.dead;
         let (mut requeued, mut skipped) = (0u64, 0u64);
         while requeued + skipped < at_start {
             // Entries that can't be requeued (no body) stay at the front: step past them.
@@ -969,13 +1193,13 @@ impl Client {
             let page = self
                 .inner
                 .store
-                .peek(&keys, PeekState::Dead, from, from + MAX_PER_CALL - 1)
+                .peek(keys, PeekState::Dead, from, from + MAX_PER_CALL - 1)
                 .await?;
             if page.is_empty() {
                 break;
             }
             let ids: Vec<&str> = page.iter().map(|(id, _, _)| id.as_str()).collect();
-            let done = self.inner.store.reprocess(&keys, &ids).await?;
+            let done = self.inner.store.reprocess(keys, &ids).await?;
             let n = done.iter().filter(|d| **d).count() as u64;
             requeued += n;
             skipped += done.len() as u64 - n;
@@ -985,28 +1209,38 @@ impl Client {
 
     /// Deletes one dead letter for good. [`Error::NotFound`] when there is none with that id.
     pub async fn delete_dead_letter(&self, topic: &str, id: &MessageId) -> Result<()> {
-        let keys = self.keys(topic)?;
-        let gone = self.inner.store.drop_dead(&keys, &[id.as_str()], 0).await?;
-        if gone.is_empty() {
-            Err(self.no_dead_letter(topic, id))
-        } else {
+        let store = &self.inner.store;
+        let gone = self
+            .each_partition(topic, |keys| async move {
+                Ok(!store.drop_dead(&keys, &[id.as_str()], 0).await?.is_empty())
+            })
+            .await?;
+        if gone.contains(&true) {
             Ok(())
+        } else {
+            Err(self.no_dead_letter(topic, id))
         }
     }
 
-    /// Deletes every dead letter of `topic` for good (1,000 per script call); returns how
-    /// many. The other states are untouched.
+    /// Deletes every dead letter of `topic` for good (1,000 per script call; a partitioned
+    /// topic one partition after another); returns how many. The other states are
+    /// untouched.
     pub async fn purge_dead_letters(&self, topic: &str) -> Result<u64> {
-        let keys = self.keys(topic)?;
-        // Bounded by what was there at the start: messages dying meanwhile don't keep it going.
-        let at_start = self.inner.store.stats(&keys).await?.dead;
+        let layout = self.layout(topic).await?;
         let mut total = 0;
-        while total < at_start {
-            let gone = self.inner.store.drop_dead(&keys, &[], MAX_PER_CALL).await?;
-            if gone.is_empty() {
-                break;
+        for keys in &layout.partitions {
+            // Bounded by what was there at the start: messages dying meanwhile don't keep
+            // it going.
+            let at_start = self.inner.store.stats(keys).await?.dead;
+            let mut here = 0;
+            while here < at_start {
+                let gone = self.inner.store.drop_dead(keys, &[], MAX_PER_CALL).await?;
+                if gone.is_empty() {
+                    break;
+                }
+                here += gone.len() as u64;
             }
-            total += gone.len() as u64;
+            total += here;
         }
         Ok(total)
     }
@@ -1023,57 +1257,77 @@ impl Client {
     /// the unique keys its messages hold and its processed ledger, and returns how many
     /// messages there were per state. Counters and the topic's registration stay; running
     /// workers go on with what is published next (their outcomes for purged messages are
-    /// refused).
+    /// refused). A partitioned topic is purged one partition after another, not
+    /// atomically across them.
     pub async fn purge_queue(&self, topic: &str) -> Result<Purged> {
-        let keys = self.keys(topic)?;
-        let (pending, active, delayed, dead) = self.inner.store.purge(&keys).await?;
-        Ok(Purged {
-            pending,
-            active,
-            delayed,
-            dead,
-        })
+        let layout = self.layout(topic).await?;
+        let mut total = Purged::default();
+        for keys in &layout.partitions {
+            let (pending, active, delayed, dead) = self.inner.store.purge(keys).await?;
+            total.pending += pending;
+            total.active += active;
+            total.delayed += delayed;
+            total.dead += dead;
+        }
+        Ok(total)
     }
 
     /// Cancels a message that has not started: a delayed one (e.g. the payment check of
     /// an order that was paid) or a pending one. Returns the state it was removed from.
     /// [`Error::NotCancellable`] when a handler is running it (or it is dead);
     /// [`Error::NotFound`] when it does not exist (already processed, or never published).
+    /// On a partitioned topic every partition is asked at once.
     pub async fn cancel(&self, topic: &str, id: &MessageId) -> Result<Cancelled> {
-        let keys = self.keys(topic)?;
+        let store = &self.inner.store;
+        let states = self
+            .each_partition(topic, |keys| async move {
+                store.cancel(&keys, id.as_str()).await
+            })
+            .await?;
         let not = |state, hint| Error::NotCancellable {
             topic: topic.to_owned(),
             id: id.to_string(),
             state,
             hint,
         };
-        match self.inner.store.cancel(&keys, id.as_str()).await? {
-            CancelState::Delayed => Ok(Cancelled::Delayed),
-            CancelState::Pending => Ok(Cancelled::Pending),
-            CancelState::Active => Err(not(
+        let found = |s: CancelState| states.contains(&s);
+        if found(CancelState::Delayed) {
+            Ok(Cancelled::Delayed)
+        } else if found(CancelState::Pending) {
+            Ok(Cancelled::Pending)
+        } else if found(CancelState::Active) {
+            Err(not(
                 "active",
                 " (a handler is running it; make the handler check whether its work is still wanted)",
-            )),
-            CancelState::Dead => Err(not("dead", " (it is in the dead-letter queue already)")),
-            CancelState::Missing => Err(Error::NotFound {
+            ))
+        } else if found(CancelState::Dead) {
+            Err(not("dead", " (it is in the dead-letter queue already)"))
+        } else {
+            Err(Error::NotFound {
                 topic: topic.to_owned(),
                 id: id.to_string(),
                 what: "waiting message",
-            }),
+            })
         }
     }
 
     /// Pauses a topic: publishing still works, but workers in every process stop taking
     /// its messages (running handlers finish). Takes effect at each worker's next fetch.
+    /// A partitioned topic is paused partition by partition.
     pub async fn pause(&self, topic: &str) -> Result<()> {
-        let keys = self.keys(topic)?;
-        self.inner.store.pause(&keys).await
+        let store = &self.inner.store;
+        self.each_partition(topic, |keys| async move { store.pause(&keys).await })
+            .await?;
+        Ok(())
     }
 
     /// Resumes a paused topic and wakes its workers. Returns whether it was paused.
     pub async fn resume(&self, topic: &str) -> Result<bool> {
-        let keys = self.keys(topic)?;
-        self.inner.store.resume(&keys).await
+        let store = &self.inner.store;
+        let was = self
+            .each_partition(topic, |keys| async move { store.resume(&keys).await })
+            .await?;
+        Ok(was.contains(&true))
     }
 
     /// Settings of the Redis server that put messages at risk: an eviction policy other
@@ -1138,15 +1392,22 @@ impl Client {
     /// oldest first, one entry per minute (zeros included), counted by the scripts
     /// themselves (every process sees the same numbers).
     pub async fn throughput(&self, topic: &str) -> Result<Vec<MinuteCounts>> {
-        let keys = self.keys(topic)?;
-        let (now_ms, slots) = self.inner.store.minutes(&keys).await?;
+        let store = &self.inner.store;
+        let rings = self
+            .each_partition(topic, |keys| async move { store.minutes(&keys).await })
+            .await?;
+        let now_ms = rings.iter().map(|(now, _)| *now).max().unwrap_or(0);
         let this_minute = now_ms.div_euclid(60_000);
         Ok((this_minute - 59..=this_minute)
             .map(|minute| {
-                let (published, processed, failed) = slots
-                    .iter()
-                    .find(|s| s.0 == minute)
-                    .map_or((0, 0, 0), |s| (s.1, s.2, s.3));
+                let (mut published, mut processed, mut failed) = (0, 0, 0);
+                for (_, slots) in &rings {
+                    if let Some(s) = slots.iter().find(|s| s.0 == minute) {
+                        published += s.1;
+                        processed += s.2;
+                        failed += s.3;
+                    }
+                }
                 MinuteCounts {
                     minute: from_millis((minute * 60_000) as f64),
                     published,

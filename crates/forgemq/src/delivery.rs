@@ -155,20 +155,43 @@ impl Client {
         n: usize,
         lease: Duration,
     ) -> Result<Vec<Delivery>> {
-        let keys = self.keys(topic)?;
+        let layout = self.layout(topic).await?;
         if n == 0 {
             return Ok(Vec::new());
         }
         if lease < Duration::from_millis(1) {
             return Err(Error::Config("lease must be at least 1ms".into()));
         }
+        let n = n.min(crate::store::MAX_PER_CALL);
+        // The partitions of a partitioned topic take turns at being asked first.
+        let parts = layout.partitions.len();
+        let start = self
+            .inner
+            .pop_turn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut out = Vec::new();
+        for i in 0..parts {
+            if out.len() >= n {
+                break;
+            }
+            let keys = &layout.partitions[(start + i) % parts];
+            out.extend(self.pop_from(keys, topic, n - out.len(), lease).await?);
+        }
+        Ok(out)
+    }
+
+    async fn pop_from(
+        &self,
+        keys: &TopicKeys,
+        topic: &str,
+        n: usize,
+        lease: Duration,
+    ) -> Result<Vec<Delivery>> {
         let store = self.store();
         // Without a worker on this topic nobody else returns expired leases.
-        store
-            .recover(&keys, self.inner.max_recoveries, 1000)
-            .await?;
+        store.recover(keys, self.inner.max_recoveries, 1000).await?;
         let token = crate::worker::random_token();
-        let fetched = store.fetch(&keys, n, lease, &token, false, false).await?;
+        let fetched = store.fetch(keys, n, lease, &token, false, false).await?;
         let mut out = Vec::with_capacity(fetched.messages.len());
         for m in fetched.messages {
             let limit = crate::message::stored_limit(self.max_payload());
@@ -182,7 +205,7 @@ impl Client {
                 };
                 store
                     .settle(
-                        &keys,
+                        keys,
                         &[(&token, m.id.as_bytes(), &op)],
                         Duration::ZERO,
                         &SettleCall::new(),
@@ -225,7 +248,7 @@ impl Client {
                     );
                     store
                         .settle(
-                            &keys,
+                            keys,
                             &[(&token, m.id.as_bytes(), &op)],
                             Duration::ZERO,
                             &SettleCall::new(),

@@ -44,6 +44,41 @@ fn check_name(name: &str) -> std::result::Result<(), &'static str> {
     Ok(())
 }
 
+/// Most partitions a topic may have.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// The hash tag of partition `p` of a topic of `n` partitions: `T#p`, or `T#p.k` with the
+/// smallest `k` that puts the tag's slot into the `p`-th of `n` equal ranges of the 16,384
+/// cluster slots. So the partitions spread evenly over the slot space, and therefore over
+/// the masters of a cluster whose masters own equal slot ranges (naive tags `T#0`… fall
+/// anywhere: 3 of them land on 3 different masters only 2 times in 9). The same topic,
+/// partition and count always give the same tag, in every client.
+pub(crate) fn partition_tag(topic: &str, p: u32, n: u32) -> String {
+    let slots = u32::from(crate::conn::SLOTS);
+    let (lo, hi) = (p * slots / n, (p + 1) * slots / n);
+    let base = format!("{topic}#{p}");
+    if (lo..hi).contains(&u32::from(crate::conn::slot(base.as_bytes()))) {
+        return base;
+    }
+    // Each try lands in the range with probability 1/n: a few thousand tries at most.
+    (1..)
+        .map(|k| format!("{base}.{k}"))
+        .find(|tag| (lo..hi).contains(&u32::from(crate::conn::slot(tag.as_bytes()))))
+        .unwrap_or(base)
+}
+
+/// Which partition of `n` a message with this key goes to: FNV-1a (64 bits) of the key's
+/// bytes, modulo `n`. A key always maps to the same partition, so a retried publish (same
+/// id) and the messages of one partition key stay together.
+pub(crate) fn partition_of(key: &str, n: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % u64::from(n.max(1))) as u32
+}
+
 /// Key names of one namespace.
 #[derive(Debug, Clone)]
 pub(crate) struct Namespace {
@@ -67,10 +102,27 @@ impl Namespace {
 
     /// Key names of one topic. The topic must have been validated.
     pub(crate) fn topic(&self, topic: &str) -> TopicKeys {
-        let p = format!("{}:{{{}}}:", self.ns, topic);
+        self.keys_under(topic, topic, None)
+    }
+
+    /// Key names of partition `p` of a topic of `n` partitions, under their own hash tag
+    /// (see [`partition_tag`]).
+    pub(crate) fn partition(&self, topic: &str, p: u32, n: u32) -> TopicKeys {
+        self.keys_under(topic, &partition_tag(topic, p, n), Some(p))
+    }
+
+    /// The key of a topic's layout (its partition count), in the plain topic's slot.
+    pub(crate) fn meta(&self, topic: &str) -> String {
+        format!("{}:{{{}}}:meta", self.ns, topic)
+    }
+
+    fn keys_under(&self, topic: &str, tag: &str, partition: Option<u32>) -> TopicKeys {
+        let p = format!("{}:{{{}}}:", self.ns, tag);
         let k = |s: &str| format!("{p}{s}");
         TopicKeys {
             topic: topic.to_owned(),
+            partition,
+            meta: k("meta"),
             pending: k("pending"),
             msg: k("msg"),
             active: k("active"),
@@ -95,6 +147,11 @@ impl Namespace {
 #[derive(Debug, Clone)]
 pub(crate) struct TopicKeys {
     pub(crate) topic: String,
+    /// Which partition of a partitioned topic these keys are; `None` for a plain topic.
+    pub(crate) partition: Option<u32>,
+    /// HASH: the topic's layout (`partitions`), and `frozen` while it is being changed.
+    /// A partition keeps its own copy, in its own slot, for its scripts to check.
+    pub(crate) meta: String,
     /// LIST of ids ready to run, oldest at the head.
     pub(crate) pending: String,
     /// HASH id → envelope JSON, the only copy of each body.
@@ -158,6 +215,30 @@ mod tests {
         for bad in ["", "a{b}", "a b", "é", "a#1", "a\n", &"a".repeat(201)] {
             assert!(validate_topic(bad).is_err(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn partition_tags_spread_over_the_slot_space() {
+        for n in [2u32, 3, 12, 64] {
+            for p in 0..n {
+                let tag = partition_tag("hot.orders", p, n);
+                let slot = u32::from(crate::conn::slot(tag.as_bytes()));
+                assert!(
+                    slot >= p * 16384 / n && slot < (p + 1) * 16384 / n,
+                    "{tag}: slot {slot}"
+                );
+                assert!(tag.starts_with(&format!("hot.orders#{p}")));
+            }
+        }
+        let k = Namespace::new("mq").unwrap().partition("t", 1, 2);
+        assert_eq!(k.topic, "t");
+        assert_eq!(k.partition, Some(1));
+        assert!(k.pending.starts_with("mq:{t#1"), "{}", k.pending);
+        assert_eq!(partition_of("order-42", 12), partition_of("order-42", 12));
+        let spread: std::collections::HashSet<u32> = (0..1000)
+            .map(|i| partition_of(&format!("k{i}"), 12))
+            .collect();
+        assert_eq!(spread.len(), 12);
     }
 
     #[test]

@@ -43,6 +43,7 @@ mod keys;
 pub mod message;
 mod scripts;
 mod store;
+pub mod topic;
 pub mod worker;
 
 /// Entry points for the fuzz targets in `fuzz/` (crate-private parsers made reachable);
@@ -67,8 +68,9 @@ pub use client::{
 pub use delivery::Delivery;
 pub use error::{Error, Result};
 pub use handler::{Backoff, HandlerError};
-pub use keys::validate_topic;
+pub use keys::{validate_topic, MAX_PARTITIONS};
 pub use message::{Message, MessageId};
+pub use topic::{TopicInfo, TopicOptions};
 pub use worker::{
     BatchOptions, BatchOutcome, Priority, Subscription, Worker, WorkerBuilder, DEFAULT_DEDUP_TTL,
 };

@@ -49,11 +49,12 @@ pub(crate) struct Scripts {
     pub(crate) cancel: Lua,
     pub(crate) resume: Lua,
     pub(crate) drop_dead: Lua,
+    pub(crate) layout: Lua,
 }
 
 impl Scripts {
     /// Every script, for loading them all at connect time.
-    pub(crate) fn all(&self) -> [&Lua; 11] {
+    pub(crate) fn all(&self) -> [&Lua; 12] {
         [
             &self.publish,
             &self.fetch,
@@ -66,6 +67,7 @@ impl Scripts {
             &self.reprocess,
             &self.purge,
             &self.drop_dead,
+            &self.layout,
         ]
     }
 
@@ -82,6 +84,7 @@ impl Scripts {
             cancel: script!("cancel.lua"),
             resume: script!("resume.lua"),
             drop_dead: script!("drop_dead.lua"),
+            layout: script!("layout.lua"),
         }
     }
 }

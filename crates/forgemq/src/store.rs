@@ -321,6 +321,33 @@ impl Store {
         }
     }
 
+    /// The partition count stored in a layout key (1 when absent: a plain topic).
+    pub(crate) async fn partitions(&self, meta: &str) -> Result<u32> {
+        let get = redis::cmd("HGET").arg(meta).arg("partitions").to_owned();
+        let n: Option<u32> = self.cmd(&get, meta).await?;
+        Ok(n.unwrap_or(1).max(1))
+    }
+
+    /// One step of changing a topic's layout (see `lua/layout.lua`): `freeze` returns the
+    /// messages stored under `keys`.
+    pub(crate) async fn layout(&self, keys: &TopicKeys, op: &str, partitions: u32) -> Result<u64> {
+        let script = &self.scripts.layout;
+        let mut call = Self::evalsha(
+            script,
+            &[
+                &keys.meta,
+                &keys.pending,
+                &keys.cancelled,
+                &keys.active,
+                &keys.delayed,
+                &keys.dead,
+            ],
+        );
+        call.arg(op).arg(partitions);
+        let n: i64 = self.run(script, &call).await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Adds `topic` to the namespace's topic registry (`mq:topics`).
     pub(crate) async fn register_topic(&self, topic: &str) -> Result<()> {
         let key = self.ns.topics();
@@ -332,7 +359,8 @@ impl Store {
     pub(crate) async fn publish(
         &self,
         keys: &TopicKeys,
-        items: &[PublishItem],
+        partitions: u32,
+        items: &[&PublishItem],
     ) -> Result<Vec<Written>> {
         let script = &self.scripts.publish;
         let mut key_names: Vec<String> = vec![
@@ -344,6 +372,7 @@ impl Store {
             keys.processed.clone(),
             keys.minutes.clone(),
             keys.uniq.clone(),
+            keys.meta.clone(),
         ];
         // Per message: id, body, options ('' for the common case; see publish.lua).
         let mut options: Vec<String> = Vec::with_capacity(items.len());
@@ -364,6 +393,7 @@ impl Store {
         }
         let refs: Vec<&str> = key_names.iter().map(String::as_str).collect();
         let mut call = Self::evalsha(script, &refs);
+        call.arg(partitions);
         for (item, options) in items.iter().zip(&options) {
             call.arg(&item.id).arg(&item.body).arg(options);
         }

@@ -22,6 +22,9 @@ const MAX_FETCH: usize = 1000;
 
 pub(crate) struct Group {
     pub(crate) runners: Vec<Arc<Runner>>,
+    /// The runners of each subscribed topic, in the group's order: one for a plain topic,
+    /// one per partition for a partitioned one.
+    pub(crate) tiers: Vec<Vec<usize>>,
     pub(crate) priority: Priority,
     /// Handlers (or batches) running at once across the group's topics.
     pub(crate) concurrency: usize,
@@ -210,7 +213,7 @@ impl Group {
         let slots = Arc::new(Semaphore::new(self.concurrency));
         let mut waiter = Waiter::default();
         let mut backoff = RetryDelay::default();
-        let mut order = Order::new(&self.priority, self.runners.len());
+        let mut order = Order::new(&self.priority, &self.tiers);
         let mut pace = Pace::new(self);
         // Leased and tracked (so renewed, and handed back at shutdown), not started yet.
         let mut buffer: VecDeque<(usize, Tracked)> = VecDeque::new();
@@ -352,10 +355,14 @@ impl Group {
         tasks: &mut JoinSet<()>,
         stop: &mut watch::Receiver<bool>,
     ) {
-        let runner = &self.runners[0];
         let slots = Arc::new(Semaphore::new(self.concurrency));
         let mut waiter = Waiter::default();
         let mut backoff = RetryDelay::default();
+        // The partitions of a partitioned topic take turns: each batch is filled from one
+        // (it is settled in one script call, in that partition's slot), starting with the
+        // one after the previous batch's.
+        let n = self.runners.len();
+        let mut turn = 0usize;
         loop {
             while tasks.try_join_next().is_some() {}
             let Some(mut permits) = acquire(&slots, 1, stop).await else {
@@ -363,14 +370,29 @@ impl Group {
             };
             let Some(permit) = permits.pop() else { return };
             let mut batch: Vec<Tracked> = Vec::new();
+            let mut owner: Option<usize> = None;
             let mut first_at: Option<Instant> = None;
+            let mut empty_in_a_row = 0usize;
+            let mut due = Duration::MAX;
             while !*stop.borrow() && batch.len() < max_size {
+                let index = owner.unwrap_or(turn % n);
+                let runner = &self.runners[index];
                 let token: Arc<str> = random_token().into();
                 match self.fetch(runner, max_size - batch.len(), &token).await {
                     Ok(f) => {
                         backoff.reset();
-                        let mut wait = self.idle_wait().min(until_due(&f));
+                        due = due.min(until_due(&f));
+                        if f.messages.is_empty() && owner.is_none() {
+                            // Nothing here: ask the next partition before waiting.
+                            turn += 1;
+                            empty_in_a_row += 1;
+                            if empty_in_a_row < n {
+                                continue;
+                            }
+                        }
+                        empty_in_a_row = 0;
                         if !f.messages.is_empty() {
+                            owner.get_or_insert(index);
                             first_at.get_or_insert_with(Instant::now);
                         }
                         // Tracked at once: their leases are renewed while the batch fills.
@@ -378,6 +400,8 @@ impl Group {
                         if batch.len() >= max_size {
                             break;
                         }
+                        let mut wait = self.idle_wait().min(due);
+                        due = Duration::MAX;
                         if let Some(t0) = first_at {
                             let left = max_wait.saturating_sub(t0.elapsed());
                             if left.is_zero() {
@@ -397,8 +421,9 @@ impl Group {
                 // A batch that never reached its handler is handed back at shutdown.
                 return;
             }
-            if !batch.is_empty() {
-                runner.start_batch(batch, permit, tasks);
+            if let Some(index) = owner {
+                turn = index + 1;
+                self.runners[index].start_batch(batch, permit, tasks);
             }
         }
     }
@@ -494,8 +519,10 @@ struct Pace {
 
 impl Pace {
     fn new(group: &Group) -> Self {
-        let cap = match group.runners.as_slice() {
-            [only] => only.sub.prefetch_limit(),
+        // One topic (plain, or the partitions of one): no order between its runners to
+        // keep, so it may hold messages ahead.
+        let cap = match group.tiers.as_slice() {
+            [_] => group.runners[0].sub.prefetch_limit(),
             _ => 0,
         };
         Self { rtt_us: 0.0, cap }
@@ -514,10 +541,17 @@ impl Pace {
         if self.cap == 0 || self.rtt_us == 0.0 {
             return 0;
         }
-        let handler_us = group.runners[0].handler_time_us();
-        if handler_us <= 0.0 {
+        // The partitions of a topic run the same handler: their average.
+        let known: Vec<f64> = group
+            .runners
+            .iter()
+            .map(|r| r.handler_time_us())
+            .filter(|t| *t > 0.0)
+            .collect();
+        if known.is_empty() {
             return 0;
         }
+        let handler_us = known.iter().sum::<f64>() / known.len() as f64;
         let per_round_trip = group.concurrency as f64 * self.rtt_us / handler_us;
         // Rounded down: handlers that take longer than a round trip hold nothing ahead.
         ((2.0 * per_round_trip).floor() as usize).min(self.cap)
@@ -531,17 +565,23 @@ async fn pause(delay: Duration, stop: &mut watch::Receiver<bool>) {
     }
 }
 
-/// The order in which a group's topics are asked for work on each fetch.
+/// The order in which a group's runners are asked for work on each fetch: topics in the
+/// group's priority order (strict, or the first one by weight), and within a partitioned
+/// topic its partitions in turn, starting one further each time, so that none is starved.
 struct Order {
+    tiers: Vec<Vec<usize>>,
     /// Strict: always 0, 1, 2, … Weighted: smooth weighted round-robin (as nginx) picks
     /// the first; the others follow by weight, so an empty topic never idles a slot.
     weights: Option<Vec<i64>>,
     current: Vec<i64>,
     by_weight: Vec<usize>,
+    /// Where each tier's rotation starts next.
+    start: Vec<usize>,
 }
 
 impl Order {
-    fn new(priority: &Priority, n: usize) -> Self {
+    fn new(priority: &Priority, tiers: &[Vec<usize>]) -> Self {
+        let n = tiers.len();
         let weights = match priority {
             Priority::Strict => None,
             Priority::Weighted(w) => Some(w.iter().map(|&x| i64::from(x)).collect::<Vec<_>>()),
@@ -551,13 +591,27 @@ impl Order {
             by_weight.sort_by_key(|&i| std::cmp::Reverse(w[i]));
         }
         Self {
+            tiers: tiers.to_vec(),
             weights,
             current: vec![0; n],
             by_weight,
+            start: vec![0; n],
         }
     }
 
+    /// The runners to ask, in order.
     fn next(&mut self) -> Vec<usize> {
+        let mut out = Vec::new();
+        for tier in self.tier_order() {
+            let members = &self.tiers[tier];
+            let start = self.start[tier] % members.len().max(1);
+            self.start[tier] = start + 1;
+            out.extend(members[start..].iter().chain(&members[..start]).copied());
+        }
+        out
+    }
+
+    fn tier_order(&mut self) -> Vec<usize> {
         let Some(weights) = &self.weights else {
             return (0..self.current.len()).collect();
         };
@@ -581,14 +635,19 @@ mod tests {
 
     #[test]
     fn weighted_order_picks_first_in_proportion() {
-        let mut order = Order::new(&Priority::Weighted(vec![3, 1]), 2);
+        let mut order = Order::new(&Priority::Weighted(vec![3, 1]), &[vec![0], vec![1]]);
         let firsts: Vec<usize> = (0..8).map(|_| order.next()[0]).collect();
         assert_eq!(firsts.iter().filter(|&&i| i == 0).count(), 6);
         assert!(
             order.next().len() == 2,
             "every topic is asked, the chosen one first"
         );
-        let mut strict = Order::new(&Priority::Strict, 3);
+        let mut strict = Order::new(&Priority::Strict, &[vec![0], vec![1], vec![2]]);
         assert_eq!(strict.next(), vec![0, 1, 2]);
+        // Partitions of one topic take turns at being asked first.
+        let mut parts = Order::new(&Priority::Strict, &[vec![0, 1, 2], vec![3]]);
+        assert_eq!(parts.next(), vec![0, 1, 2, 3]);
+        assert_eq!(parts.next(), vec![1, 2, 0, 3]);
+        assert_eq!(parts.next(), vec![2, 0, 1, 3]);
     }
 }

@@ -28,7 +28,7 @@ use crate::keys::{validate_topic, TopicKeys};
 use crate::message::Message;
 use group::Group;
 pub(crate) use runner::{failure_op, random_token};
-use runner::{ErasedBatchHandler, ErasedHandler, HandlerKind, Runner, Verdict};
+use runner::{ErasedBatchHandler, ErasedHandler, HandlerKind, RetryDelay, Runner, Verdict};
 
 /// Most messages held leased ahead of free slots: one fetch's worth.
 const MAX_PREFETCH: usize = 1000;
@@ -694,56 +694,31 @@ impl Worker {
             Err(e) => tracing::warn!(error = %e, "could not read the Redis configuration"),
         }
 
-        let mut topics: Vec<TopicKeys> = Vec::new();
-        let mut runners: Vec<(String, Arc<Runner>, usize)> = Vec::new();
-        for spec in self.subs {
-            let keys = self.client.keys(&spec.topic)?;
-            topics.push(keys.clone());
-            let concurrency = spec.sub.concurrency;
-            let runner = Runner::new(
-                self.client.clone(),
-                keys,
-                spec.sub,
-                spec.handler,
-                self.settings.clone(),
-            );
-            runners.push((spec.topic, runner, concurrency));
-        }
-        let mut groups = Vec::new();
+        // The groups: each priority group, then every other subscription on its own.
+        let mut subs = self.subs;
+        let mut specs: Vec<(Vec<SubSpec>, Priority)> = Vec::new();
         for (members, priority) in self.groups {
-            let mut group = Group {
-                runners: Vec::new(),
-                priority,
-                concurrency: 0,
-            };
+            let mut group = Vec::new();
             for m in &members {
-                if let Some(pos) = runners.iter().position(|(t, _, _)| t == m) {
-                    let (_, runner, concurrency) = runners.remove(pos);
-                    group.runners.push(runner);
-                    group.concurrency += concurrency;
+                if let Some(pos) = subs.iter().position(|s| &s.topic == m) {
+                    group.push(subs.remove(pos));
                 }
             }
-            groups.push(group);
+            specs.push((group, priority));
         }
-        for (_, runner, concurrency) in runners {
-            groups.push(Group {
-                runners: vec![runner],
-                priority: Priority::Strict,
-                concurrency,
-            });
-        }
+        specs.extend(subs.into_iter().map(|s| (vec![s], Priority::Strict)));
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut running = JoinSet::new();
-        for group in groups {
-            running.spawn(group.run(stop_rx.clone()));
+        for (members, priority) in specs {
+            running.spawn(supervise(
+                self.client.clone(),
+                members,
+                priority,
+                self.settings.clone(),
+                stop_rx.clone(),
+            ));
         }
-        let recoverer = tokio::spawn(recover_loop(
-            self.client.clone(),
-            topics,
-            self.settings.clone(),
-            stop_rx,
-        ));
 
         shutdown.await;
         tracing::info!("shutting down: no new fetches, waiting for in-flight handlers");
@@ -753,9 +728,109 @@ impl Worker {
                 tracing::error!(error = %e, "a subscription task failed");
             }
         }
-        recoverer.abort();
         Ok(())
     }
+}
+
+/// Runs one group of subscriptions on the current layout of its topics (a runner per
+/// partition), with its recoverer, until told to stop. Every recover interval it reads the
+/// layouts again: when a topic's partition count changed, the group stops (handing its
+/// work back as at shutdown) and starts again on the new layout.
+async fn supervise(
+    client: Client,
+    members: Vec<SubSpec>,
+    priority: Priority,
+    settings: Settings,
+    mut stop: watch::Receiver<bool>,
+) {
+    let topics: Vec<String> = members.iter().map(|m| m.topic.clone()).collect();
+    let mut backoff = RetryDelay::default();
+    loop {
+        let layouts = loop {
+            if *stop.borrow() {
+                return;
+            }
+            match read_layouts(&client, &topics).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    tracing::warn!(topics = ?topics, error = %e, "could not read the topics' layout; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff.next()) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            }
+        };
+        backoff.reset();
+        let mut runners = Vec::new();
+        let mut tiers = Vec::new();
+        let mut all_keys = Vec::new();
+        let mut concurrency = 0;
+        for (m, layout) in members.iter().zip(&layouts) {
+            let mut tier = Vec::new();
+            for keys in layout {
+                tier.push(runners.len());
+                all_keys.push(keys.clone());
+                runners.push(Runner::new(
+                    client.clone(),
+                    keys.clone(),
+                    m.sub.clone(),
+                    m.handler.clone(),
+                    settings.clone(),
+                ));
+            }
+            tiers.push(tier);
+            concurrency += m.sub.concurrency;
+        }
+        let group = Group {
+            runners,
+            tiers,
+            priority: priority.clone(),
+            concurrency,
+        };
+        let (group_stop, group_stop_rx) = watch::channel(false);
+        let run = tokio::spawn(group.run(group_stop_rx.clone()));
+        let recover = tokio::spawn(recover_loop(
+            client.clone(),
+            all_keys,
+            settings.clone(),
+            group_stop_rx,
+        ));
+        let shape = |l: &[Vec<TopicKeys>]| l.iter().map(Vec::len).collect::<Vec<_>>();
+        let changed = loop {
+            if *stop.borrow() {
+                break false;
+            }
+            tokio::select! {
+                _ = stop.changed() => break false,
+                () = tokio::time::sleep(settings.recover_interval) => {
+                    if let Ok(now) = read_layouts(&client, &topics).await {
+                        if shape(&now) != shape(&layouts) {
+                            break true;
+                        }
+                    }
+                }
+            }
+        };
+        let _ = group_stop.send(true);
+        if let Err(e) = run.await {
+            tracing::error!(error = %e, "a subscription task failed");
+        }
+        recover.abort();
+        if !changed {
+            return;
+        }
+        tracing::warn!(topics = ?topics, "the partition count of a topic changed; consuming its new layout");
+    }
+}
+
+/// The keys of every partition of each topic (one set for a plain topic), read fresh.
+async fn read_layouts(client: &Client, topics: &[String]) -> Result<Vec<Vec<TopicKeys>>> {
+    let mut out = Vec::with_capacity(topics.len());
+    for t in topics {
+        out.push(client.fresh_layout(t).await?.partitions.clone());
+    }
+    Ok(out)
 }
 
 /// Runs the recoverer for `topics` every interval until stopped.

@@ -34,6 +34,7 @@ pub(crate) type ErasedBatchHandler = Arc<dyn Fn(Vec<Message<Value>>) -> BatchFut
 const MAX_SETTLE_BATCH: usize = 1000;
 
 /// How a topic's messages are handled.
+#[derive(Clone)]
 pub(crate) enum HandlerKind {
     Single(ErasedHandler),
     Batch(ErasedBatchHandler, BatchOptions),

@@ -16,6 +16,7 @@ mod features;
 mod hardening;
 mod hostile;
 mod inspect;
+mod partitions;
 mod publish;
 mod regressions;
 mod scaleout;
