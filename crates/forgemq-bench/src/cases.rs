@@ -6,8 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use forgemq::{Client, HandlerError, Message, PublishOptions, Subscription, Worker};
-use forgemq_test_support::RedisServer;
+use forgemq::{
+    Client, HandlerError, Message, PublishOptions, Subscription, TopicOptions, Worker,
+};
+use forgemq_test_support::{RedisServer, TestCluster};
 use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -36,19 +38,62 @@ pub(crate) fn payload(i: u64) -> Value {
 /// Where the benchmark runs and what it has written.
 pub(crate) struct Bench {
     url: String,
-    /// The private redis-server, when no `--redis` was given; killed on drop.
+    /// The private redis-server, when neither `--redis` nor `--cluster` was given.
     server: Option<RedisServer>,
-    admin: MultiplexedConnection,
+    /// The private cluster of `--cluster N`.
+    cluster: Option<TestCluster>,
+    /// Key-routed commands (the ceiling's list, clean-up).
+    admin: Admin,
+    /// One connection per master, for `INFO` (commands, CPU, memory), labelled host:port.
+    masters: Vec<(String, MultiplexedConnection)>,
     smoke: bool,
     /// Namespaces and topics written since the last [`Bench::clean`].
     written: Mutex<Vec<(String, String)>>,
 }
 
+/// A connection that sends each command to the node of its key.
+#[derive(Clone)]
+enum Admin {
+    Single(MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Admin {
+    async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> anyhow::Result<T> {
+        Ok(match self {
+            Admin::Single(c) => cmd.query_async(c).await?,
+            Admin::Cluster(c) => cmd.query_async(c).await?,
+        })
+    }
+
+    async fn pipe<T: redis::FromRedisValue>(
+        &mut self,
+        pipe: &redis::Pipeline,
+    ) -> anyhow::Result<T> {
+        Ok(match self {
+            Admin::Single(c) => pipe.query_async(c).await?,
+            Admin::Cluster(c) => pipe.query_async(c).await?,
+        })
+    }
+}
+
 impl Bench {
-    pub(crate) async fn start(redis: Option<String>, smoke: bool) -> anyhow::Result<Self> {
-        let (url, server) = match redis {
-            Some(url) => (url, None),
-            None => {
+    /// Runs against `redis`, or a private cluster of `cluster` masters, or a private
+    /// redis-server.
+    pub(crate) async fn start(
+        redis: Option<String>,
+        cluster: Option<usize>,
+        smoke: bool,
+    ) -> anyhow::Result<Self> {
+        let (url, server, private_cluster) = match (redis, cluster) {
+            (Some(url), _) => (url, None, None),
+            (None, Some(masters)) => {
+                let c = std::panic::catch_unwind(|| TestCluster::start(masters, 0)).map_err(
+                    |_| anyhow::anyhow!("could not start a private Redis Cluster of {masters} masters"),
+                )?;
+                (c.url(), None, Some(c))
+            }
+            (None, None) => {
                 // A panic inside the support crate (no redis-server on PATH) becomes an
                 // error with the fix in it.
                 let server = std::panic::catch_unwind(RedisServer::start).map_err(|_| {
@@ -56,18 +101,49 @@ impl Bench {
                         "could not start a private redis-server; install one (scripts/ensure-redis.sh) or pass --redis URL"
                     )
                 })?;
-                (server.url(), Some(server))
+                (server.url(), Some(server), None)
             }
         };
-        let admin = redis::Client::open(url.as_str())
-            .with_context(|| format!("bad Redis URL {url}"))?
-            .get_multiplexed_async_connection()
-            .await
-            .with_context(|| format!("cannot connect to {url}"))?;
+        let (admin, masters) = if let Some(seeds) = url
+            .strip_prefix("redis+cluster://")
+            .or_else(|| url.strip_prefix("rediss+cluster://"))
+        {
+            let nodes: Vec<String> = seeds.split(',').map(|h| format!("redis://{h}/")).collect();
+            let client = redis::cluster::ClusterClient::new(nodes.clone())
+                .with_context(|| format!("bad cluster URL {url}"))?;
+            let conn = client
+                .get_async_connection()
+                .await
+                .with_context(|| format!("cannot connect to {url}"))?;
+            // The masters, from the first seed's view of the cluster.
+            let first = redis::Client::open(nodes[0].as_str())?;
+            let mut c = first.get_multiplexed_async_connection().await?;
+            let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut c).await?;
+            let mut masters = Vec::new();
+            for line in text.lines().filter(|l| l.contains("master") && !l.contains("fail")) {
+                let addr = line.split(' ').nth(1).unwrap_or_default();
+                let addr = addr.split('@').next().unwrap_or_default().to_owned();
+                let conn = redis::Client::open(format!("redis://{addr}/"))?
+                    .get_multiplexed_async_connection()
+                    .await?;
+                masters.push((addr, conn));
+            }
+            masters.sort_by(|a, b| a.0.cmp(&b.0));
+            (Admin::Cluster(conn), masters)
+        } else {
+            let conn = redis::Client::open(url.as_str())
+                .with_context(|| format!("bad Redis URL {url}"))?
+                .get_multiplexed_async_connection()
+                .await
+                .with_context(|| format!("cannot connect to {url}"))?;
+            (Admin::Single(conn.clone()), vec![("redis".to_owned(), conn)])
+        };
         Ok(Self {
             url,
             server,
+            cluster: private_cluster,
             admin,
+            masters,
             smoke,
             written: Mutex::new(Vec::new()),
         })
@@ -76,9 +152,13 @@ impl Bench {
     /// One line about where this ran.
     pub(crate) fn describe(&self) -> String {
         let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-        match &self.server {
-            Some(_) => format!("private redis-server (no persistence) on loopback, {cpus} CPUs"),
-            None => format!("{} (given with --redis), {cpus} CPUs", self.url),
+        match (&self.server, &self.cluster) {
+            (Some(_), _) => format!("private redis-server (no persistence) on loopback, {cpus} CPUs"),
+            (_, Some(c)) => format!(
+                "private Redis Cluster of {} masters (no persistence) on loopback, {cpus} CPUs",
+                c.master_count()
+            ),
+            _ => format!("{} (given with --redis), {cpus} CPUs", self.url),
         }
     }
 
@@ -89,7 +169,8 @@ impl Bench {
         Ok(json!({
             "case": "environment",
             "redis_version": info.get("redis_version"),
-            "redis_url": if self.server.is_some() { "private" } else { self.url.as_str() },
+            "redis_url": if self.server.is_some() || self.cluster.is_some() { "private" } else { self.url.as_str() },
+            "masters": self.masters.len(),
             "maxmemory_policy": memory.get("maxmemory_policy"),
             "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
             "runs": runs,
@@ -126,6 +207,7 @@ impl Bench {
                 let window = Some(Duration::from_secs(60));
                 self.process(case, run, self.n(100_000), 50, window).await
             }
+            "partitioned-process" => self.partitioned_process(run).await,
             "stream" => self.stream(run).await,
             "latency" => self.latency(run).await,
             "delayed" => self.delayed(run).await,
@@ -150,86 +232,160 @@ impl Bench {
             .with_context(|| format!("cannot connect to {}", self.url))
     }
 
-    /// Removes what the last run wrote: the whole private server is flushed (so memory
-    /// figures start from the same place); on a given server only the topics it wrote.
+    /// Removes what the last run wrote: a private server or cluster is flushed (so memory
+    /// figures start from the same place); on a given one only the topics it wrote.
     pub(crate) async fn clean(&self) -> anyhow::Result<()> {
         let written = std::mem::take(&mut *self.written.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut admin = self.admin.clone();
-        if self.server.is_some() {
-            redis::cmd("FLUSHALL")
-                .exec_async(&mut admin)
-                .await
-                .context("FLUSHALL")?;
+        if self.server.is_some() || self.cluster.is_some() {
+            for (_, conn) in &self.masters {
+                redis::cmd("FLUSHALL")
+                    .exec_async(&mut conn.clone())
+                    .await
+                    .context("FLUSHALL")?;
+            }
             return Ok(());
         }
+        let mut admin = self.admin.clone();
         for (ns, topic) in written {
             let mq = Client::builder(self.url.clone())
                 .namespace(ns.clone())
                 .build()
                 .await?;
             mq.purge_queue(&topic).await?;
-            redis::cmd("DEL")
-                .arg(format!("{ns}:topics"))
-                .arg(format!("{ns}:{{{topic}}}:stats"))
-                .arg(format!("{ns}:{{{topic}}}:minutes"))
-                .exec_async(&mut admin)
-                .await?;
+            for key in [
+                format!("{ns}:topics"),
+                format!("{ns}:{{{topic}}}:stats"),
+                format!("{ns}:{{{topic}}}:minutes"),
+            ] {
+                admin.query::<()>(redis::cmd("DEL").arg(key)).await?;
+            }
         }
-        redis::cmd("DEL")
-            .arg("bench:ceiling")
-            .exec_async(&mut admin)
-            .await?;
+        admin.query::<()>(redis::cmd("DEL").arg("bench:ceiling")).await?;
         Ok(())
     }
 
-    /// `INFO <section>` as a map.
-    async fn info(&self, section: &str) -> anyhow::Result<HashMap<String, String>> {
+    /// Waits until `n` messages of `topic` were acknowledged; returns how often it looked.
+    /// A plain topic's counter is read directly (cheap enough to look every 2 ms); a
+    /// partitioned topic's through the library's stats, every 20 ms.
+    async fn wait_processed(&self, mq: &Client, topic: &str, n: u64) -> anyhow::Result<u64> {
+        let partitioned = mq.topic_info(topic).await?.partitions > 1;
+        let key = format!("{}:{{{topic}}}:stats", mq.namespace());
         let mut admin = self.admin.clone();
-        let text: String = redis::cmd("INFO")
-            .arg(section)
-            .query_async(&mut admin)
-            .await
-            .with_context(|| format!("INFO {section}"))?;
-        Ok(text
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
-            .collect())
+        let deadline = Instant::now() + CASE_DEADLINE;
+        let mut polls = 0;
+        loop {
+            let processed = if partitioned {
+                mq.stats(topic).await?.processed
+            } else {
+                admin
+                    .query::<Option<u64>>(redis::cmd("HGET").arg(&key).arg("processed"))
+                    .await?
+                    .unwrap_or(0)
+            };
+            polls += 1;
+            if processed >= n {
+                return Ok(polls);
+            }
+            if Instant::now() > deadline {
+                bail!("only {processed} of {n} processed after {CASE_DEADLINE:?}");
+            }
+            tokio::time::sleep(if partitioned { POLL * 10 } else { POLL }).await;
+        }
     }
 
-    /// Calls per command since the server started, from `INFO commandstats`.
+    /// `INFO <section>` of the first master, as a map.
+    async fn info(&self, section: &str) -> anyhow::Result<HashMap<String, String>> {
+        Ok(self.info_all(section).await?.swap_remove(0).1)
+    }
+
+    /// `INFO <section>` of every master, as maps.
+    async fn info_all(
+        &self,
+        section: &str,
+    ) -> anyhow::Result<Vec<(String, HashMap<String, String>)>> {
+        let mut out = Vec::new();
+        for (label, conn) in &self.masters {
+            let text: String = redis::cmd("INFO")
+                .arg(section)
+                .query_async(&mut conn.clone())
+                .await
+                .with_context(|| format!("INFO {section} on {label}"))?;
+            out.push((
+                label.clone(),
+                text.lines()
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+                    .collect(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Calls per command since the servers started, summed over the masters.
     async fn command_calls(&self) -> anyhow::Result<HashMap<String, u64>> {
-        let stats = self.info("commandstats").await?;
-        Ok(stats
+        let mut total = HashMap::new();
+        for (_, calls) in self.command_calls_per_master().await? {
+            for (k, v) in calls {
+                *total.entry(k).or_insert(0) += v;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Calls per command, per master.
+    async fn command_calls_per_master(&self) -> anyhow::Result<Vec<(String, HashMap<String, u64>)>> {
+        Ok(self
+            .info_all("commandstats")
+            .await?
             .into_iter()
-            .filter_map(|(k, v)| {
-                let name = k.strip_prefix("cmdstat_")?;
-                let calls = v.split(',').find_map(|f| f.strip_prefix("calls="))?;
-                Some((name.to_owned(), calls.parse().ok()?))
+            .map(|(label, stats)| {
+                let calls = stats
+                    .into_iter()
+                    .filter_map(|(k, v)| {
+                        let name = k.strip_prefix("cmdstat_")?;
+                        let calls = v.split(',').find_map(|f| f.strip_prefix("calls="))?;
+                        Some((name.to_owned(), calls.parse().ok()?))
+                    })
+                    .collect();
+                (label, calls)
             })
             .collect())
     }
 
-    /// CPU seconds used so far by Redis (`INFO cpu`) and by this process.
+    /// CPU seconds used so far by Redis (`INFO cpu`, every master) and by this process.
     async fn cpu(&self) -> anyhow::Result<Cpu> {
-        let info = self.info("cpu").await?;
-        let get = |k: &str| {
-            info.get(k)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
         Ok(Cpu {
-            redis: get("used_cpu_user") + get("used_cpu_sys"),
+            redis: self.redis_cpu_per_master().await?.iter().sum(),
             client: own_cpu_secs(),
         })
     }
 
+    /// CPU seconds used so far by each master.
+    async fn redis_cpu_per_master(&self) -> anyhow::Result<Vec<f64>> {
+        Ok(self
+            .info_all("cpu")
+            .await?
+            .into_iter()
+            .map(|(_, info)| {
+                let get = |k: &str| {
+                    info.get(k)
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .unwrap_or(0.0)
+                };
+                get("used_cpu_user") + get("used_cpu_sys")
+            })
+            .collect())
+    }
+
     async fn used_memory(&self) -> anyhow::Result<f64> {
-        let memory = self.info("memory").await?;
-        memory
-            .get("used_memory")
-            .and_then(|v| v.parse().ok())
-            .context("INFO memory has no used_memory")
+        let mut total = 0.0;
+        for (label, memory) in self.info_all("memory").await? {
+            total += memory
+                .get("used_memory")
+                .and_then(|v| v.parse::<f64>().ok())
+                .with_context(|| format!("INFO memory of {label} has no used_memory"))?;
+        }
+        Ok(total)
     }
 
     /// Pipelined LPUSH, then RPOP, of the standard payload: what Redis itself does here.
@@ -237,13 +393,14 @@ impl Bench {
         let n = self.n(100_000) as usize;
         let mut conn = self.admin.clone();
         let body = payload(1).to_string();
+        let _ = &mut conn;
         let t0 = Instant::now();
         for start in (0..n).step_by(CHUNK) {
             let mut pipe = redis::pipe();
             for _ in start..(start + CHUNK).min(n) {
                 pipe.cmd("LPUSH").arg("bench:ceiling").arg(&body).ignore();
             }
-            pipe.exec_async(&mut conn).await?;
+            conn.pipe::<()>(&pipe).await?;
         }
         let push = t0.elapsed();
         let t1 = Instant::now();
@@ -253,7 +410,7 @@ impl Bench {
             for _ in start..(start + CHUNK).min(n) {
                 pipe.cmd("RPOP").arg("bench:ceiling");
             }
-            let got: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+            let got: Vec<Option<String>> = conn.pipe(&pipe).await?;
             popped += got.iter().flatten().count();
         }
         let pop = t1.elapsed();
@@ -335,7 +492,7 @@ impl Bench {
         let cpu = self.cpu().await?;
         let t0 = Instant::now();
         let worker = Running::start_with(&mq, topic, concurrency, ledger, |_| {})?;
-        let polls = wait_processed(&self.url, &mq, topic, n).await?;
+        let polls = self.wait_processed(&mq, topic, n).await?;
         let elapsed = t0.elapsed();
         let cpu = self.cpu().await?.since(cpu, elapsed);
         let after = self.command_calls().await?;
@@ -345,16 +502,69 @@ impl Bench {
         figures.extend(cpu);
         if ledger.is_some() {
             let key = format!("bench-{case}-{run}:{{{topic}}}:processed");
-            let bytes: Option<u64> = redis::cmd("MEMORY")
-                .arg("USAGE")
-                .arg(&key)
-                .query_async(&mut self.admin.clone())
+            let bytes: Option<u64> = self
+                .admin
+                .clone()
+                .query(redis::cmd("MEMORY").arg("USAGE").arg(&key))
                 .await?;
             figures.insert(
                 "ledger_bytes_per_msg".to_owned(),
                 bytes.unwrap_or(0) as f64 / n as f64,
             );
         }
+        Ok(figures)
+    }
+
+    /// A plain topic, then a topic of 12 partitions, on the same Redis (on a cluster the
+    /// partitions spread over its masters): `n` prefilled messages each, one worker at
+    /// concurrency 50, timed from its start to the `n`th ack. Per master, its share of the
+    /// Redis commands and CPU seconds of each run.
+    async fn partitioned_process(&self, run: usize) -> anyhow::Result<Figures> {
+        let n = self.n(100_000);
+        let mut figures = Figures::new();
+        let mut rates = Vec::new();
+        for (label, partitions) in [("plain", 1u32), ("partitioned", 12)] {
+            let topic = format!("bench.{label}");
+            let mq = self.client("partitioned-process", run, &topic).await?;
+            if partitions > 1 {
+                mq.create_topic(&topic, TopicOptions::new().partitions(partitions))
+                    .await?;
+            }
+            prefill(&mq, &topic, n).await?;
+            let calls_before = self.command_calls_per_master().await?;
+            let cpu_before = self.redis_cpu_per_master().await?;
+            let t0 = Instant::now();
+            let worker = Running::start(&mq, &topic, 50, |_| {})?;
+            self.wait_processed(&mq, &topic, n).await?;
+            let elapsed = t0.elapsed();
+            let calls_after = self.command_calls_per_master().await?;
+            let cpu_after = self.redis_cpu_per_master().await?;
+            worker.stop().await?;
+            let rate = n as f64 / elapsed.as_secs_f64();
+            rates.push(rate);
+            figures.insert(format!("{label}_msgs_per_sec"), rate);
+            let calls: Vec<f64> = calls_after
+                .iter()
+                .zip(&calls_before)
+                .map(|((_, a), (_, b))| {
+                    a.iter()
+                        .map(|(k, v)| v.saturating_sub(b.get(k).copied().unwrap_or(0)) as f64)
+                        .sum()
+                })
+                .collect();
+            let cpu: Vec<f64> = cpu_after
+                .iter()
+                .zip(&cpu_before)
+                .map(|(a, b)| a - b)
+                .collect();
+            let (calls_total, cpu_total) = (calls.iter().sum::<f64>(), cpu.iter().sum::<f64>());
+            figures.insert(format!("{label}_redis_cpu_secs"), cpu_total);
+            for (i, (c, u)) in calls.iter().zip(&cpu).enumerate() {
+                figures.insert(format!("{label}_m{i}_cmd_share"), c / calls_total.max(1.0));
+                figures.insert(format!("{label}_m{i}_cpu_share"), u / cpu_total.max(1e-9));
+            }
+        }
+        figures.insert("partitioned_vs_plain".to_owned(), rates[1] / rates[0]);
         Ok(figures)
     }
 
@@ -371,7 +581,7 @@ impl Bench {
             tokio::spawn(async move { prefill(&mq, topic, n).await })
         };
         let cpu = self.cpu().await?;
-        wait_processed(&self.url, &mq, topic, n).await?;
+        self.wait_processed(&mq, topic, n).await?;
         let elapsed = t0.elapsed();
         let cpu = self.cpu().await?.since(cpu, elapsed);
         producer.await??;
@@ -552,29 +762,6 @@ async fn expect_pending(mq: &Client, topic: &str, n: u64) -> anyhow::Result<()> 
 /// Waits until the topic's `processed` counter reaches `n`, looking every [`POLL`] on a
 /// connection of its own; returns how many times it looked (those HGETs are not the
 /// worker's commands).
-async fn wait_processed(url: &str, mq: &Client, topic: &str, n: u64) -> anyhow::Result<u64> {
-    let mut conn = redis::Client::open(url)?
-        .get_multiplexed_async_connection()
-        .await?;
-    let key = format!("{}:{{{topic}}}:stats", mq.namespace());
-    let deadline = Instant::now() + CASE_DEADLINE;
-    let mut polls = 0;
-    loop {
-        let processed: Option<u64> = redis::cmd("HGET")
-            .arg(&key)
-            .arg("processed")
-            .query_async(&mut conn)
-            .await?;
-        polls += 1;
-        if processed.unwrap_or(0) >= n {
-            return Ok(polls);
-        }
-        if Instant::now() > deadline {
-            bail!("only {processed:?} of {n} processed after {CASE_DEADLINE:?}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
 
 /// A worker on one topic with a handler that calls `on_start` with the payload's `id`.
 struct Running {

@@ -38,6 +38,7 @@ const CASES: &[&str] = &[
     "process-c10",
     "process-c50",
     "process-c50-ledger",
+    "partitioned-process",
     "stream",
     "latency",
     "delayed",
@@ -56,12 +57,18 @@ struct Args {
     /// namespaces (`bench-<case>-<run>`) and purge what they wrote.
     #[arg(long, env = "FORGEMQ_BENCH_REDIS")]
     redis: Option<String>,
+    /// Run against a private Redis Cluster of this many masters (real redis-server
+    /// processes on this machine) instead of one private server.
+    #[arg(long, value_name = "MASTERS", conflicts_with = "redis")]
+    cluster: Option<usize>,
     /// Runs per case; the table shows the median and the range.
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Only these cases (repeatable): redis-ceiling, publish-batch, publish-single,
     /// publish-par, process-c1, process-c10, process-c50, process-c50-ledger (with a 60 s
-    /// processed ledger, the cost of deduplicating retried publishes), stream, latency, delayed,
+    /// processed ledger, the cost of deduplicating retried publishes), partitioned-process
+    /// (a plain topic against one of 12 partitions, with each master's share of the
+    /// commands and CPU), stream, latency, delayed,
     /// backlog, memory, commands-per-message.
     #[arg(long = "case", value_name = "CASE")]
     cases: Vec<String>,
@@ -92,16 +99,17 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    runtime.block_on(run(args.redis, args.smoke, runs, &selected))
+    runtime.block_on(run(args.redis, args.cluster, args.smoke, runs, &selected))
 }
 
 async fn run(
     redis: Option<String>,
+    cluster: Option<usize>,
     smoke: bool,
     runs: usize,
     selected: &[&str],
 ) -> anyhow::Result<()> {
-    let bench = Bench::start(redis, smoke).await?;
+    let bench = Bench::start(redis, cluster, smoke).await?;
     println!("{}", bench.environment(runs).await?);
     let mut reports: Vec<CaseReport> = Vec::new();
     for &case in selected {
