@@ -30,7 +30,12 @@ impl Drop for PrivateRedis {
 }
 
 /// Runs `serve` against `redis`, or against a private redis-server started here.
-pub(crate) async fn run(redis: Option<&str>, namespace: &str, bind: SocketAddr) -> Result<()> {
+pub(crate) async fn run(
+    redis: Option<&str>,
+    namespace: &str,
+    bind: SocketAddr,
+    options: crate::serve::Options,
+) -> Result<()> {
     let (url, _guard) = match redis {
         Some(url) => (url.to_owned(), None),
         None => {
@@ -53,7 +58,8 @@ pub(crate) async fn run(redis: Option<&str>, namespace: &str, bind: SocketAddr) 
         crate::redact(&url)
     );
     println!("Stop with Ctrl-C.");
-    crate::serve::serve(mq, bind, None).await
+    let listener = crate::serve::bind(bind).await?;
+    crate::serve::serve(mq, listener, options).await
 }
 
 fn start_private_redis() -> Result<(String, PrivateRedis)> {

@@ -123,8 +123,8 @@ enum Command {
         /// The topic.
         topic: String,
     },
-    /// Serve the HTTP API (`/api/v1`, OpenAPI at `/api/v1/openapi.json`), `/healthz` and
-    /// `/readyz`.
+    /// Serve the HTTP API (`/api/v1`, OpenAPI at `/api/v1/openapi.json`), the dashboard,
+    /// `/metrics`, `/healthz` and `/readyz`.
     Serve {
         /// Address to listen on. Anything but loopback requires a token.
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -132,6 +132,8 @@ enum Command {
         /// Require `Authorization: Bearer <token>` on the API.
         #[arg(long, env = "FORGEMQ_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        #[command(flatten)]
+        access: AccessArgs,
     },
     /// Zero-configuration start on one machine: starts a private redis-server (AOF on,
     /// data under ./.forgemq/) unless --redis or REDIS_URL is given, then serves the API.
@@ -139,6 +141,8 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080")]
         bind: std::net::SocketAddr,
+        #[command(flatten)]
+        access: AccessArgs,
     },
     /// Deliver messages to HTTP endpoints or commands, by route (the seed's Gateway
     /// Worker): retries with backoff, then the dead-letter queue. SIGHUP reloads the config;
@@ -157,6 +161,15 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+/// Who may reach `serve` and `dev` besides the defaults.
+#[derive(Debug, Clone, clap::Args)]
+struct AccessArgs {
+    /// On a loopback bind, also answer requests whose Host is NAME or NAME:PORT (a reverse
+    /// proxy's name, say); other names get 403 against DNS rebinding. Repeatable.
+    #[arg(long = "allow-host", value_name = "NAME")]
+    allow_hosts: Vec<String>,
 }
 
 /// The states `peek` can look into.
@@ -357,10 +370,35 @@ async fn run(cli: Cli) -> Result<()> {
         )
         .await;
     }
-    if let Command::Dev { bind } = &cli.command {
-        return dev::run(cli.redis.as_deref(), &cli.namespace, *bind).await;
+    if let Command::Dev { bind, access } = &cli.command {
+        let options = serve::Options {
+            token: None,
+            allow_hosts: access.allow_hosts.clone(),
+        };
+        return dev::run(cli.redis.as_deref(), &cli.namespace, *bind, options).await;
     }
+    // Settings that would expose the queues are refused before anything starts.
+    let serving = match &cli.command {
+        Command::Serve {
+            bind,
+            token,
+            access,
+        } => {
+            let options = serve::Options {
+                token: token.clone(),
+                allow_hosts: access.allow_hosts.clone(),
+            };
+            options.check(*bind)?;
+            Some((*bind, options))
+        }
+        _ => None,
+    };
     let mq = connect(&cli).await?;
+    if let Some((bind, options)) = serving {
+        let listener = serve::bind(bind).await?;
+        eprintln!("forgemq serve: API at http://{bind}/api/v1 (OpenAPI: /api/v1/openapi.json), dashboard at /, metrics at /metrics, health at /healthz and /readyz");
+        return serve::serve(mq, listener, options).await;
+    }
     match cli.command {
         Command::Publish {
             topic,
@@ -491,13 +529,10 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("deleted {} messages of {topic}", n.total());
             Ok(())
         }
-        Command::Serve { bind, token } => {
-            if token.as_deref().is_some_and(str::is_empty) {
-                bail!("the token is empty: pass a non-empty --token (or FORGEMQ_TOKEN), or none");
-            }
-            serve::serve(mq, bind, token).await
-        }
-        Command::Completions { .. } | Command::Dev { .. } | Command::Gateway { .. } => Ok(()),
+        Command::Completions { .. }
+        | Command::Dev { .. }
+        | Command::Gateway { .. }
+        | Command::Serve { .. } => Ok(()),
     }
 }
 

@@ -21,30 +21,119 @@ impl Drop for Server {
 }
 
 fn start(redis: &RedisServer, extra: &[&str]) -> Server {
+    start_on(redis, "127.0.0.1", extra)
+}
+
+/// Starts `forgemq serve` bound to `ip` on a free port; connections go to 127.0.0.1.
+fn start_on(redis: &RedisServer, ip: &str, extra: &[&str]) -> Server {
     let port = free_port();
-    let bind = format!("127.0.0.1:{port}");
+    let bind = format!("{ip}:{port}");
     let child = Command::new(env!("CARGO_BIN_EXE_forgemq"))
         .args(["serve", "--bind", &bind])
         .args(extra)
         .env("REDIS_URL", redis.url())
         .env_remove("FORGEMQ_TOKEN")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let server = Server { child, port };
+    let mut server = Server { child, port };
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return server;
+        }
+        if let Some(status) = server.child.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut e) = server.child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("forgemq serve {extra:?} exited with {status}: {err}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("forgemq serve did not start");
 }
 
-/// A minimal HTTP/1.1 client: returns the status and the body parsed as JSON (or as a
-/// JSON string when it is not JSON).
+/// What [`request`] got back.
+struct Reply {
+    status: u16,
+    /// Response headers, names in lower case.
+    headers: Vec<(String, String)>,
+    /// The body parsed as JSON, or as a JSON string when it is not JSON.
+    body: Value,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A minimal HTTP/1.1 client. `Host` is `127.0.0.1:PORT` unless `headers` has one (an
+/// empty value leaves it out); `Content-Type: application/json` goes with a body.
+fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Reply {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        head.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));
+    }
+    for (name, value) in headers {
+        if !value.is_empty() {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+    }
+    if let Some(body) = body {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    write!(s, "{head}\r\n{}", body.unwrap_or("")).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    let body = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// [`request`] with an optional bearer token; the status and the body.
 fn http(
     port: u16,
     method: &str,
@@ -52,33 +141,9 @@ fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, Value) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let body = body.unwrap_or("");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw);
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap();
-    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(rest)
-    } else {
-        rest.to_owned()
-    };
-    let value = serde_json::from_str(&body).unwrap_or(Value::String(body));
-    (status, value)
+    let auth = token.map(|t| format!("Bearer {t}")).unwrap_or_default();
+    let reply = request(port, method, path, &[("Authorization", &auth)], body);
+    (reply.status, reply.body)
 }
 
 fn dechunk(mut s: &str) -> String {
@@ -197,7 +262,10 @@ fn api_publishes_inspects_and_manages_topics() {
         3
     );
     let (_, purged) = http(p, "POST", "/api/v1/topics/user.welcome/purge", None, None);
-    assert_eq!(purged["deleted"], 3);
+    assert_eq!(
+        purged,
+        json!({"deleted": {"pending": 3, "active": 0, "delayed": 0, "dead": 0}})
+    );
 }
 
 /// Dead letters: list with the error, retry one, retry all, delete one, purge.
@@ -576,6 +644,18 @@ fn dev_starts_a_private_redis_and_serves() {
         Some(r#"{"data":{"hello":"dev"}}"#),
     );
     assert_eq!(status, 201);
+    assert_eq!(
+        request(
+            port,
+            "GET",
+            "/api/v1/topics",
+            &[("Host", "rebind.example")],
+            None
+        )
+        .status,
+        403,
+        "dev has the Host check too"
+    );
     assert!(dir.path().join(".forgemq").exists());
     let ok = Command::new("kill")
         .arg(child.id().to_string())
@@ -610,5 +690,143 @@ fn dev_starts_a_private_redis_and_serves() {
             "the private redis-server outlived forgemq dev"
         );
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Rebinding a name to 127.0.0.1 does not make a loopback server answer it: a foreign
+/// `Host` gets 403 with a JSON error naming `--allow-host`, everywhere but the probes.
+#[test]
+fn foreign_host_is_refused_on_loopback() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &["--allow-host", "mq.internal"]);
+    let p = server.port;
+    let evil = format!("rebind.example:{p}");
+    for (method, path) in [
+        ("GET", "/"),
+        ("GET", "/api/v1/topics"),
+        ("GET", "/api/v1/openapi.json"),
+        ("GET", "/api/v1/topics/user.welcome/messages"),
+        ("POST", "/api/v1/topics/user.welcome/messages"),
+        ("POST", "/api/v1/topics/user.welcome/purge"),
+    ] {
+        let reply = request(
+            p,
+            method,
+            path,
+            &[("Host", &evil)],
+            (method == "POST").then_some(r#"{"data":1}"#),
+        );
+        assert_eq!(reply.status, 403, "{method} {path}: {}", reply.body);
+        assert_eq!(reply.header("content-type"), Some("application/json"));
+        let error = reply.body["error"].as_str().unwrap_or_default();
+        assert!(error.contains("--allow-host"), "{error}");
+    }
+    // A request without Host at all is not this server's either.
+    let reply = request(p, "GET", "/api/v1/topics", &[("Host", "")], None);
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    let dbsize: u64 = redis::cmd("DBSIZE").query(&mut redis.conn()).unwrap();
+    assert_eq!(dbsize, 0, "a refused request wrote something");
+    // Infrastructure probes by IP or any name.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let reply = request(p, "GET", path, &[("Host", &evil)], None);
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+    }
+    // Its own names, and the allowed one with or without a port.
+    let allowed = [
+        format!("127.0.0.1:{p}"),
+        format!("localhost:{p}"),
+        format!("LocalHost:{p}"),
+        format!("[::1]:{p}"),
+        "mq.internal".to_owned(),
+        format!("mq.internal:{p}"),
+    ];
+    for host in &allowed {
+        let reply = request(p, "GET", "/api/v1/topics", &[("Host", host)], None);
+        assert_eq!(reply.status, 200, "{host}: {}", reply.body);
+    }
+    // The right name on another port is not this server.
+    let reply = request(
+        p,
+        "GET",
+        "/api/v1/topics",
+        &[("Host", &format!("localhost:{}", p.wrapping_add(1)))],
+        None,
+    );
+    assert_eq!(reply.status, 403);
+}
+
+/// A page on another site cannot make a browser change anything: a POST, PUT or DELETE
+/// with a foreign `Origin` gets 403, whatever the bind; the server's own origin works.
+#[test]
+fn cross_origin_writes_are_refused() {
+    let redis = RedisServer::start();
+    let local = start(&redis, &[]);
+    // Bound to every interface (so no Host check), with a token: the Origin check holds.
+    let wide = start_on(&redis, "0.0.0.0", &["--token", "s3cret"]);
+    for (server, auth) in [(&local, ""), (&wide, "Bearer s3cret")] {
+        let p = server.port;
+        let own = format!("http://127.0.0.1:{p}");
+        let id = request(
+            p,
+            "POST",
+            "/api/v1/topics/order.paid/messages",
+            &[("Authorization", auth)],
+            Some(r#"{"data":1}"#),
+        );
+        assert_eq!(id.status, 201, "{}", id.body);
+        for (method, path) in [
+            ("POST", "/api/v1/topics/order.paid/purge"),
+            ("POST", "/api/v1/topics/order.paid/pause"),
+            ("POST", "/api/v1/topics/order.paid/dead-letters/retry"),
+            ("POST", "/api/v1/topics/order.paid/messages"),
+            ("DELETE", "/api/v1/topics/order.paid/dead-letters"),
+            ("PUT", "/api/v1/topics/order.paid/messages"),
+        ] {
+            for origin in [
+                "http://evil.example",
+                "null",
+                &format!("http://127.0.0.1:{p}.evil.example"),
+            ] {
+                let reply = request(
+                    p,
+                    method,
+                    path,
+                    &[("Authorization", auth), ("Origin", origin)],
+                    None,
+                );
+                assert_eq!(
+                    reply.status, 403,
+                    "{method} {path} from {origin}: {}",
+                    reply.body
+                );
+                assert!(reply.body["error"].is_string(), "{}", reply.body);
+            }
+        }
+        let stats = request(
+            p,
+            "GET",
+            "/api/v1/topics/order.paid",
+            &[("Authorization", auth), ("Origin", "http://evil.example")],
+            None,
+        );
+        assert_eq!(stats.status, 200, "reads carry no Origin check");
+        assert_eq!(
+            (
+                stats.body["pending"].as_u64(),
+                stats.body["paused"].as_bool()
+            ),
+            (Some(1), Some(false)),
+            "a refused request changed something: {}",
+            stats.body
+        );
+        let reply = request(
+            p,
+            "POST",
+            "/api/v1/topics/order.paid/purge",
+            &[("Authorization", auth), ("Origin", &own)],
+            None,
+        );
+        assert_eq!(reply.status, 200, "same origin: {}", reply.body);
+        assert_eq!(reply.body["deleted"]["pending"], 1);
     }
 }

@@ -1,40 +1,28 @@
-//! `forgemq serve`: the HTTP API under `/api/v1`, its OpenAPI document, `/healthz` and
-//! `/readyz`, for services in any language and for operators.
-//!
-//! Every route is declared once with `#[utoipa::path]`, and the router is built from
-//! those declarations, so `/api/v1/openapi.json` always matches the routes.
+//! The routes under `/api/v1`. Each is declared once with `#[utoipa::path]` and the
+//! router is built from those declarations, so the OpenAPI document always matches.
 
 #![allow(unused_qualifications)] // in the code that utoipa generates for the routes
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use forgemq::{Client, Error, MessageId, MessageState, PublishOptions, PublishOutcome};
+use forgemq::{Error, MessageId, MessageState, PublishOptions, PublishOutcome};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::AppState;
 use crate::output;
 
 /// Messages a batch publish may carry: bounds the request body and the time one request
 /// holds the server.
 const MAX_BATCH: usize = 10_000;
-
-#[derive(Clone)]
-struct AppState {
-    mq: Client,
-    token: Option<String>,
-}
 
 #[derive(OpenApi)]
 #[openapi(info(
@@ -43,55 +31,8 @@ struct AppState {
 ))]
 struct ApiDoc;
 
-/// Starts the server and runs until Ctrl-C / SIGTERM.
-pub(crate) async fn serve(
-    mq: Client,
-    bind: SocketAddr,
-    token: Option<String>,
-) -> anyhow::Result<()> {
-    let token = token.filter(|t| !t.is_empty());
-    if !bind.ip().is_loopback() && token.is_none() {
-        bail!(
-            "refusing to listen on {bind} without a token: anyone who can reach it could read and delete messages; \
-             pass --token (or FORGEMQ_TOKEN), or bind to 127.0.0.1"
-        );
-    }
-    let app = router(mq, token);
-    let listener = tokio::net::TcpListener::bind(bind)
-        .await
-        .with_context(|| format!("could not listen on {bind}"))?;
-    eprintln!("forgemq serve: API at http://{bind}/api/v1 (OpenAPI: /api/v1/openapi.json), health at /healthz and /readyz");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            shutdown_signal().await;
-        })
-        .await
-        .context("the HTTP server failed")
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-/// The whole application: API (behind the token when one is set), OpenAPI, health.
-pub(crate) fn router(mq: Client, token: Option<String>) -> Router {
-    let state = AppState { mq, token };
+/// The API routes and `/openapi.json`, relative to `/api/v1`.
+pub(super) fn router(state: AppState) -> Router<AppState> {
     // Body limits before parsing: one message is at most max_payload (plus room for the
     // request's other fields and JSON escaping); a batch has its own, larger bound.
     let one = state
@@ -120,183 +61,35 @@ pub(crate) fn router(mq: Client, token: Option<String>) -> Router {
         .merge(batch)
         .split_for_parts();
     let doc_json = doc.to_json().unwrap_or_else(|_| "{}".to_owned());
-    let api = api
-        .route(
-            "/openapi.json",
-            axum::routing::get(move || async move {
-                (
-                    [(header::CONTENT_TYPE, "application/json")],
-                    doc_json.clone(),
-                )
-            }),
-        )
-        .layer(middleware::from_fn_with_state(state.clone(), require_token))
-        // The library checks the exact payload limit; this only stops absurd bodies early.
-        .layer(axum::extract::DefaultBodyLimit::max(
-            state
-                .mq
-                .max_payload()
-                .saturating_mul(MAX_BATCH)
-                .min(256 << 20),
-        ))
-        .with_state(state.clone());
-    Router::new()
-        .route("/", axum::routing::get(dashboard))
-        .nest("/api/v1", api)
-        .route("/metrics", axum::routing::get(metrics))
-        .route("/healthz", axum::routing::get(|| async { "ok" }))
-        .route("/readyz", axum::routing::get(readyz))
-        .with_state(state)
-}
-
-/// The dashboard: one self-contained page (no CDN, works offline) served from the
-/// binary. It holds no data: everything it shows comes from the API, which asks for the
-/// token when one is set.
-async fn dashboard() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        include_str!("../assets/dashboard.html"),
+    api.route(
+        "/openapi.json",
+        axum::routing::get(move || async move {
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                doc_json.clone(),
+            )
+        }),
     )
+    // The library checks the exact payload limit; this only stops absurd bodies early.
+    .layer(axum::extract::DefaultBodyLimit::max(
+        state
+            .mq
+            .max_payload()
+            .saturating_mul(MAX_BATCH)
+            .min(256 << 20),
+    ))
 }
 
-/// `Authorization: Bearer <token>` on every API route when a token is set; compared in
-/// constant time so that response timing does not leak it.
-async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Some(expected) = &state.token else {
-        return next.run(request).await;
-    };
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-        next.run(request).await
-    } else {
-        let mut response = ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong token: send `Authorization: Bearer <token>`".to_owned(),
-        )
-        .into_response();
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-        response
-    }
-}
-
-async fn readyz(State(state): State<AppState>) -> Response {
-    match tokio::time::timeout(Duration::from_secs(5), state.mq.check_writable()).await {
-        Ok(Ok(())) => (StatusCode::OK, Json(json!({"status": "ready"}))).into_response(),
-        Ok(Err(e)) => ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("redis is not writable: {e}"),
-        )
-        .into_response(),
-        Err(_) => ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "redis did not answer within 5s".to_owned(),
-        )
-        .into_response(),
-    }
-}
-
-/// Prometheus text format, read from Redis at each scrape: the counters live in Redis
-/// (kept by the Lua scripts), so every ForgeMQ process reports the same totals.
-async fn metrics(State(state): State<AppState>) -> Response {
-    use prometheus_client::metrics::counter::Counter;
-    use prometheus_client::metrics::family::Family;
-    use prometheus_client::metrics::gauge::Gauge;
-    type Labels = Vec<(&'static str, String)>;
-
-    let topics = match state.mq.get_all_queues().await {
-        Ok(t) => t,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
-    let mut registry = prometheus_client::registry::Registry::default();
-    let depth = Family::<Labels, Gauge>::default();
-    let paused = Family::<Labels, Gauge>::default();
-    registry.register(
-        "forgemq_messages",
-        "Messages per topic and state",
-        depth.clone(),
-    );
-    registry.register(
-        "forgemq_paused",
-        "1 while the topic is paused",
-        paused.clone(),
-    );
-    let counters: Vec<(&str, &str, Family<Labels, Counter>)> = [
-        ("forgemq_published", "Messages published"),
-        (
-            "forgemq_processed",
-            "Messages acknowledged (handler succeeded)",
-        ),
-        ("forgemq_failed", "Failed attempts"),
-        ("forgemq_retried", "Failed attempts scheduled to run again"),
-        ("forgemq_dead", "Messages moved to the dead-letter queue"),
-        (
-            "forgemq_recovered",
-            "Deliveries whose lease expired and that were handed out again",
-        ),
-        (
-            "forgemq_deduplicated",
-            "Redeliveries of already-processed ids that were skipped",
-        ),
-    ]
-    .into_iter()
-    .map(|(name, help)| {
-        let family = Family::<Labels, Counter>::default();
-        registry.register(name, help, family.clone());
-        (name, help, family)
-    })
-    .collect();
-    for s in &topics {
-        let topic = || vec![("topic", s.topic.clone())];
-        for (name, value) in [
-            ("pending", s.pending),
-            ("active", s.active),
-            ("delayed", s.delayed),
-            ("dead", s.dead),
-        ] {
-            let mut labels = topic();
-            labels.push(("state", name.to_owned()));
-            depth
-                .get_or_create(&labels)
-                .set(i64::try_from(value).unwrap_or(i64::MAX));
-        }
-        paused.get_or_create(&topic()).set(i64::from(s.paused));
-        let totals = [
-            s.published,
-            s.processed,
-            s.failed,
-            s.retried,
-            s.dead_lettered,
-            s.recovered,
-            s.deduplicated,
-        ];
-        for ((_, _, family), value) in counters.iter().zip(totals) {
-            family.get_or_create(&topic()).inc_by(value);
-        }
-    }
-    let mut text = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
-        return ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
-    }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
+/// Any path that is not a route: JSON like every other error.
+pub(super) async fn not_found() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "no such route; the API is described at /api/v1/openapi.json".to_owned(),
     )
-        .into_response()
 }
 
 /// An error response: `{"error": "..."}` with a status that says whose fault it is.
-struct ApiError(StatusCode, String);
+pub(super) struct ApiError(pub(super) StatusCode, pub(super) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

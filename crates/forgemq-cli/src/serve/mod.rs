@@ -1,0 +1,255 @@
+//! `forgemq serve`: the HTTP API under `/api/v1`, its OpenAPI document, `/metrics`,
+//! `/healthz` and `/readyz`, and the dashboard at `/`, for services in any language and
+//! for operators. `forgemq dev` serves the same.
+//!
+//! # Layout
+//! - `mod.rs`: options, start-up, the router, the dashboard, health and metrics.
+//! - `api.rs`: the routes under `/api/v1`, each declared once with `#[utoipa::path]`; the
+//!   router is built from those declarations, so `/api/v1/openapi.json` always matches.
+//! - `guard.rs`: who may call: the `Host` and `Origin` checks and the token.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use forgemq::Client;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+mod api;
+mod guard;
+
+use api::ApiError;
+
+/// Who may call the server, besides the routes themselves.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Options {
+    /// `Authorization: Bearer <token>` required on the API.
+    pub(crate) token: Option<String>,
+    /// Extra names (`--allow-host`) a loopback server answers to besides its own.
+    pub(crate) allow_hosts: Vec<String>,
+}
+
+impl Options {
+    /// Refuses settings that would expose the queues: an empty token, or a bind that
+    /// others can reach without a token. Checked before anything starts.
+    pub(crate) fn check(&self, bind: SocketAddr) -> anyhow::Result<()> {
+        if self.token.as_deref().is_some_and(str::is_empty) {
+            bail!("the token is empty: pass a non-empty --token (or FORGEMQ_TOKEN), or none");
+        }
+        if !bind.ip().is_loopback() && self.token.is_none() {
+            bail!(
+                "refusing to listen on {bind} without a token: anyone who can reach it could read and delete messages; \
+                 pass --token (or FORGEMQ_TOKEN), or bind to 127.0.0.1"
+            );
+        }
+        for name in &self.allow_hosts {
+            guard::check_allowed_host(name)?;
+        }
+        Ok(())
+    }
+}
+
+/// Takes the port, so that a port in use is reported before anything else starts.
+pub(crate) async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("could not listen on {addr} (is another forgemq serve or dev running? choose another port with --bind)")
+    })
+}
+
+/// Serves on `listener` until Ctrl-C / SIGTERM.
+pub(crate) async fn serve(
+    mq: Client,
+    listener: TcpListener,
+    options: Options,
+) -> anyhow::Result<()> {
+    let local = listener
+        .local_addr()
+        .context("could not read the listening address")?;
+    let app = router(mq, local, options);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            shutdown_signal().await;
+        })
+        .await
+        .context("the HTTP server failed")
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// What every handler can reach.
+#[derive(Clone)]
+struct AppState {
+    mq: Client,
+    token: Option<String>,
+}
+
+/// The whole application, as served on `local`: the API (behind the token when one is
+/// set), OpenAPI, metrics, health and the dashboard, all behind the `Host` and `Origin`
+/// checks.
+fn router(mq: Client, local: SocketAddr, options: Options) -> Router {
+    let state = AppState {
+        mq,
+        token: options.token.filter(|t| !t.is_empty()),
+    };
+    let api = api::router(state.clone())
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::require_token,
+        ))
+        .with_state(state.clone());
+    let rules = guard::HostRules::new(local, &options.allow_hosts);
+    Router::new()
+        .route("/", axum::routing::get(dashboard))
+        .nest("/api/v1", api)
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route("/readyz", axum::routing::get(readyz))
+        .fallback(api::not_found)
+        .with_state(state)
+        .layer(middleware::from_fn_with_state(
+            std::sync::Arc::new(rules),
+            guard::check_host_and_origin,
+        ))
+}
+
+/// The dashboard: one self-contained page (no CDN, works offline) served from the
+/// binary. It holds no data: everything it shows comes from the API, which asks for the
+/// token when one is set.
+async fn dashboard() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("../../assets/dashboard.html"),
+    )
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    match tokio::time::timeout(Duration::from_secs(5), state.mq.check_writable()).await {
+        Ok(Ok(())) => (StatusCode::OK, Json(json!({"status": "ready"}))).into_response(),
+        Ok(Err(e)) => ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("redis is not writable: {e}"),
+        )
+        .into_response(),
+        Err(_) => ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "redis did not answer within 5s".to_owned(),
+        )
+        .into_response(),
+    }
+}
+
+/// Prometheus text format, read from Redis at each scrape: the counters live in Redis
+/// (kept by the Lua scripts), so every ForgeMQ process reports the same totals.
+async fn metrics(State(state): State<AppState>) -> Response {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    type Labels = Vec<(&'static str, String)>;
+
+    let topics = match state.mq.get_all_queues().await {
+        Ok(t) => t,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let depth = Family::<Labels, Gauge>::default();
+    let paused = Family::<Labels, Gauge>::default();
+    registry.register(
+        "forgemq_messages",
+        "Messages per topic and state",
+        depth.clone(),
+    );
+    registry.register(
+        "forgemq_paused",
+        "1 while the topic is paused",
+        paused.clone(),
+    );
+    let counters: Vec<(&str, &str, Family<Labels, Counter>)> = [
+        ("forgemq_published", "Messages published"),
+        (
+            "forgemq_processed",
+            "Messages acknowledged (handler succeeded)",
+        ),
+        ("forgemq_failed", "Failed attempts"),
+        ("forgemq_retried", "Failed attempts scheduled to run again"),
+        ("forgemq_dead", "Messages moved to the dead-letter queue"),
+        (
+            "forgemq_recovered",
+            "Deliveries whose lease expired and that were handed out again",
+        ),
+        (
+            "forgemq_deduplicated",
+            "Redeliveries of already-processed ids that were skipped",
+        ),
+    ]
+    .into_iter()
+    .map(|(name, help)| {
+        let family = Family::<Labels, Counter>::default();
+        registry.register(name, help, family.clone());
+        (name, help, family)
+    })
+    .collect();
+    for s in &topics {
+        let topic = || vec![("topic", s.topic.clone())];
+        for (name, value) in [
+            ("pending", s.pending),
+            ("active", s.active),
+            ("delayed", s.delayed),
+            ("dead", s.dead),
+        ] {
+            let mut labels = topic();
+            labels.push(("state", name.to_owned()));
+            depth
+                .get_or_create(&labels)
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+        paused.get_or_create(&topic()).set(i64::from(s.paused));
+        let totals = [
+            s.published,
+            s.processed,
+            s.failed,
+            s.retried,
+            s.dead_lettered,
+            s.recovered,
+            s.deduplicated,
+        ];
+        for ((_, _, family), value) in counters.iter().zip(totals) {
+            family.get_or_create(&topic()).inc_by(value);
+        }
+    }
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
+        return ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
