@@ -170,6 +170,10 @@ struct AccessArgs {
     /// proxy's name, say); other names get 403 against DNS rebinding. Repeatable.
     #[arg(long = "allow-host", value_name = "NAME")]
     allow_hosts: Vec<String>,
+    /// Serve /metrics without the token (for a Prometheus that can't send one); the API
+    /// still needs it. /healthz and /readyz are always open.
+    #[arg(long)]
+    metrics_public: bool,
 }
 
 /// The states `peek` can look into.
@@ -374,6 +378,7 @@ async fn run(cli: Cli) -> Result<()> {
         let options = serve::Options {
             token: None,
             allow_hosts: access.allow_hosts.clone(),
+            metrics_public: access.metrics_public,
         };
         return dev::run(cli.redis.as_deref(), &cli.namespace, *bind, options).await;
     }
@@ -387,6 +392,7 @@ async fn run(cli: Cli) -> Result<()> {
             let options = serve::Options {
                 token: token.clone(),
                 allow_hosts: access.allow_hosts.clone(),
+                metrics_public: access.metrics_public,
             };
             options.check(*bind)?;
             Some((*bind, options))

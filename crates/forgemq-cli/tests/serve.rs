@@ -830,3 +830,26 @@ fn cross_origin_writes_are_refused() {
         assert_eq!(reply.body["deleted"]["pending"], 1);
     }
 }
+
+/// With a token, `/metrics` needs it too (it names every topic); `--metrics-public`
+/// leaves it open; the health probes stay open.
+#[test]
+fn metrics_need_the_token_when_one_is_set() {
+    let redis = RedisServer::start();
+    let guarded = start(&redis, &["--token", "s3cret"]);
+    let p = guarded.port;
+    let (status, body) = http(p, "GET", "/metrics", None, None);
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error"].is_string(), "{body}");
+    assert_eq!(http(p, "GET", "/metrics", Some("wrong"), None).0, 401);
+    assert_eq!(http(p, "GET", "/metrics", Some("s3cret"), None).0, 200);
+    assert_eq!(http(p, "GET", "/healthz", None, None).0, 200);
+    assert_eq!(http(p, "GET", "/readyz", None, None).0, 200);
+    let public = start(&redis, &["--token", "s3cret", "--metrics-public"]);
+    assert_eq!(http(public.port, "GET", "/metrics", None, None).0, 200);
+    assert_eq!(
+        http(public.port, "GET", "/api/v1/topics", None, None).0,
+        401,
+        "--metrics-public opens /metrics only"
+    );
+}

@@ -33,6 +33,9 @@ pub(crate) struct Options {
     pub(crate) token: Option<String>,
     /// Extra names (`--allow-host`) a loopback server answers to besides its own.
     pub(crate) allow_hosts: Vec<String>,
+    /// `/metrics` without the token (`--metrics-public`): it names every topic and its
+    /// traffic, so by default it is guarded like the API.
+    pub(crate) metrics_public: bool,
 }
 
 impl Options {
@@ -107,9 +110,9 @@ struct AppState {
     token: Option<String>,
 }
 
-/// The whole application, as served on `local`: the API (behind the token when one is
-/// set), OpenAPI, metrics, health and the dashboard, all behind the `Host` and `Origin`
-/// checks.
+/// The whole application, as served on `local`: the API and `/metrics` (behind the token
+/// when one is set, unless `metrics_public`), OpenAPI, health and the dashboard, all
+/// behind the `Host` and `Origin` checks. Health stays open: probes carry no token.
 fn router(mq: Client, local: SocketAddr, options: Options) -> Router {
     let state = AppState {
         mq,
@@ -121,11 +124,18 @@ fn router(mq: Client, local: SocketAddr, options: Options) -> Router {
             guard::require_token,
         ))
         .with_state(state.clone());
+    let mut metrics = Router::new().route("/metrics", axum::routing::get(metrics));
+    if !options.metrics_public {
+        metrics = metrics.layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::require_token,
+        ));
+    }
     let rules = guard::HostRules::new(local, &options.allow_hosts);
     Router::new()
         .route("/", axum::routing::get(dashboard))
         .nest("/api/v1", api)
-        .route("/metrics", axum::routing::get(metrics))
+        .merge(metrics)
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .route("/readyz", axum::routing::get(readyz))
         .fallback(api::not_found)
