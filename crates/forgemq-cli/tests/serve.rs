@@ -483,7 +483,8 @@ fn non_loopback_bind_without_token_is_refused() {
     );
 }
 
-/// `/healthz` is the process; `/readyz` is Redis reachable and writable (503 otherwise).
+/// `/healthz` is the process; `/readyz` is Redis reachable and writable (503 otherwise),
+/// within a second (its answer is cached that long).
 #[test]
 fn readyz_follows_redis() {
     let mut redis = RedisServer::start();
@@ -491,8 +492,16 @@ fn readyz_follows_redis() {
     let p = server.port;
     assert_eq!(http(p, "GET", "/readyz", None, None).0, 200);
     redis.kill9();
-    let (status, body) = http(p, "GET", "/readyz", None, None);
-    assert_eq!(status, 503, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = http(p, "GET", "/readyz", None, None);
+        if status == 503 {
+            assert!(body["error"].is_string(), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {status} with Redis down");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(http(p, "GET", "/healthz", None, None).0, 200);
     redis.restart();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -851,5 +860,37 @@ fn metrics_need_the_token_when_one_is_set() {
         http(public.port, "GET", "/api/v1/topics", None, None).0,
         401,
         "--metrics-public opens /metrics only"
+    );
+}
+
+/// `/readyz` answers from a cache for a second: probes every few milliseconds do not
+/// each write to Redis.
+#[test]
+fn readyz_writes_to_redis_at_most_once_a_second() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &[]);
+    let sets = || -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut redis.conn())
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_set:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    assert_eq!(http(server.port, "GET", "/readyz", None, None).0, 200);
+    let before = sets();
+    let started = Instant::now();
+    for _ in 0..40 {
+        assert_eq!(http(server.port, "GET", "/readyz", None, None).0, 200);
+    }
+    let elapsed = started.elapsed();
+    let writes = sets() - before;
+    // One write per started second, plus one for the window the loop began in.
+    let allowed = elapsed.as_secs() + 1;
+    assert!(
+        writes <= allowed,
+        "{writes} writes for 40 probes in {elapsed:?}"
     );
 }

@@ -9,7 +9,8 @@
 //! - `guard.rs`: who may call: the `Host` and `Origin` checks and the token.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use axum::extract::State;
@@ -108,6 +109,8 @@ async fn shutdown_signal() {
 struct AppState {
     mq: Client,
     token: Option<String>,
+    /// The last `/readyz` check, reused for [`READY_CACHE`].
+    readiness: Arc<tokio::sync::Mutex<Option<Readiness>>>,
 }
 
 /// The whole application, as served on `local`: the API and `/metrics` (behind the token
@@ -117,6 +120,7 @@ fn router(mq: Client, local: SocketAddr, options: Options) -> Router {
     let state = AppState {
         mq,
         token: options.token.filter(|t| !t.is_empty()),
+        readiness: Arc::default(),
     };
     let api = api::router(state.clone())
         .layer(middleware::from_fn_with_state(
@@ -141,7 +145,7 @@ fn router(mq: Client, local: SocketAddr, options: Options) -> Router {
         .fallback(api::not_found)
         .with_state(state)
         .layer(middleware::from_fn_with_state(
-            std::sync::Arc::new(rules),
+            Arc::new(rules),
             guard::check_host_and_origin,
         ))
 }
@@ -156,19 +160,49 @@ async fn dashboard() -> impl IntoResponse {
     )
 }
 
+/// How long a `/readyz` answer is reused. Each check writes to Redis (readiness means
+/// "accepts writes"); probes every few milliseconds, or many replicas' probes, must not
+/// each cost a write. One second is shorter than any probe period worth having.
+const READY_CACHE: Duration = Duration::from_secs(1);
+
+/// Longest a readiness check waits for Redis.
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The last readiness check: when it finished and what was wrong, if anything.
+#[derive(Debug, Clone)]
+struct Readiness {
+    at: Instant,
+    problem: Option<String>,
+}
+
+/// Redis reachable and writable: 200, else 503 with the reason. At most one check runs
+/// at a time, and its answer serves every probe for [`READY_CACHE`].
 async fn readyz(State(state): State<AppState>) -> Response {
-    match tokio::time::timeout(Duration::from_secs(5), state.mq.check_writable()).await {
-        Ok(Ok(())) => (StatusCode::OK, Json(json!({"status": "ready"}))).into_response(),
-        Ok(Err(e)) => ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("redis is not writable: {e}"),
-        )
-        .into_response(),
-        Err(_) => ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "redis did not answer within 5s".to_owned(),
-        )
-        .into_response(),
+    let problem = {
+        let mut last = state.readiness.lock().await;
+        match &*last {
+            Some(r) if r.at.elapsed() < READY_CACHE => r.problem.clone(),
+            _ => {
+                let problem =
+                    match tokio::time::timeout(READY_TIMEOUT, state.mq.check_writable()).await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(format!("redis is not writable: {e}")),
+                        Err(_) => Some(format!(
+                            "redis did not answer within {}",
+                            humantime::format_duration(READY_TIMEOUT)
+                        )),
+                    };
+                *last = Some(Readiness {
+                    at: Instant::now(),
+                    problem: problem.clone(),
+                });
+                problem
+            }
+        }
+    };
+    match problem {
+        None => (StatusCode::OK, Json(json!({"status": "ready"}))).into_response(),
+        Some(problem) => ApiError(StatusCode::SERVICE_UNAVAILABLE, problem).into_response(),
     }
 }
 
