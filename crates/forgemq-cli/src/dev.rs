@@ -1,15 +1,21 @@
 //! `forgemq dev`: a working queue on one machine with no configuration.
 
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
-/// A redis-server child, stopped (with SIGTERM, so the AOF is flushed) when dropped.
+/// A redis-server child, stopped (with SIGTERM, so the AOF is flushed) when dropped,
+/// and the lock on its data folder, released after it stopped.
 struct PrivateRedis {
     child: Child,
+    _lock: DataLock,
 }
 
 impl Drop for PrivateRedis {
@@ -29,13 +35,61 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// An exclusive lock on `./.forgemq/` (flock on `.forgemq/lock`, which holds the pid of
+/// its owner): two redis-servers appending to one AOF would corrupt it. The kernel
+/// drops the lock when the process ends, however it ends, so a crash leaves no stale lock.
+struct DataLock {
+    _file: Flock<File>,
+}
+
+impl DataLock {
+    fn take(dir: &Path) -> Result<DataLock> {
+        let path = dir.join("lock");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("could not open {}", path.display()))?;
+        let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => locked,
+            Err((mut file, Errno::EWOULDBLOCK)) => {
+                let mut owner = String::new();
+                let _ = file.read_to_string(&mut owner);
+                let owner = match owner.trim() {
+                    "" => String::new(),
+                    pid => format!(" (pid {pid})"),
+                };
+                bail!(
+                    "another forgemq dev{owner} is already running in this folder and owns {}: \
+                     two redis-servers would append to the same AOF. Use that one, stop it first, \
+                     or run this one from another folder or with --redis URL",
+                    dir.display()
+                );
+            }
+            Err((_, e)) => bail!("could not lock {}: {e}", path.display()),
+        };
+        file.set_len(0)?;
+        file.write_all(format!("{}\n", std::process::id()).as_bytes())?;
+        Ok(DataLock { _file: file })
+    }
+}
+
 /// Runs `serve` against `redis`, or against a private redis-server started here.
+///
+/// The port is taken first, then the data folder, then redis-server is started, and only
+/// then is anything announced: a second `dev` fails before it starts a second Redis on
+/// the same data or prints a dashboard URL that is not its own.
 pub(crate) async fn run(
     redis: Option<&str>,
     namespace: &str,
     bind: SocketAddr,
     options: crate::serve::Options,
 ) -> Result<()> {
+    options.check(bind)?;
+    let listener = crate::serve::bind(bind).await?;
+    let bound = listener.local_addr()?;
     let (url, _guard) = match redis {
         Some(url) => (url.to_owned(), None),
         None => {
@@ -49,8 +103,8 @@ pub(crate) async fn run(
         .unwrap_or_else(|_| "forgemq".to_owned());
     // What a newcomer needs: where to look, and one line to paste to see it move.
     println!("ForgeMQ is running.");
-    println!("  dashboard:  http://{bind}/");
-    println!("  API:        http://{bind}/api/v1  (OpenAPI: /api/v1/openapi.json)");
+    println!("  dashboard:  http://{bound}/");
+    println!("  API:        http://{bound}/api/v1  (OpenAPI: /api/v1/openapi.json)");
     println!("  Redis:      {}", crate::redact(&url));
     println!("Publish a message from another terminal and watch the topic appear:");
     println!(
@@ -58,7 +112,6 @@ pub(crate) async fn run(
         crate::redact(&url)
     );
     println!("Stop with Ctrl-C.");
-    let listener = crate::serve::bind(bind).await?;
     crate::serve::serve(mq, listener, options).await
 }
 
@@ -66,6 +119,7 @@ fn start_private_redis() -> Result<(String, PrivateRedis)> {
     let dir = PathBuf::from(".forgemq");
     std::fs::create_dir_all(&dir).with_context(|| format!("could not create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
+    let lock = DataLock::take(&dir)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -84,7 +138,7 @@ fn start_private_redis() -> Result<(String, PrivateRedis)> {
                 "could not start redis-server ({e}); install it (Debian/Ubuntu: sudo apt-get install -y redis-server) or pass --redis URL"
             )
         })?;
-    let guard = PrivateRedis { child };
+    let guard = PrivateRedis { child, _lock: lock };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {

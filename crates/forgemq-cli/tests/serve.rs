@@ -894,3 +894,90 @@ fn readyz_writes_to_redis_at_most_once_a_second() {
         "{writes} writes for 40 probes in {elapsed:?}"
     );
 }
+
+/// Starts `forgemq dev` in `dir` on `port`; stdout and stderr piped.
+fn spawn_dev(dir: &std::path::Path, port: u16, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_forgemq"))
+        .args(["dev", "--bind", &format!("127.0.0.1:{port}")])
+        .args(extra)
+        .current_dir(dir)
+        .env_remove("REDIS_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for `child` to exit within `limit` (killing it past that); its output.
+fn finish(mut child: Child, limit: Duration) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {limit:?}; stdout: {} stderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A second `forgemq dev` in the same folder would append to the same AOF from a second
+/// redis-server: it is refused, saying why, and the first keeps running.
+#[test]
+fn second_dev_in_the_same_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let first = Server {
+        child: spawn_dev(dir.path(), port, &[]),
+        port,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err()
+        || http(port, "GET", "/readyz", None, None).0 != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first forgemq dev did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let second = finish(
+        spawn_dev(dir.path(), free_port(), &[]),
+        Duration::from_secs(20),
+    );
+    let err = String::from_utf8_lossy(&second.stderr);
+    let said = String::from_utf8_lossy(&second.stdout);
+    assert_eq!(second.status.code(), Some(1), "{said}{err}");
+    assert!(err.contains(".forgemq") && err.contains("already"), "{err}");
+    assert!(!said.contains("ForgeMQ is running"), "{said}");
+    assert!(
+        !err.contains("private redis-server"),
+        "a second redis-server was started: {err}"
+    );
+    assert_eq!(http(first.port, "GET", "/readyz", None, None).0, 200);
+}
+
+/// `forgemq dev` on a port that is taken fails before it starts redis-server or says that
+/// anything is running.
+#[test]
+fn dev_binds_the_port_before_announcing_or_starting_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = finish(spawn_dev(dir.path(), port, &[]), Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(!said.contains("ForgeMQ is running"), "{said}");
+    assert!(!err.contains("private redis-server"), "{err}");
+    assert!(
+        !dir.path().join(".forgemq").join("redis.log").exists(),
+        "redis-server was started"
+    );
+}
