@@ -118,10 +118,14 @@ enum Command {
         /// The topic.
         topic: String,
     },
-    /// Delete every message of a topic in every state (counters stay).
+    /// Delete every message of a topic in every state, and its record of processed ids
+    /// (counters stay). Asks first on a terminal; needs --yes without one.
     Purge {
         /// The topic.
         topic: String,
+        /// Don't ask: needed when stdin is not a terminal (scripts, CI).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
     /// Serve the HTTP API (`/api/v1`, OpenAPI at `/api/v1/openapi.json`), the dashboard,
     /// `/metrics`, `/healthz` and `/readyz`.
@@ -227,10 +231,14 @@ enum Dlq {
         /// The message id.
         id: String,
     },
-    /// Delete every dead letter of the topic for good.
+    /// Delete every dead letter of the topic for good. Asks first on a terminal; needs
+    /// --yes without one.
     Purge {
         /// The topic.
         topic: String,
+        /// Don't ask: needed when stdin is not a terminal (scripts, CI).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
 }
 
@@ -273,12 +281,55 @@ fn main() -> ExitCode {
             // One line: the cause chain joined, so scripts can log it as is.
             eprintln!("error: {e:#}");
             // A config file that cannot be used is a usage error, like a bad flag.
-            if e.downcast_ref::<gateway::ConfigError>().is_some() {
+            if e.downcast_ref::<gateway::ConfigError>().is_some()
+                || e.downcast_ref::<UsageError>().is_some()
+            {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// A command used in a way it can't work (exit code 2, like a bad flag).
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// The topic a destructive command deletes from, when it still has to be confirmed:
+/// `None` for every other command and with `--yes`.
+fn unconfirmed_purge(command: &Command) -> Option<(&'static str, &str)> {
+    match command {
+        Command::Purge { topic, yes: false } => Some(("purge", topic)),
+        Command::Dlq(Dlq::Purge { topic, yes: false }) => Some(("dlq purge", topic)),
+        _ => None,
+    }
+}
+
+/// Asks on the terminal (prompt on stderr) to type the topic name back; an error unless
+/// the answer is exactly that. A y/N would be answered by reflex; the name makes the
+/// operator read which topic goes.
+fn confirm(what: &str, topic: &str) -> Result<()> {
+    use std::io::Write;
+    eprint!("{what}\nType the topic name ({topic}) to confirm: ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .read_line(&mut answer)
+        .context("could not read the answer")?;
+    let answer = answer.trim();
+    if answer == topic {
+        Ok(())
+    } else {
+        bail!("not confirmed ({answer:?} is not {topic:?}); nothing was deleted")
     }
 }
 
@@ -399,6 +450,16 @@ async fn run(cli: Cli) -> Result<()> {
         }
         _ => None,
     };
+    // Without a terminal there is nobody to ask: refuse before connecting, so that a
+    // script gets the same answer whatever the state of Redis.
+    if let Some((command, topic)) = unconfirmed_purge(&cli.command) {
+        if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            return Err(UsageError(format!(
+                "`forgemq {command} {topic}` deletes messages for good and stdin is not a terminal to confirm on: pass --yes"
+            ))
+            .into());
+        }
+    }
     let mq = connect(&cli).await?;
     if let Some((bind, options)) = serving {
         let listener = serve::bind(bind).await?;
@@ -503,7 +564,16 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("deleted dead letter {id}");
             Ok(())
         }
-        Command::Dlq(Dlq::Purge { topic }) => {
+        Command::Dlq(Dlq::Purge { topic, yes }) => {
+            if !yes {
+                let dead = mq.stats(&topic).await?.dead;
+                confirm(
+                    &format!(
+                        "About to delete the {dead} dead letters of {topic} for good (they can't be retried after)."
+                    ),
+                    &topic,
+                )?;
+            }
             let n = mq.purge_dead_letters(&topic).await?;
             eprintln!("deleted {n} dead letters of {topic}");
             Ok(())
@@ -530,9 +600,24 @@ async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Purge { topic } => {
+        Command::Purge { topic, yes } => {
+            if !yes {
+                let s = mq.stats(&topic).await?;
+                confirm(
+                    &format!(
+                        "About to delete every message of {topic}: {} pending, {} active, {} delayed, {} dead, \
+                         and its record of processed ids. Active ones are being handled now; their outcome will be refused. \
+                         This can't be undone.",
+                        s.pending, s.active, s.delayed, s.dead
+                    ),
+                    &topic,
+                )?;
+            }
             let n = mq.purge_queue(&topic).await?;
-            eprintln!("deleted {} messages of {topic}", n.total());
+            eprintln!(
+                "deleted {} pending, {} active, {} delayed, {} dead messages of {topic}",
+                n.pending, n.active, n.delayed, n.dead
+            );
             Ok(())
         }
         Command::Completions { .. }

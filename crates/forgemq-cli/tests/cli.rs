@@ -187,7 +187,7 @@ fn dlq_list_retry_and_purge() {
         }
     });
     ok(&server, &["dlq", "delete", "email.send", &ids[1]]);
-    ok(&server, &["dlq", "purge", "email.send"]);
+    ok(&server, &["dlq", "purge", "email.send", "--yes"]);
     let s = json_of(&server, &["stats", "email.send", "--json"]);
     assert_eq!(
         (s["dead"].as_u64(), s["dead_deleted"].as_u64()),
@@ -223,7 +223,7 @@ fn cancel_pause_resume_purge() {
     for _ in 0..3 {
         ok(&server, &["publish", "order.payment.check", "{}"]);
     }
-    ok(&server, &["purge", "order.payment.check"]);
+    ok(&server, &["purge", "order.payment.check", "--yes"]);
     assert_eq!(
         json_of(&server, &["stats", "order.payment.check", "--json"])["pending"],
         0
@@ -303,4 +303,132 @@ fn help_and_completions() {
     );
     let bash = ok(&server, &["completions", "bash"]);
     assert!(bash.contains("forgemq"));
+}
+
+/// Puts 2 pending, 1 delayed and 1 dead message in `topic`.
+fn seed_every_state(server: &RedisServer, topic: &str) {
+    let url = server.url();
+    runtime().block_on(async {
+        let mq = forgemq::Client::connect(&url).await.unwrap();
+        mq.publish(topic, json!({"n": 0})).await.unwrap();
+        mq.pop_message(topic)
+            .await
+            .unwrap()
+            .unwrap()
+            .dead("gone bad")
+            .await
+            .unwrap();
+        mq.publish(topic, json!({"n": 1})).await.unwrap();
+        mq.publish(topic, json!({"n": 2})).await.unwrap();
+        mq.publish_with_delay(topic, json!({"n": 3}), std::time::Duration::from_secs(3600))
+            .await
+            .unwrap();
+    });
+}
+
+fn counts(server: &RedisServer, topic: &str) -> (u64, u64, u64) {
+    let s = json_of(server, &["stats", topic, "--json"]);
+    (
+        s["pending"].as_u64().unwrap(),
+        s["delayed"].as_u64().unwrap(),
+        s["dead"].as_u64().unwrap(),
+    )
+}
+
+/// Without a terminal, `purge` and `dlq purge` delete nothing unless given `--yes`: exit
+/// 2 and one line naming `--yes`. With it they say what they deleted, by state.
+#[test]
+fn purge_without_a_terminal_needs_yes() {
+    let server = RedisServer::start();
+    seed_every_state(&server, "order.paid");
+    for args in [
+        vec!["purge", "order.paid"],
+        vec!["dlq", "purge", "order.paid"],
+    ] {
+        let out = forgemq(&server, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.starts_with("error: ") && err.contains("--yes"), "{err}");
+        assert_eq!(counts(&server, "order.paid"), (2, 1, 1), "{args:?} deleted");
+    }
+    let out = forgemq(&server, &["dlq", "purge", "order.paid", "--yes"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "deleted 1 dead letters of order.paid"
+    );
+    seed_every_state(&server, "order.paid");
+    let out = forgemq(&server, &["purge", "order.paid", "--yes"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "deleted 4 pending, 0 active, 2 delayed, 1 dead messages of order.paid"
+    );
+    assert_eq!(counts(&server, "order.paid"), (0, 0, 0));
+}
+
+/// Runs forgemq with its stdin on a pseudo-terminal, typing `answer`; exit code, stderr.
+fn on_terminal(server: &RedisServer, args: &[&str], answer: &str) -> (Option<i32>, String) {
+    use std::io::Write;
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_forgemq"))
+        .args(args)
+        .env("REDIS_URL", server.url())
+        .stdin(Stdio::from(pty.slave))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut terminal = std::fs::File::from(pty.master);
+    terminal
+        .write_all(format!("{answer}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    drop(terminal);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// On a terminal, `purge` shows what it would delete, by state, and goes ahead only when
+/// the topic name is typed back; `dlq purge` the same for the dead letters.
+#[test]
+fn purge_on_a_terminal_asks_with_the_counts() {
+    let server = RedisServer::start();
+    seed_every_state(&server, "order.paid");
+    for answer in ["y", "", "order.pai"] {
+        let (code, err) = on_terminal(&server, &["purge", "order.paid"], answer);
+        assert_eq!(code, Some(1), "answer {answer:?}: {err}");
+        assert!(
+            err.contains("2 pending, 0 active, 1 delayed, 1 dead"),
+            "the prompt shows the counts: {err}"
+        );
+        assert!(err.contains("nothing was deleted"), "{err}");
+        assert_eq!(counts(&server, "order.paid"), (2, 1, 1));
+    }
+    let (code, err) = on_terminal(&server, &["dlq", "purge", "order.paid"], "nope");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("1 dead letter"), "{err}");
+    assert_eq!(counts(&server, "order.paid"), (2, 1, 1));
+    let (code, err) = on_terminal(&server, &["dlq", "purge", "order.paid"], "order.paid");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("deleted 1 dead letters of order.paid"),
+        "{err}"
+    );
+    assert_eq!(counts(&server, "order.paid"), (2, 1, 0));
+    let (code, err) = on_terminal(&server, &["purge", "order.paid"], "order.paid");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("deleted 2 pending, 0 active, 1 delayed, 0 dead messages of order.paid"),
+        "{err}"
+    );
+    assert_eq!(counts(&server, "order.paid"), (0, 0, 0));
+    // --yes skips the question on a terminal too.
+    seed_every_state(&server, "order.paid");
+    let (code, err) = on_terminal(&server, &["purge", "order.paid", "--yes"], "");
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(counts(&server, "order.paid"), (0, 0, 0));
 }
