@@ -115,17 +115,22 @@ async fn read_head(mut response: reqwest::Response) -> String {
     String::from_utf8_lossy(&body).into_owned()
 }
 
-/// `Retry-After`: delay-seconds or an HTTP date.
+/// Longest wait a `Retry-After` can impose: a receiver (or whoever answers for it) must
+/// not park a message for months; past a day the route's own backoff is the better guide.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// `Retry-After`: delay-seconds or an HTTP date, either capped at [`MAX_RETRY_AFTER`].
 fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs.min(24 * 3600)));
-    }
-    let at = httpdate(value)?;
-    Some(
-        at.duration_since(SystemTime::now())
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        // Digits past u64: more seconds than any cap.
+        Err(_) if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => MAX_RETRY_AFTER,
+        Err(_) => httpdate(value)?
+            .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO),
-    )
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form HTTP/1.1 servers send.
@@ -287,6 +292,20 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    /// A date far ahead waits no longer than a huge number of seconds would: 24 h.
+    #[test]
+    fn retry_after_dates_are_capped_like_seconds() {
+        let cap = Duration::from_secs(24 * 3600);
+        assert_eq!(parse_retry_after("99999999999"), Some(cap));
+        assert_eq!(parse_retry_after("99999999999999999999999"), Some(cap));
+        let in_a_year = httpdate_of(SystemTime::now() + Duration::from_secs(365 * 24 * 3600));
+        assert_eq!(parse_retry_after(&in_a_year), Some(cap), "{in_a_year}");
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT"),
+            Some(cap)
+        );
     }
 
     fn httpdate_of(t: SystemTime) -> String {
