@@ -47,8 +47,44 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// Prints rows as columns padded to their widest cell; numbers align right.
+/// `text` with every character that could steer a terminal shown as an escape instead:
+/// C0 and C1 controls (ESC starts colour, cursor and title sequences, BEL rings, CR and
+/// LF break the row) and the bidirectional overrides that reorder what is shown. Error
+/// texts come from remote endpoints through the gateway, so they are not trusted.
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(steers) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if steers(c) => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
+/// Controls, and the bidirectional marks, embeddings, overrides and isolates.
+fn steers(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// Prints rows as columns padded to their widest cell; numbers align right. Cells are
+/// shown with [`printable`]: a table is for a terminal (`--json` keeps text exact).
 fn table(header: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| printable(c).into_owned()).collect())
+        .collect();
+    let rows = rows.as_slice();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -150,5 +186,22 @@ pub(crate) fn cancelled(from: Cancelled) -> &'static str {
     match from {
         Cancelled::Delayed => "delayed",
         _ => "pending",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn printable_escapes_what_steers_a_terminal() {
+        assert_eq!(
+            printable("plain text, ünïcödé 中文"),
+            "plain text, ünïcödé 中文"
+        );
+        assert_eq!(
+            printable("\u{1b}[31mred\u{7}\r\n\t\u{9b}2J\u{202e}txt"),
+            r"\u{1b}[31mred\u{7}\r\n\t\u{9b}2J\u{202e}txt"
+        );
     }
 }

@@ -432,3 +432,43 @@ fn purge_on_a_terminal_asks_with_the_counts() {
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(counts(&server, "order.paid"), (0, 0, 0));
 }
+
+/// Error texts come from remote endpoints: the `dlq list` and `peek` tables show their
+/// control characters (terminal escapes, bells, newlines) as visible escapes, never raw;
+/// the JSON keeps the text exact.
+#[test]
+fn dlq_list_table_neutralises_control_characters() {
+    let server = RedisServer::start();
+    let hostile = "HTTP 500: \u{1b}]0;pwned\u{7}\u{1b}[2J\u{1b}[31mred\r\nsecond line\u{9b}31m\u{202e}txt.exe";
+    let url = server.url();
+    runtime().block_on(async {
+        let mq = forgemq::Client::connect(&url).await.unwrap();
+        mq.publish("hook.call", json!({"to": "x"})).await.unwrap();
+        mq.pop_message("hook.call")
+            .await
+            .unwrap()
+            .unwrap()
+            .dead(hostile)
+            .await
+            .unwrap();
+    });
+    for args in [
+        vec!["dlq", "list", "hook.call"],
+        vec!["peek", "hook.call", "--state", "dead"],
+    ] {
+        let table = ok(&server, &args);
+        assert!(
+            !table
+                .chars()
+                .any(|c| (c.is_control() && c != '\n') || c == '\u{202e}'),
+            "{args:?}: raw control characters in {table:?}"
+        );
+        assert_eq!(table.lines().count(), 2, "{args:?}: one row: {table}");
+        assert!(
+            table.contains(r"\u{1b}[31mred\r\nsecond line"),
+            "{args:?}: escapes are shown: {table}"
+        );
+    }
+    let list = json_of(&server, &["dlq", "list", "hook.call", "--json"]);
+    assert_eq!(list[0]["error"], hostile);
+}
