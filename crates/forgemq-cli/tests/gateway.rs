@@ -182,6 +182,11 @@ fn write_config(dir: &Path, text: &str) -> PathBuf {
 
 /// Starts `forgemq gateway` with `config` and waits for `/healthz`.
 fn start_gateway(redis: &RedisServer, config: &str) -> Gateway {
+    start_gateway_with_env(redis, config, &[])
+}
+
+/// [`start_gateway`] with extra environment variables for the gateway process.
+fn start_gateway_with_env(redis: &RedisServer, config: &str, env: &[(&str, &str)]) -> Gateway {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let path = write_config(dir.path(), config);
     let port = free_port();
@@ -192,11 +197,12 @@ fn start_gateway(redis: &RedisServer, config: &str) -> Gateway {
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .env("REDIS_URL", redis.url())
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let gateway = Gateway {
+    let mut gateway = Gateway {
         child,
         port,
         log,
@@ -206,6 +212,9 @@ fn start_gateway(redis: &RedisServer, config: &str) -> Gateway {
     while Instant::now() < deadline {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return gateway;
+        }
+        if let Some(status) = gateway.child.try_wait().unwrap() {
+            panic!("the gateway exited with {status}; log:\n{}", gateway.log());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -628,6 +637,79 @@ max_retry = 0
     assert_eq!(
         invariants(&redis, "e.big", &big, &strings(&big)).count(MsgState::Gone),
         1
+    );
+}
+
+/// An exec target gets a clean environment: the message's `FORGEMQ_*` variables and the
+/// names of its route's `inherit_env` (by default PATH, HOME, LANG, LC_ALL, TZ), never the
+/// gateway's Redis URL or API token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_targets_get_a_clean_environment() {
+    let redis = RedisServer::start();
+    let mq = client(&redis).await;
+    let out = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+[[routes]]
+topic = "env.default"
+exec = ["sh", "-c", "env > {dir}/default.env"]
+
+[[routes]]
+topic = "env.custom"
+exec = ["sh", "-c", "env > {dir}/custom.env"]
+inherit_env = ["MY_SETTING", "NOT_SET_ANYWHERE"]
+"#,
+        dir = out.path().display()
+    );
+    let _gw = start_gateway_with_env(
+        &redis,
+        &config,
+        &[
+            ("FORGEMQ_TOKEN", "api-secret"),
+            ("AWS_SECRET_ACCESS_KEY", "cloud-secret"),
+            ("MY_SETTING", "kept"),
+            ("LANG", "C.UTF-8"),
+        ],
+    );
+    let default_id = mq.publish("env.default", json!({})).await.unwrap();
+    mq.publish("env.custom", json!({})).await.unwrap();
+    let limit = Duration::from_secs(30);
+    for topic in ["env.default", "env.custom"] {
+        eventually(topic, limit, || async { processed(&mq, topic).await == 1 }).await;
+    }
+    let read = |name: &str| -> Vec<(String, String)> {
+        std::fs::read_to_string(out.path().join(name))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    };
+    let names = |env: &[(String, String)]| -> Vec<String> {
+        let mut n: Vec<String> = env
+            .iter()
+            .map(|(k, _)| k.clone())
+            // What sh itself sets.
+            .filter(|k| !matches!(k.as_str(), "PWD" | "SHLVL" | "_" | "OLDPWD"))
+            .collect();
+        n.sort();
+        n
+    };
+    let default = read("default.env");
+    let mut want = vec!["FORGEMQ_ID", "FORGEMQ_RETRY", "FORGEMQ_TOPIC", "LANG"];
+    for inherited in ["PATH", "HOME", "LC_ALL", "TZ"] {
+        if std::env::var_os(inherited).is_some() {
+            want.push(inherited);
+        }
+    }
+    want.sort();
+    assert_eq!(names(&default), want, "{default:?}");
+    assert!(default.contains(&("FORGEMQ_ID".to_owned(), default_id.to_string())));
+    let custom = read("custom.env");
+    assert_eq!(
+        names(&custom),
+        vec!["FORGEMQ_ID", "FORGEMQ_RETRY", "FORGEMQ_TOPIC", "MY_SETTING"],
+        "{custom:?}"
     );
 }
 

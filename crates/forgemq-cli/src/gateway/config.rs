@@ -73,9 +73,19 @@ pub(crate) enum Target {
         url: reqwest::Url,
         headers: Vec<(String, String)>,
     },
-    /// Runs this program with these arguments, the envelope on stdin.
-    Exec { argv: Vec<String> },
+    /// Runs this program with these arguments, the envelope on stdin, in a clean
+    /// environment: the `FORGEMQ_*` variables of the message plus the gateway's values of
+    /// the names in `inherit_env`.
+    Exec {
+        argv: Vec<String>,
+        inherit_env: Vec<String>,
+    },
 }
+
+/// What an exec target inherits from the gateway's environment unless its route says
+/// otherwise: enough to find programs and read text, and nothing secret. The gateway's
+/// own environment holds `REDIS_URL` (with its password) and often `FORGEMQ_TOKEN`.
+pub(crate) const DEFAULT_INHERIT_ENV: [&str; 5] = ["PATH", "HOME", "LANG", "LC_ALL", "TZ"];
 
 /// Delay between failed attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +190,12 @@ impl Config {
                     ))
                 }
                 (Some(url), None) => {
+                    if let Some(names) = &r.inherit_env {
+                        return Err((
+                            Some(line_of(names.span().start)),
+                            format!("route {topic:?}: inherit_env only applies to exec targets"),
+                        ));
+                    }
                     let line = line_of(url.span().start);
                     let url = url.into_inner();
                     let parsed = check_url(&url).map_err(|why| (Some(line), why))?;
@@ -206,7 +222,23 @@ impl Config {
                         ));
                     }
                     check_program(&argv).map_err(|why| (Some(line), why))?;
-                    Target::Exec { argv }
+                    let inherit_env = match r.inherit_env {
+                        None => DEFAULT_INHERIT_ENV.map(str::to_owned).to_vec(),
+                        Some(names) => {
+                            let line = line_of(names.span().start);
+                            let names = names.into_inner();
+                            if let Some(bad) = names.iter().find(|n| {
+                                n.is_empty() || n.contains(['=', '\0'])
+                            }) {
+                                return Err((
+                                    Some(line),
+                                    format!("route {topic:?}: inherit_env has {bad:?}, which is not an environment variable name"),
+                                ));
+                            }
+                            names
+                        }
+                    };
+                    Target::Exec { argv, inherit_env }
                 }
             };
             if r.concurrency == 0 || r.concurrency > 10_000 {
@@ -320,6 +352,7 @@ struct RawRoute {
     #[serde(default = "default_max_retry")]
     max_retry: u32,
     backoff: Option<RawBackoff>,
+    inherit_env: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -380,19 +413,24 @@ fn check_url(url: &str) -> Result<reqwest::Url, String> {
     Ok(parsed)
 }
 
+/// Where `program` is: itself when it names a path, else the first match on the
+/// gateway's `PATH` (the command's own environment may have no `PATH` at all).
+pub(crate) fn find_program(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program)).filter(|p| p.is_file());
+    }
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
 /// The program of an exec target must exist now, not fail on every delivery later.
 fn check_program(argv: &[String]) -> Result<(), String> {
     let Some(program) = argv.first().filter(|p| !p.is_empty()) else {
         return Err("exec is empty: give the program and its arguments, e.g. exec = [\"sh\", \"-c\", \"handle\"]".into());
     };
-    let found = if program.contains('/') {
-        Path::new(program).is_file()
-    } else {
-        std::env::var_os("PATH")
-            .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
-            .unwrap_or(false)
-    };
-    if found {
+    if find_program(program).is_some() {
         Ok(())
     } else {
         Err(format!(
@@ -500,6 +538,31 @@ mod tests {
         let r = c.route_for("order.reminder").unwrap();
         assert_eq!(r.timeout, Duration::from_secs(5));
         assert_eq!(r.backoff, BackoffSpec::Fixed(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn inherit_env_defaults_and_checks() {
+        let c = Config::parse(
+            "[[routes]]\ntopic = \"a\"\nexec = [\"sh\"]\n\n[[routes]]\ntopic = \"b\"\nexec = [\"sh\"]\ninherit_env = [\"PATH\", \"MY_VAR\"]\n",
+        )
+        .unwrap();
+        let inherited = |topic: &str| match &c.route_for(topic).unwrap().target {
+            Target::Exec { inherit_env, .. } => inherit_env.clone(),
+            Target::Http { .. } => panic!("exec route"),
+        };
+        assert_eq!(
+            inherited("a"),
+            DEFAULT_INHERIT_ENV.map(str::to_owned).to_vec()
+        );
+        assert_eq!(inherited("b"), vec!["PATH", "MY_VAR"]);
+        let (line, msg) =
+            err("[[routes]]\ntopic = \"a\"\nhttp = \"http://x/\"\ninherit_env = [\"PATH\"]\n");
+        assert_eq!(line, Some(4), "{msg}");
+        assert!(msg.contains("only applies to exec"), "{msg}");
+        let (line, msg) =
+            err("[[routes]]\ntopic = \"a\"\nexec = [\"sh\"]\ninherit_env = [\"A=B\"]\n");
+        assert_eq!(line, Some(4), "{msg}");
+        assert!(msg.contains("A=B"), "{msg}");
     }
 
     #[test]

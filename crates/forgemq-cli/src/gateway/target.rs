@@ -44,7 +44,7 @@ pub(crate) async fn deliver(
     let body = envelope(msg).to_string();
     match target {
         Target::Http { url, headers } => post(http, url, headers, timeout, msg, body).await,
-        Target::Exec { argv } => exec(argv, timeout, msg, body).await,
+        Target::Exec { argv, inherit_env } => exec(argv, inherit_env, timeout, msg, body).await,
     }
 }
 
@@ -149,6 +149,7 @@ fn httpdate(value: &str) -> Option<SystemTime> {
 
 async fn exec(
     argv: &[String],
+    inherit_env: &[String],
     timeout: Duration,
     msg: &Message<Value>,
     body: String,
@@ -156,7 +157,18 @@ async fn exec(
     let Some((program, args)) = argv.split_first() else {
         return Err(HandlerError::fatal("exec target has no program"));
     };
-    let mut child = tokio::process::Command::new(program)
+    let mut command = tokio::process::Command::new(
+        super::config::find_program(program).unwrap_or_else(|| program.into()),
+    );
+    // A clean environment: the gateway's holds REDIS_URL (with its password) and often
+    // FORGEMQ_TOKEN, which a handler script has no business seeing.
+    command.env_clear();
+    for name in inherit_env {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    let mut child = command
         .args(args)
         .env("FORGEMQ_ID", msg.id.as_str())
         .env("FORGEMQ_TOPIC", &msg.topic)
