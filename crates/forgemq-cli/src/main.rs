@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
-use forgemq::{Client, MessageId, MessageState, PublishOptions, PublishOutcome};
+use forgemq::{Client, MessageId, MessageState, PublishOptions, PublishOutcome, UniqueUntil};
 use serde_json::Value;
 
 /// Most messages `publish --file` sends per round trip.
@@ -63,9 +63,14 @@ enum Command {
         /// Publish at most one message with this key per `--unique-ttl`.
         #[arg(long)]
         unique_key: Option<String>,
-        /// How long a unique key holds.
+        /// How long a unique key holds at most.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "24h", requires = "unique_key")]
         unique_ttl: Duration,
+        /// When the unique key is released: `final` when the message is processed,
+        /// cancelled, purged or dead-lettered (or the ttl ends, if sooner); `ttl` only when
+        /// the ttl ends.
+        #[arg(long, value_enum, default_value_t = UniqueUntilArg::Final, requires = "unique_key")]
+        unique_until: UniqueUntilArg,
         /// Publish every line of this JSON-lines file as one message (prints the ids).
         #[arg(long)]
         file: Option<std::path::PathBuf>,
@@ -178,6 +183,22 @@ struct AccessArgs {
     /// still needs it. /healthz and /readyz are always open.
     #[arg(long)]
     metrics_public: bool,
+}
+
+/// `--unique-until`: how long a unique key holds.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum UniqueUntilArg {
+    Final,
+    Ttl,
+}
+
+impl From<UniqueUntilArg> for UniqueUntil {
+    fn from(u: UniqueUntilArg) -> Self {
+        match u {
+            UniqueUntilArg::Final => UniqueUntil::Final,
+            UniqueUntilArg::Ttl => UniqueUntil::Ttl,
+        }
+    }
 }
 
 /// The states `peek` can look into.
@@ -474,6 +495,7 @@ async fn run(cli: Cli) -> Result<()> {
             max_retry,
             unique_key,
             unique_ttl,
+            unique_until,
             file,
         } => {
             let mut options = PublishOptions::new();
@@ -484,7 +506,9 @@ async fn run(cli: Cli) -> Result<()> {
                 options = options.max_retry(n);
             }
             if let Some(k) = unique_key {
-                options = options.unique_key(k, unique_ttl);
+                options = options
+                    .unique_key(k, unique_ttl)
+                    .unique_until(unique_until.into());
             }
             match (file, data) {
                 (Some(path), _) => publish_file(&mq, &topic, &path, &options).await,

@@ -133,6 +133,7 @@ pub(crate) fn stats_table(stats: &[QueueStats]) {
                 s.failed.to_string(),
                 s.retried.to_string(),
                 s.recovered.to_string(),
+                s.duplicate_runs.to_string(),
             ]
         })
         .collect();
@@ -147,6 +148,7 @@ pub(crate) fn stats_table(stats: &[QueueStats]) {
             "FAILED",
             "RETRIED",
             "RECOVERED",
+            "DUP RUNS",
         ],
         &rows,
     );

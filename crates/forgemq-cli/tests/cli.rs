@@ -472,3 +472,79 @@ fn dlq_list_table_neutralises_control_characters() {
     let list = json_of(&server, &["dlq", "list", "hook.call", "--json"]);
     assert_eq!(list[0]["error"], hostile);
 }
+
+/// `publish --unique-until ttl` holds the key for the whole ttl, also after the message
+/// was processed; the default (`final`) frees it when the message is done.
+#[test]
+fn publish_takes_unique_until() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let process_all = || {
+        runtime().block_on(async {
+            let mq = forgemq::Client::connect(&url).await.unwrap();
+            while let Some(d) = mq.pop_message("order.reminder").await.unwrap() {
+                d.ack().await.unwrap();
+            }
+        })
+    };
+    for (until, duplicate) in [(Some("ttl"), true), (Some("final"), false), (None, false)] {
+        let key = format!("reminder:{until:?}");
+        let mut args = vec!["publish", "order.reminder", "{}", "--unique-key", &key];
+        if let Some(u) = until {
+            args.extend(["--unique-until", u]);
+        }
+        let first = ok(&server, &args);
+        process_all();
+        let out = forgemq(&server, &args);
+        assert!(out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.contains("duplicate"), duplicate, "{until:?}: {err}");
+        let second = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(first == second, duplicate, "{until:?}");
+    }
+    let out = forgemq(
+        &server,
+        &[
+            "publish",
+            "t.x",
+            "{}",
+            "--unique-key",
+            "k",
+            "--unique-until",
+            "never",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// The stats table has the duplicate runs (rule 7: each one counted and shown).
+#[test]
+fn stats_table_shows_duplicate_runs() {
+    let server = RedisServer::start();
+    ok(&server, &["publish", "a.one", "1"]);
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg("mq:{a.one}:stats")
+        .arg("duplicate_runs")
+        .arg(3)
+        .query(&mut server.conn())
+        .unwrap();
+    let table = ok(&server, &["stats"]);
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap()
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let column = header
+        .iter()
+        .position(|h| *h == "DUP RUNS")
+        .unwrap_or_else(|| panic!("no DUP RUNS column: {table}"));
+    assert_eq!(row[column], "3", "{table}");
+    assert_eq!(
+        json_of(&server, &["stats", "a.one", "--json"])["duplicate_runs"],
+        3
+    );
+}

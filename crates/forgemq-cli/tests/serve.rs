@@ -895,6 +895,87 @@ fn readyz_writes_to_redis_at_most_once_a_second() {
     );
 }
 
+/// `"unique_until": "ttl"` keeps the key for its whole ttl, also after the message was
+/// processed; the default (`final`) frees it then.
+#[test]
+fn publish_takes_unique_until() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &[]);
+    let p = server.port;
+    let url = redis.url();
+    let settle = || {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let mq = forgemq::Client::connect(&url).await.unwrap();
+            while let Some(d) = mq.pop_message("order.reminder").await.unwrap() {
+                d.ack().await.unwrap();
+            }
+        })
+    };
+    for (until, batch, again) in [
+        ("ttl", false, 200),
+        ("final", false, 201),
+        ("ttl", true, 201),
+        ("final", true, 201),
+    ] {
+        let key = format!("r-{until}-{batch}");
+        let one = format!(r#"{{"data":1,"unique_key":"{key}","unique_until":"{until}"}}"#);
+        let (path, body) = if batch {
+            (
+                "/api/v1/topics/order.reminder/messages/batch",
+                format!("[{one}]"),
+            )
+        } else {
+            ("/api/v1/topics/order.reminder/messages", one)
+        };
+        let (status, first) = http(p, "POST", path, None, Some(&body));
+        assert_eq!(status, 201, "{first}");
+        settle();
+        let (status, second) = http(p, "POST", path, None, Some(&body));
+        let duplicate = second["duplicate"] == true || second["duplicates"] == 1;
+        let want_duplicate = until == "ttl";
+        assert_eq!(duplicate, want_duplicate, "{until} batch={batch}: {second}");
+        if !batch {
+            assert_eq!(status, again, "{until}: {second}");
+        }
+    }
+    let (status, body) = http(
+        p,
+        "POST",
+        "/api/v1/topics/order.reminder/messages",
+        None,
+        Some(r#"{"data":1,"unique_key":"k","unique_until":"forever"}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+}
+
+/// `/metrics` has the duplicate runs of each topic (DESIGN rule 7: each one counted).
+#[test]
+fn metrics_count_duplicate_runs() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &[]);
+    http(
+        server.port,
+        "POST",
+        "/api/v1/topics/user.welcome/messages",
+        None,
+        Some(r#"{"data":1}"#),
+    );
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg("mq:{user.welcome}:stats")
+        .arg("duplicate_runs")
+        .arg(2)
+        .query(&mut redis.conn())
+        .unwrap();
+    let (status, body) = http(server.port, "GET", "/metrics", None, None);
+    assert_eq!(status, 200);
+    let text = body.as_str().unwrap();
+    let line = r#"forgemq_duplicate_runs_total{topic="user.welcome"} 2"#;
+    assert!(
+        text.lines().any(|l| l == line),
+        "missing {line} in:\n{text}"
+    );
+}
+
 /// Starts `forgemq dev` in `dir` on `port`; stdout and stderr piped.
 fn spawn_dev(dir: &std::path::Path, port: u16, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_forgemq"))

@@ -142,12 +142,35 @@ struct PublishRequest {
     /// At most one message with this key per `unique_ttl_ms` (default 24 h).
     #[serde(default)]
     unique_key: Option<String>,
-    /// How long the unique key holds, in milliseconds.
+    /// How long the unique key holds at most, in milliseconds.
     #[serde(default)]
     unique_ttl_ms: Option<u64>,
+    /// When the unique key is released: `final` (default) when the message is processed,
+    /// cancelled, purged or dead-lettered, or when the ttl ends if sooner; `ttl` only when
+    /// the ttl ends. Only with `unique_key`.
+    #[serde(default)]
+    unique_until: Option<UniqueUntilField>,
     /// A caller-chosen id: publishing it again while stored is a duplicate.
     #[serde(default)]
     id: Option<String>,
+}
+
+/// `unique_until` of a publish request.
+#[derive(Debug, Clone, Copy, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum UniqueUntilField {
+    #[default]
+    Final,
+    Ttl,
+}
+
+impl From<UniqueUntilField> for forgemq::UniqueUntil {
+    fn from(u: UniqueUntilField) -> Self {
+        match u {
+            UniqueUntilField::Final => forgemq::UniqueUntil::Final,
+            UniqueUntilField::Ttl => forgemq::UniqueUntil::Ttl,
+        }
+    }
 }
 
 impl PublishRequest {
@@ -161,7 +184,9 @@ impl PublishRequest {
         }
         if let Some(key) = self.unique_key {
             let ttl = Duration::from_millis(self.unique_ttl_ms.unwrap_or(24 * 3600 * 1000));
-            options = options.unique_key(key, ttl);
+            options = options
+                .unique_key(key, ttl)
+                .unique_until(self.unique_until.unwrap_or_default().into());
         }
         if let Some(id) = self.id {
             options = options.id(message_id(&id)?);

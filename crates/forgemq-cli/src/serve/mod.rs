@@ -248,6 +248,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
             "forgemq_deduplicated",
             "Redeliveries of already-processed ids that were skipped",
         ),
+        (
+            "forgemq_duplicate_runs",
+            "Handler runs whose outcome was refused because the lease had expired and the message was handed out again: the message ran twice",
+        ),
     ]
     .into_iter()
     .map(|(name, help)| {
@@ -279,6 +283,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
             s.dead_lettered,
             s.recovered,
             s.deduplicated,
+            s.duplicate_runs,
         ];
         for ((_, _, family), value) in counters.iter().zip(totals) {
             family.get_or_create(&topic()).inc_by(value);
