@@ -895,6 +895,38 @@ fn readyz_writes_to_redis_at_most_once_a_second() {
     );
 }
 
+/// The scheme of `Authorization` is case-insensitive (RFC 9110): `bearer` works.
+#[test]
+fn bearer_scheme_is_case_insensitive() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &["--token", "s3cret"]);
+    for auth in [
+        "Bearer s3cret",
+        "bearer s3cret",
+        "BEARER s3cret",
+        "Bearer   s3cret",
+    ] {
+        let reply = request(
+            server.port,
+            "GET",
+            "/api/v1/topics",
+            &[("Authorization", auth)],
+            None,
+        );
+        assert_eq!(reply.status, 200, "{auth}: {}", reply.body);
+    }
+    for auth in ["Basic s3cret", "Bearers3cret", "s3cret", "Bearer s3cret2"] {
+        let reply = request(
+            server.port,
+            "GET",
+            "/api/v1/topics",
+            &[("Authorization", auth)],
+            None,
+        );
+        assert_eq!(reply.status, 401, "{auth}");
+    }
+}
+
 /// `"unique_until": "ttl"` keeps the key for its whole ttl, also after the message was
 /// processed; the default (`final`) frees it then.
 #[test]

@@ -199,12 +199,14 @@ pub(super) async fn check_host_and_origin(
     next.run(request).await
 }
 
-/// The token of `Authorization: Bearer <token>`, if that is what the header holds.
+/// The token of `Authorization: Bearer <token>`, if that is what the header holds. The
+/// scheme name is case-insensitive (RFC 9110, 11.1): `bearer` and `BEARER` are the same.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 /// `Authorization: Bearer <token>` on every route it guards when a token is set; compared
