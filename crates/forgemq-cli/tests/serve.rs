@@ -387,6 +387,20 @@ fn api_refuses_bad_input_with_4xx_and_writes_nothing() {
             r#"{"data":1,"delay_ms":"soon"}"#,
             400,
         ),
+        // A struct's fields as an array: serde reads it, the API does not offer it.
+        ("/api/v1/topics/ok.topic/messages", "[1, null]", 400),
+        ("/api/v1/topics/ok.topic/messages/batch", "[[1, null]]", 400),
+        ("/api/v1/topics/ok.topic/messages/batch", "[{}]", 400),
+        (
+            "/api/v1/topics/ok.topic/messages",
+            r#"{"data":1,"unique_ttl_ms":0}"#,
+            400,
+        ),
+        (
+            "/api/v1/topics/ok.topic/messages",
+            r#"{"data":1,"delay_ms":-1}"#,
+            400,
+        ),
     ] {
         let (status, err) = http(p, "POST", path, None, Some(body));
         assert_eq!(status, want, "{path} {body}: {err}");
@@ -458,11 +472,24 @@ fn empty_token_is_refused_and_huge_offsets_are_harmless() {
     let (status, body) = http(
         server.port,
         "GET",
-        "/api/v1/topics/t.x/messages?offset=18446744073709551615&limit=1000",
+        "/api/v1/topics/t.x/messages?offset=9007199254740991&limit=1000",
         None,
         None,
     );
     assert_eq!((status, body), (200, json!([])));
+    // Past the documented maximum (2^53 - 1) is a clear 400, not a wrapped number.
+    let (status, body) = http(
+        server.port,
+        "GET",
+        "/api/v1/topics/t.x/messages?offset=18446744073709551615",
+        None,
+        None,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("9007199254740991"),
+        "{body}"
+    );
 }
 
 /// A non-loopback bind without a token is refused at start-up, saying why.
@@ -924,6 +951,152 @@ fn bearer_scheme_is_case_insensitive() {
             None,
         );
         assert_eq!(reply.status, 401, "{auth}");
+    }
+}
+
+/// Bad query strings and path parameters get the same JSON `{"error"}` as any other 400,
+/// not axum's plain-text rejection.
+#[test]
+fn query_string_errors_are_json() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &[]);
+    for path in [
+        "/api/v1/topics/t.x/messages?limit=-1",
+        "/api/v1/topics/t.x/messages?offset=soon",
+        "/api/v1/topics/t.x/messages?state=sideways",
+        "/api/v1/topics/t.x/messages?state=",
+        "/api/v1/topics/t.x/dead-letters?limit=1.5",
+        "/api/v1/topics/%FF/messages",
+    ] {
+        let reply = request(server.port, "GET", path, &[], None);
+        assert_eq!(reply.status, 400, "{path}: {}", reply.body);
+        assert_eq!(
+            reply.header("content-type"),
+            Some("application/json"),
+            "{path}"
+        );
+        assert!(reply.body["error"].is_string(), "{path}: {}", reply.body);
+    }
+    // Integral numbers written as floats are numbers all the same.
+    let reply = request(
+        server.port,
+        "POST",
+        "/api/v1/topics/t.x/messages",
+        &[],
+        Some(r#"{"data":1,"max_retry":5.0,"delay_ms":1e3}"#),
+    );
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let reply = request(server.port, "GET", "/api/v1/nothing/here", &[], None);
+    assert_eq!(reply.status, 404);
+    assert!(reply.body["error"].is_string(), "{}", reply.body);
+}
+
+/// The OpenAPI document says what the server does: where it is, how to authenticate,
+/// every status an operation answers, real response schemas, the rules of parameters.
+#[test]
+fn openapi_describes_what_the_server_does() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &["--token", "s3cret"]);
+    let (status, doc) = http(
+        server.port,
+        "GET",
+        "/api/v1/openapi.json",
+        Some("s3cret"),
+        None,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(doc["servers"][0]["url"], "/api/v1", "{}", doc["servers"]);
+    let scheme = &doc["components"]["securitySchemes"]["bearer"];
+    assert_eq!(
+        (scheme["type"].as_str(), scheme["scheme"].as_str()),
+        (Some("http"), Some("bearer")),
+        "{scheme}"
+    );
+    assert_eq!(doc["security"], json!([{"bearer": []}]));
+    let resolve = |v: &Value| -> Value {
+        match v["$ref"].as_str() {
+            Some(r) => {
+                let pointer = r.trim_start_matches('#');
+                doc.pointer(pointer).cloned().unwrap_or(Value::Null)
+            }
+            None => v.clone(),
+        }
+    };
+    let mut operations = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            operations += 1;
+            let responses = op["responses"].as_object().unwrap();
+            for code in ["401", "403", "503"] {
+                assert!(responses.contains_key(code), "{method} {path} lacks {code}");
+            }
+            let params = op["parameters"].as_array().cloned().unwrap_or_default();
+            if path.contains("{topic}") {
+                assert!(responses.contains_key("400"), "{method} {path} lacks 400");
+                let topic = params.iter().find(|p| p["name"] == "topic").unwrap();
+                assert_eq!(
+                    topic["schema"]["pattern"], "^[A-Za-z0-9._:-]{1,200}$",
+                    "{method} {path}"
+                );
+            }
+            for (code, response) in responses {
+                let response = resolve(response);
+                let schema = &response["content"]["application/json"]["schema"];
+                let schema = resolve(schema);
+                let bare = schema == json!({"type": "object"})
+                    || schema["items"] == json!({"type": "object"});
+                assert!(!bare, "{method} {path} {code}: bare object schema");
+                assert!(!schema.is_null(), "{method} {path} {code}: no JSON schema");
+            }
+            for p in &params {
+                if p["schema"]["type"] == "integer" {
+                    assert_eq!(p["schema"]["minimum"], 0, "{method} {path} {}", p["name"]);
+                    assert_ne!(
+                        p["schema"]["format"], "int64",
+                        "{method} {path} {}",
+                        p["name"]
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(operations, 15);
+    let peek = &doc["paths"]["/topics/{topic}/messages"]["get"]["parameters"];
+    let state = peek
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "state")
+        .unwrap();
+    let state = resolve(&state["schema"]);
+    let state = if state["oneOf"].is_array() {
+        resolve(&state["oneOf"][0])
+    } else {
+        state
+    };
+    assert_eq!(
+        state["enum"],
+        json!(["pending", "delayed", "active", "dead"]),
+        "{state}"
+    );
+    let dead = &doc["paths"]["/topics/{topic}/dead-letters"]["get"]["parameters"];
+    assert!(
+        !dead
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "state"),
+        "the dead-letter list has no state parameter: {dead}"
+    );
+    let stats = resolve(
+        &doc["paths"]["/topics/{topic}"]["get"]["responses"]["200"]["content"]["application/json"]
+            ["schema"],
+    );
+    for field in ["topic", "pending", "dead", "duplicate_runs", "paused"] {
+        assert!(
+            stats["properties"][field].is_object(),
+            "stats schema lacks {field}: {stats}"
+        );
     }
 }
 

@@ -1,22 +1,31 @@
 //! The routes under `/api/v1`. Each is declared once with `#[utoipa::path]` and the
 //! router is built from those declarations, so the OpenAPI document always matches.
+//!
+//! Every rejection (path, query string, body) answers the same JSON `{"error"}` with 400
+//! (413 for a body over the limit), never axum's plain-text defaults.
 
 #![allow(unused_qualifications)] // in the code that utoipa generates for the routes
 
 use std::time::Duration;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use forgemq::{Error, MessageId, MessageState, PublishOptions, PublishOutcome};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::schema::{
+    self, BatchPublished, Cancelled, CancelledFrom, DeletedCount, DeletedId, Duplicate, Envelope,
+    ErrorBody, MinuteCounts, Paused, Published, PurgeResult, RequeuedCount, RequeuedId, Resumed,
+    TopicStats,
+};
 use super::AppState;
 use crate::output;
 
@@ -24,10 +33,17 @@ use crate::output;
 /// holds the server.
 const MAX_BATCH: usize = 10_000;
 
+/// Most messages one peek returns, whatever `limit` asks for.
+const MAX_PAGE: u64 = 1000;
+
+/// Unique keys hold this long unless `unique_ttl_ms` says otherwise.
+const DEFAULT_UNIQUE_TTL: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(OpenApi)]
 #[openapi(info(
     title = "ForgeMQ",
-    description = "A reliable message queue on Redis: publish, inspect, manage dead letters."
+    description = "A reliable message queue on Redis: publish, inspect, manage dead letters. \
+                   Every error answer is `{\"error\": \"...\"}`."
 ))]
 struct ApiDoc;
 
@@ -60,7 +76,7 @@ pub(super) fn router(state: AppState) -> Router<AppState> {
         .layer(axum::extract::DefaultBodyLimit::max(one))
         .merge(batch)
         .split_for_parts();
-    let doc_json = doc.to_json().unwrap_or_else(|_| "{}".to_owned());
+    let doc_json = schema::finish_document(&doc, state.token.is_some()).to_string();
     api.route(
         "/openapi.json",
         axum::routing::get(move || async move {
@@ -93,7 +109,7 @@ pub(super) struct ApiError(pub(super) StatusCode, pub(super) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({"error": self.1}))).into_response()
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -111,46 +127,128 @@ impl From<Error> for ApiError {
     }
 }
 
-impl From<JsonRejection> for ApiError {
-    fn from(e: JsonRejection) -> Self {
-        let status = match e.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        ApiError(status, format!("malformed request body: {}", e.body_text()))
+type ApiResult<T> = Result<T, ApiError>;
+
+/// `Path`, rejected with the API's JSON 400 (a path segment that is not UTF-8, say).
+struct ApiPath<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> ApiResult<Self> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(e) => Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("bad path: {}", e.body_text()),
+            )),
+        }
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+/// `Query`, rejected with the API's JSON 400 (`limit=-1`, an unknown `state`, ...).
+struct ApiQuery<T>(T);
 
-fn message_id(id: &str) -> ApiResult<MessageId> {
-    MessageId::new(id).map_err(ApiError::from)
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> ApiResult<Self> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(ApiQuery(value)),
+            Err(e) => Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("bad query string: {}", e.body_text()),
+            )),
+        }
+    }
+}
+
+/// `Json`, rejected with the API's JSON 400, or 413 for a body over the limit.
+struct ApiJson<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> ApiResult<Self> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(e) => {
+                let status = match e.status() {
+                    StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                Err(ApiError(
+                    status,
+                    format!("malformed request body: {}", e.body_text()),
+                ))
+            }
+        }
+    }
+}
+
+/// The topic of a route.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct TopicPath {
+    /// Topic name: 1-200 ASCII letters, digits and `. _ - :`, e.g. `user.welcome`.
+    #[param(pattern = "^[A-Za-z0-9._:-]{1,200}$", example = "user.welcome")]
+    topic: String,
+}
+
+/// The topic and message id of a route.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct MessagePath {
+    /// Topic name: 1-200 ASCII letters, digits and `. _ - :`, e.g. `user.welcome`.
+    #[param(pattern = "^[A-Za-z0-9._:-]{1,200}$", example = "user.welcome")]
+    topic: String,
+    /// Message id: 1-200 bytes (UTF-8) without whitespace or control characters.
+    #[param(
+        pattern = "^[^\\x00-\\x20\\x7f-\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]{1,200}$",
+        example = "01937a2c-5c3e-7d1a-9f6b-0c4b2a1e8d77"
+    )]
+    id: String,
 }
 
 /// A message to publish.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PublishRequest {
-    /// Any JSON: the message data.
+    /// Any JSON: the message data (integers must fit in 64 bits).
     data: Value,
     /// Deliver no earlier than this many milliseconds from now.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "schema::opt_u64")]
+    #[schema(minimum = 0, maximum = 9007199254740991_u64)]
     delay_ms: Option<u64>,
     /// Retries before the dead-letter queue (default: the consumer's, 3).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "schema::opt_u32")]
+    #[schema(minimum = 0, maximum = 4294967295_u64)]
     max_retry: Option<u32>,
-    /// At most one message with this key per `unique_ttl_ms` (default 24 h).
+    /// At most one message with this key at a time (see `unique_until`, `unique_ttl_ms`):
+    /// 1-200 bytes (UTF-8) without control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"
+    )]
     #[serde(default)]
     unique_key: Option<String>,
-    /// How long the unique key holds at most, in milliseconds.
-    #[serde(default)]
+    /// How long the unique key holds at most, in milliseconds (default 24 h). Only with
+    /// `unique_key`.
+    #[serde(default, deserialize_with = "schema::opt_u64")]
+    #[schema(minimum = 1, maximum = 9007199254740991_u64)]
     unique_ttl_ms: Option<u64>,
     /// When the unique key is released: `final` (default) when the message is processed,
     /// cancelled, purged or dead-lettered, or when the ttl ends if sooner; `ttl` only when
     /// the ttl ends. Only with `unique_key`.
     #[serde(default)]
     unique_until: Option<UniqueUntilField>,
-    /// A caller-chosen id: publishing it again while stored is a duplicate.
+    /// A caller-chosen id (1-200 bytes (UTF-8) without whitespace or control characters):
+    /// publishing it again while it is stored is a duplicate.
+    #[schema(
+        max_length = 200,
+        pattern = "^[^\\x00-\\x20\\x7f-\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]{1,200}$"
+    )]
     #[serde(default)]
     id: Option<String>,
 }
@@ -182,8 +280,17 @@ impl PublishRequest {
         if let Some(n) = self.max_retry {
             options = options.max_retry(n);
         }
+        // Refused with or without a unique key: the document says at least 1.
+        if self.unique_ttl_ms == Some(0) {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "unique_ttl_ms must be at least 1".to_owned(),
+            ));
+        }
         if let Some(key) = self.unique_key {
-            let ttl = Duration::from_millis(self.unique_ttl_ms.unwrap_or(24 * 3600 * 1000));
+            let ttl = self
+                .unique_ttl_ms
+                .map_or(DEFAULT_UNIQUE_TTL, Duration::from_millis);
             options = options
                 .unique_key(key, ttl)
                 .unique_until(self.unique_until.unwrap_or_default().into());
@@ -195,54 +302,98 @@ impl PublishRequest {
     }
 }
 
-fn outcome_json(outcome: &PublishOutcome) -> Value {
-    match outcome {
-        PublishOutcome::Duplicate(id) => json!({"id": id, "duplicate": true}),
-        other => json!({"id": other.id()}),
+/// Up to 10,000 messages, stored in one go in request order.
+#[derive(Debug, ToSchema)]
+#[schema(max_items = 10000)]
+struct PublishBatch(Vec<PublishRequest>);
+
+impl<'de> Deserialize<'de> for PublishBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let items = Vec::<Object<PublishRequest>>::deserialize(d)?;
+        Ok(PublishBatch(items.into_iter().map(|Object(r)| r).collect()))
     }
+}
+
+/// A `T` that must come as a JSON object. serde's derive also reads a struct from an
+/// array of its fields in order (`[1, null]` as `{"data": 1, "delay_ms": null}`), which
+/// the API does not offer: a client sending that has a bug the server should report.
+#[derive(Debug)]
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct OnlyMaps<T>(std::marker::PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for OnlyMaps<T> {
+            type Value = T;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+
+        d.deserialize_map(OnlyMaps(std::marker::PhantomData))
+            .map(Object)
+    }
+}
+
+fn message_id(id: &str) -> ApiResult<MessageId> {
+    MessageId::new(id).map_err(ApiError::from)
 }
 
 /// Publish one message.
 #[utoipa::path(post, path = "/topics/{topic}/messages", tag = "messages",
-    params(("topic" = String, Path, description = "Topic name, e.g. user.welcome")),
+    params(TopicPath),
     request_body = PublishRequest,
     responses(
-        (status = 201, description = "Stored: `{\"id\"}`", body = Object),
-        (status = 200, description = "Duplicate (id or unique key held): `{\"id\", \"duplicate\": true}`", body = Object),
-        (status = 400, description = "Bad topic name or malformed JSON", body = Object),
-        (status = 413, description = "Payload over the limit", body = Object),
+        (status = 201, description = "Stored", body = Published),
+        (status = 200, description = "Duplicate: a message with this id, or holding this unique key, is stored; nothing was written", body = Duplicate),
+        (status = 400, description = "Bad topic name, malformed JSON or a bad field", body = ErrorBody),
+        (status = 413, description = "Payload over the limit (1 MiB by default)", body = ErrorBody),
     ))]
 async fn publish(
     State(state): State<AppState>,
-    Path(topic): Path<String>,
-    body: Result<Json<PublishRequest>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
-    let Json(request) = body?;
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+    ApiJson(Object(request)): ApiJson<Object<PublishRequest>>,
+) -> ApiResult<Response> {
     let (data, options) = request.into_parts()?;
-    let outcome = state.mq.publish_with(&topic, data, options).await?;
-    let status = if outcome.is_duplicate() {
-        StatusCode::OK
-    } else {
-        StatusCode::CREATED
-    };
-    Ok((status, Json(outcome_json(&outcome))))
+    Ok(match state.mq.publish_with(&topic, data, options).await? {
+        PublishOutcome::Duplicate(id) => (
+            StatusCode::OK,
+            Json(Duplicate {
+                id: id.to_string(),
+                duplicate: true,
+            }),
+        )
+            .into_response(),
+        outcome => (
+            StatusCode::CREATED,
+            Json(Published {
+                id: outcome.id().to_string(),
+            }),
+        )
+            .into_response(),
+    })
 }
 
-/// Publish many messages in one request (at most 10,000).
+/// Publish many messages in one request: all or nothing.
 #[utoipa::path(post, path = "/topics/{topic}/messages/batch", tag = "messages",
-    params(("topic" = String, Path, description = "Topic name")),
-    request_body = Vec<PublishRequest>,
+    params(TopicPath),
+    request_body = PublishBatch,
     responses(
-        (status = 201, description = "`{\"ids\": [...], \"duplicates\": n}` in request order", body = Object),
-        (status = 400, description = "Bad topic, malformed JSON or too many messages", body = Object),
-        (status = 413, description = "A payload over the limit: nothing was stored", body = Object),
+        (status = 201, description = "Stored (duplicates excepted), ids in request order", body = BatchPublished),
+        (status = 400, description = "Bad topic, malformed JSON, a bad field or more than 10,000 messages: nothing was stored", body = ErrorBody),
+        (status = 413, description = "A payload over the limit: nothing was stored", body = ErrorBody),
     ))]
 async fn publish_batch(
     State(state): State<AppState>,
-    Path(topic): Path<String>,
-    body: Result<Json<Vec<PublishRequest>>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
-    let Json(requests) = body?;
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+    ApiJson(PublishBatch(requests)): ApiJson<PublishBatch>,
+) -> ApiResult<(StatusCode, Json<BatchPublished>)> {
     if requests.len() > MAX_BATCH {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -257,190 +408,325 @@ async fn publish_batch(
         .map(PublishRequest::into_parts)
         .collect::<ApiResult<Vec<_>>>()?;
     let outcomes = state.mq.publish_batch_with(&topic, items).await?;
-    let duplicates = outcomes.iter().filter(|o| o.is_duplicate()).count();
-    let ids: Vec<&MessageId> = outcomes.iter().map(PublishOutcome::id).collect();
     Ok((
         StatusCode::CREATED,
-        Json(json!({"ids": ids, "duplicates": duplicates})),
+        Json(BatchPublished {
+            duplicates: outcomes.iter().filter(|o| o.is_duplicate()).count() as u64,
+            ids: outcomes.iter().map(|o| o.id().to_string()).collect(),
+        }),
     ))
 }
 
-/// Every topic with its counts per state and counters.
+/// Every topic with its counts per state and counters, by name.
 #[utoipa::path(get, path = "/topics", tag = "topics",
-    responses((status = 200, description = "Array of topic stats", body = Vec<Object>)))]
-async fn list_topics(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    Ok(Json(json!(state.mq.get_all_queues().await?)))
+    responses((status = 200, description = "Every topic's stats", body = Vec<TopicStats>)))]
+async fn list_topics(State(state): State<AppState>) -> ApiResult<Json<Vec<forgemq::QueueStats>>> {
+    Ok(Json(state.mq.get_all_queues().await?))
 }
 
-/// One topic's counts per state and counters.
+/// One topic's counts per state and counters (zeros for a topic never used).
 #[utoipa::path(get, path = "/topics/{topic}", tag = "topics",
-    params(("topic" = String, Path, description = "Topic name")),
-    responses((status = 200, description = "`{\"topic\", \"pending\", \"active\", \"delayed\", \"dead\", \"processed\", ...}`", body = Object),
-               (status = 400, description = "Bad topic name", body = Object)))]
+    params(TopicPath),
+    responses((status = 200, description = "The topic's stats", body = TopicStats),
+              (status = 400, description = "Bad topic name", body = ErrorBody)))]
 async fn topic_stats(
     State(state): State<AppState>,
-    Path(topic): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(json!(state.mq.stats(&topic).await?)))
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+) -> ApiResult<Json<forgemq::QueueStats>> {
+    Ok(Json(state.mq.stats(&topic).await?))
+}
+
+/// The states `peek` can look into.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum StateParam {
+    Pending,
+    Delayed,
+    Active,
+    Dead,
+}
+
+impl From<StateParam> for MessageState {
+    fn from(s: StateParam) -> Self {
+        match s {
+            StateParam::Pending => MessageState::Pending,
+            StateParam::Delayed => MessageState::Delayed,
+            StateParam::Active => MessageState::Active,
+            StateParam::Dead => MessageState::Dead,
+        }
+    }
 }
 
 /// Which messages to look at.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct PeekQuery {
-    /// pending (default), delayed, active or dead.
-    state: Option<String>,
-    /// How many (default 20, at most 1,000).
-    limit: Option<usize>,
-    /// How many to skip.
-    offset: Option<usize>,
+    /// Which state (default pending).
+    #[serde(default)]
+    #[param(inline, nullable = false)]
+    state: Option<StateParam>,
+    /// How many (default 20; at most 1,000 are returned).
+    #[serde(default, deserialize_with = "schema::query_u64")]
+    #[param(nullable = false, minimum = 0, maximum = 9007199254740991_u64)]
+    limit: Option<u64>,
+    /// How many to skip (default 0).
+    #[serde(default, deserialize_with = "schema::query_u64")]
+    #[param(nullable = false, minimum = 0, maximum = 9007199254740991_u64)]
+    offset: Option<u64>,
 }
 
-fn page(q: &PeekQuery) -> std::ops::Range<usize> {
+/// Which dead letters to look at.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct PageQuery {
+    /// How many (default 20; at most 1,000 are returned).
+    #[serde(default, deserialize_with = "schema::query_u64")]
+    #[param(nullable = false, minimum = 0, maximum = 9007199254740991_u64)]
+    limit: Option<u64>,
+    /// How many to skip (default 0).
+    #[serde(default, deserialize_with = "schema::query_u64")]
+    #[param(nullable = false, minimum = 0, maximum = 9007199254740991_u64)]
+    offset: Option<u64>,
+}
+
+fn page(limit: Option<u64>, offset: Option<u64>) -> std::ops::Range<usize> {
     // Far past any real queue, and within Redis's integer range.
-    let offset = q.offset.unwrap_or(0).min(1 << 40);
-    offset..offset.saturating_add(q.limit.unwrap_or(20).min(1000))
+    let offset = offset.unwrap_or(0).min(1 << 40);
+    let limit = limit.unwrap_or(20).min(MAX_PAGE);
+    // Both fit a usize on every platform Redis runs on.
+    let offset = usize::try_from(offset).unwrap_or(usize::MAX);
+    offset..offset.saturating_add(usize::try_from(limit).unwrap_or(0))
 }
 
-/// Look at messages of one state without taking them.
+/// Look at messages of one state without taking them, oldest first.
 #[utoipa::path(get, path = "/topics/{topic}/messages", tag = "messages",
-    params(("topic" = String, Path, description = "Topic name"), PeekQuery),
-    responses((status = 200, description = "Array of envelopes", body = Vec<Object>),
-               (status = 400, description = "Bad topic or state", body = Object)))]
+    params(TopicPath, PeekQuery),
+    responses((status = 200, description = "Stored envelopes", body = Vec<Envelope>),
+              (status = 400, description = "Bad topic or query string", body = ErrorBody)))]
 async fn peek(
     State(state): State<AppState>,
-    Path(topic): Path<String>,
-    Query(q): Query<PeekQuery>,
-) -> ApiResult<Json<Value>> {
-    let which: MessageState = q.state.as_deref().unwrap_or("pending").parse()?;
-    let found = state.mq.peek(&topic, which, page(&q)).await?;
-    Ok(Json(json!(output::envelopes(&found))))
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+    ApiQuery(q): ApiQuery<PeekQuery>,
+) -> ApiResult<Json<Vec<Value>>> {
+    let which = q.state.map_or(MessageState::Pending, MessageState::from);
+    let found = state
+        .mq
+        .peek(&topic, which, page(q.limit, q.offset))
+        .await?;
+    Ok(Json(output::envelopes(&found)))
 }
 
 /// Cancel a delayed or pending message.
 #[utoipa::path(delete, path = "/topics/{topic}/messages/{id}", tag = "messages",
-    params(("topic" = String, Path, description = "Topic name"), ("id" = String, Path, description = "Message id")),
-    responses((status = 200, description = "`{\"cancelled\": id, \"was\": \"delayed\"|\"pending\"}`", body = Object),
-              (status = 404, description = "No such waiting message", body = Object),
-              (status = 409, description = "Being handled or dead: not cancellable", body = Object)))]
+    params(MessagePath),
+    responses((status = 200, description = "Cancelled", body = Cancelled),
+              (status = 400, description = "Bad topic or id", body = ErrorBody),
+              (status = 404, description = "No such waiting message", body = ErrorBody),
+              (status = 409, description = "Being handled or dead: not cancellable", body = ErrorBody)))]
 async fn cancel(
     State(state): State<AppState>,
-    Path((topic, id)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
-    let from = state.mq.cancel(&topic, &message_id(&id)?).await?;
-    Ok(Json(
-        json!({"cancelled": id, "was": output::cancelled(from)}),
-    ))
+    ApiPath(MessagePath { topic, id }): ApiPath<MessagePath>,
+) -> ApiResult<Json<Cancelled>> {
+    let was = match state.mq.cancel(&topic, &message_id(&id)?).await? {
+        forgemq::Cancelled::Delayed => CancelledFrom::Delayed,
+        _ => CancelledFrom::Pending,
+    };
+    Ok(Json(Cancelled { cancelled: id, was }))
 }
 
 /// The dead-letter queue, oldest first, with the error that killed each message.
 #[utoipa::path(get, path = "/topics/{topic}/dead-letters", tag = "dead letters",
-    params(("topic" = String, Path, description = "Topic name"), PeekQuery),
-    responses((status = 200, description = "Array of envelopes with `error` and `died_at`", body = Vec<Object>)))]
+    params(TopicPath, PageQuery),
+    responses((status = 200, description = "Dead letters: envelopes with `error` and `died_at`", body = Vec<Envelope>),
+              (status = 400, description = "Bad topic or query string", body = ErrorBody)))]
 async fn list_dead_letters(
     State(state): State<AppState>,
-    Path(topic): Path<String>,
-    Query(q): Query<PeekQuery>,
-) -> ApiResult<Json<Value>> {
-    let found = state.mq.peek(&topic, MessageState::Dead, page(&q)).await?;
-    Ok(Json(json!(output::envelopes(&found))))
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<Json<Vec<Value>>> {
+    let found = state
+        .mq
+        .peek(&topic, MessageState::Dead, page(q.limit, q.offset))
+        .await?;
+    Ok(Json(output::envelopes(&found)))
 }
 
 /// Delete every dead letter of the topic for good.
 #[utoipa::path(delete, path = "/topics/{topic}/dead-letters", tag = "dead letters",
-    params(("topic" = String, Path, description = "Topic name")),
-    responses((status = 200, description = "`{\"deleted\": n}`", body = Object)))]
+    params(TopicPath),
+    responses((status = 200, description = "How many were deleted", body = DeletedCount),
+              (status = 400, description = "Bad topic name", body = ErrorBody)))]
 async fn purge_dead_letters(
     State(state): State<AppState>,
-    Path(topic): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(
-        json!({"deleted": state.mq.purge_dead_letters(&topic).await?}),
-    ))
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+) -> ApiResult<Json<DeletedCount>> {
+    Ok(Json(DeletedCount {
+        deleted: state.mq.purge_dead_letters(&topic).await?,
+    }))
 }
 
 /// Send one dead letter back to the queue with fresh retries.
 #[utoipa::path(post, path = "/topics/{topic}/dead-letters/{id}/retry", tag = "dead letters",
-    params(("topic" = String, Path, description = "Topic name"), ("id" = String, Path, description = "Message id")),
-    responses((status = 200, description = "`{\"requeued\": id}`", body = Object),
-              (status = 404, description = "No such dead letter", body = Object)))]
+    params(MessagePath),
+    responses((status = 200, description = "Back in the queue", body = RequeuedId),
+              (status = 400, description = "Bad topic or id", body = ErrorBody),
+              (status = 404, description = "No such dead letter", body = ErrorBody)))]
 async fn retry_dead_letter(
     State(state): State<AppState>,
-    Path((topic, id)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+    ApiPath(MessagePath { topic, id }): ApiPath<MessagePath>,
+) -> ApiResult<Json<RequeuedId>> {
     state
         .mq
         .reprocess_dead_letter(&topic, &message_id(&id)?)
         .await?;
-    Ok(Json(json!({"requeued": id})))
+    Ok(Json(RequeuedId { requeued: id }))
 }
 
 /// Delete one dead letter for good.
 #[utoipa::path(delete, path = "/topics/{topic}/dead-letters/{id}", tag = "dead letters",
-    params(("topic" = String, Path, description = "Topic name"), ("id" = String, Path, description = "Message id")),
-    responses((status = 200, description = "`{\"deleted\": id}`", body = Object),
-              (status = 404, description = "No such dead letter", body = Object)))]
+    params(MessagePath),
+    responses((status = 200, description = "Deleted", body = DeletedId),
+              (status = 400, description = "Bad topic or id", body = ErrorBody),
+              (status = 404, description = "No such dead letter", body = ErrorBody)))]
 async fn delete_dead_letter(
     State(state): State<AppState>,
-    Path((topic, id)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+    ApiPath(MessagePath { topic, id }): ApiPath<MessagePath>,
+) -> ApiResult<Json<DeletedId>> {
     state
         .mq
         .delete_dead_letter(&topic, &message_id(&id)?)
         .await?;
-    Ok(Json(json!({"deleted": id})))
+    Ok(Json(DeletedId { deleted: id }))
 }
 
 /// Send every dead letter of the topic back to the queue.
 #[utoipa::path(post, path = "/topics/{topic}/dead-letters/retry", tag = "dead letters",
-    params(("topic" = String, Path, description = "Topic name")),
-    responses((status = 200, description = "`{\"requeued\": n}`", body = Object)))]
+    params(TopicPath),
+    responses((status = 200, description = "How many went back", body = RequeuedCount),
+              (status = 400, description = "Bad topic name", body = ErrorBody)))]
 async fn retry_all_dead_letters(
     State(state): State<AppState>,
-    Path(topic): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(
-        json!({"requeued": state.mq.reprocess_all_dead_letters(&topic).await?}),
-    ))
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+) -> ApiResult<Json<RequeuedCount>> {
+    Ok(Json(RequeuedCount {
+        requeued: state.mq.reprocess_all_dead_letters(&topic).await?,
+    }))
 }
 
 /// Pause a topic: workers everywhere stop taking its messages; publishing still works.
 #[utoipa::path(post, path = "/topics/{topic}/pause", tag = "topics",
-    params(("topic" = String, Path, description = "Topic name")),
-    responses((status = 200, description = "`{\"paused\": true}`", body = Object)))]
-async fn pause(State(state): State<AppState>, Path(topic): Path<String>) -> ApiResult<Json<Value>> {
+    params(TopicPath),
+    responses((status = 200, description = "Paused", body = Paused),
+              (status = 400, description = "Bad topic name", body = ErrorBody)))]
+async fn pause(
+    State(state): State<AppState>,
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+) -> ApiResult<Json<Paused>> {
     state.mq.pause(&topic).await?;
-    Ok(Json(json!({"paused": true})))
+    Ok(Json(Paused { paused: true }))
 }
 
 /// Resume a paused topic.
 #[utoipa::path(post, path = "/topics/{topic}/resume", tag = "topics",
-    params(("topic" = String, Path, description = "Topic name")),
-    responses((status = 200, description = "`{\"paused\": false, \"was_paused\": bool}`", body = Object)))]
+    params(TopicPath),
+    responses((status = 200, description = "Running", body = Resumed),
+              (status = 400, description = "Bad topic name", body = ErrorBody)))]
 async fn resume(
     State(state): State<AppState>,
-    Path(topic): Path<String>,
-) -> ApiResult<Json<Value>> {
-    let was = state.mq.resume(&topic).await?;
-    Ok(Json(json!({"paused": false, "was_paused": was})))
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+) -> ApiResult<Json<Resumed>> {
+    let was_paused = state.mq.resume(&topic).await?;
+    Ok(Json(Resumed {
+        paused: false,
+        was_paused,
+    }))
 }
 
-/// Delete every message of the topic in every state (counters stay).
+/// Delete every message of the topic in every state, and its record of processed ids
+/// (counters stay). Messages being handled are deleted too; their outcome is refused.
 #[utoipa::path(post, path = "/topics/{topic}/purge", tag = "topics",
-    params(("topic" = String, Path, description = "Topic name")),
-    responses((status = 200, description = "`{\"deleted\": n}`", body = Object)))]
-async fn purge(State(state): State<AppState>, Path(topic): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(
-        json!({"deleted": state.mq.purge_queue(&topic).await?}),
-    ))
+    params(TopicPath),
+    responses((status = 200, description = "What was deleted, per state", body = PurgeResult),
+              (status = 400, description = "Bad topic name", body = ErrorBody)))]
+async fn purge(
+    State(state): State<AppState>,
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+) -> ApiResult<Json<Value>> {
+    let deleted = state.mq.purge_queue(&topic).await?;
+    Ok(Json(serde_json::json!({ "deleted": deleted })))
 }
 
 /// Published, processed and failed per minute over the last hour, oldest first.
 #[utoipa::path(get, path = "/topics/{topic}/throughput", tag = "topics",
-    params(("topic" = String, Path, description = "Topic name")),
-    responses((status = 200, description = "60 entries `{\"minute\", \"published\", \"processed\", \"failed\"}`", body = Vec<Object>)))]
+    params(TopicPath),
+    responses((status = 200, description = "60 minutes, oldest first", body = Vec<MinuteCounts>),
+              (status = 400, description = "Bad topic name", body = ErrorBody)))]
 async fn throughput(
     State(state): State<AppState>,
-    Path(topic): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(json!(state.mq.throughput(&topic).await?)))
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+) -> ApiResult<Json<Vec<forgemq::MinuteCounts>>> {
+    Ok(Json(state.mq.throughput(&topic).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use utoipa::openapi::path::ParameterIn;
+
+    fn pattern_of(params: Vec<utoipa::openapi::path::Parameter>, name: &str) -> String {
+        let params = serde_json::to_value(params).unwrap();
+        params
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["schema"]["pattern"].as_str())
+            .unwrap()
+            .to_owned()
+    }
+
+    /// The documented topic pattern is the library's rule, character by character.
+    #[test]
+    fn topic_pattern_is_the_library_rule() {
+        let pattern = pattern_of(TopicPath::into_params(|| Some(ParameterIn::Path)), "topic");
+        assert_eq!(pattern, "^[A-Za-z0-9._:-]{1,200}$");
+        assert_eq!(
+            pattern_of(
+                MessagePath::into_params(|| Some(ParameterIn::Path)),
+                "topic"
+            ),
+            pattern
+        );
+        for c in (0..=0x2fff_u32).filter_map(char::from_u32) {
+            let in_class = c.is_ascii_alphanumeric() || "._:-".contains(c);
+            assert_eq!(
+                forgemq::validate_topic(&c.to_string()).is_ok(),
+                in_class,
+                "{c:?}"
+            );
+        }
+        assert!(forgemq::validate_topic(&"a".repeat(200)).is_ok());
+        assert!(forgemq::validate_topic(&"a".repeat(201)).is_err());
+    }
+
+    /// The documented id pattern is the library's rule (no whitespace, no control
+    /// characters), character by character.
+    #[test]
+    fn id_pattern_is_the_library_rule() {
+        let pattern = pattern_of(MessagePath::into_params(|| Some(ParameterIn::Path)), "id");
+        let excluded = |c: char| {
+            let c = u32::from(c);
+            c <= 0x20
+                || (0x7f..=0xa0).contains(&c)
+                || matches!(c, 0x1680 | 0x2028 | 0x2029 | 0x202f | 0x205f | 0x3000)
+                || (0x2000..=0x200a).contains(&c)
+        };
+        assert_eq!(
+            pattern,
+            "^[^\\x00-\\x20\\x7f-\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]{1,200}$"
+        );
+        for c in (0..=0x3100_u32).filter_map(char::from_u32) {
+            assert_eq!(MessageId::new(c.to_string()).is_ok(), !excluded(c), "{c:?}");
+        }
+    }
 }

@@ -7,6 +7,7 @@
 //! - `api.rs`: the routes under `/api/v1`, each declared once with `#[utoipa::path]`; the
 //!   router is built from those declarations, so `/api/v1/openapi.json` always matches.
 //! - `guard.rs`: who may call: the `Host` and `Origin` checks and the token.
+//! - `schema.rs`: the contract: answer schemas, how numbers are read, shared statuses.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use tokio::net::TcpListener;
 
 mod api;
 mod guard;
+mod schema;
 
 use api::ApiError;
 

@@ -1,0 +1,491 @@
+//! The API's contract: the shapes of its answers as OpenAPI schemas, how numbers in
+//! requests are read, and what every operation can answer besides its own statuses.
+//!
+//! Answers built here (`Published`, `Cancelled`, ...) are serialized from these types, so
+//! their schemas can't drift. Answers that are library types (`QueueStats`, `Purged`,
+//! `MinuteCounts`, envelopes) are serialized as the library makes them, and described by
+//! mirror types here, since the library does not depend on utoipa; a test compares each
+//! mirror's fields with the library type's serialization.
+
+#![allow(unused_qualifications)] // in the code that utoipa generates for the schemas
+
+use serde::{Deserializer, Serialize};
+use serde_json::{json, Value};
+use utoipa::ToSchema;
+
+/// Largest integer a request may carry: 2^53 - 1, the largest that every JSON reader
+/// (JavaScript's included) holds exactly, and one the OpenAPI `maximum` states exactly.
+/// Past it durations mean nothing anyway: the library caps delays and ttls at a century.
+pub(super) const MAX_INTEGER: u64 = (1 << 53) - 1;
+
+/// `{"error": "..."}`: every answer that is not a success.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct ErrorBody {
+    /// What went wrong and, where it helps, what to do.
+    pub(super) error: String,
+}
+
+/// A stored message: `201`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Published {
+    /// Its id.
+    pub(super) id: String,
+}
+
+/// Nothing stored: a message with this id, or holding this unique key, exists: `200`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Duplicate {
+    /// The id of the message that is stored: the one given, or the unique key's holder.
+    pub(super) id: String,
+    /// Always true.
+    pub(super) duplicate: bool,
+}
+
+/// A stored batch.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct BatchPublished {
+    /// One id per message, in request order; a duplicate's is the stored message's id.
+    pub(super) ids: Vec<String>,
+    /// How many of them were duplicates (nothing stored for those).
+    pub(super) duplicates: u64,
+}
+
+/// Where a cancelled message was.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum CancelledFrom {
+    /// Waiting for its due time.
+    Delayed,
+    /// Waiting to run.
+    Pending,
+}
+
+/// A cancelled message.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Cancelled {
+    /// Its id.
+    pub(super) cancelled: String,
+    /// Where it was.
+    pub(super) was: CancelledFrom,
+}
+
+/// How many were deleted.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct DeletedCount {
+    /// How many.
+    pub(super) deleted: u64,
+}
+
+/// Which one was deleted.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct DeletedId {
+    /// Its id.
+    pub(super) deleted: String,
+}
+
+/// How many went back to the queue.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct RequeuedCount {
+    /// How many.
+    pub(super) requeued: u64,
+}
+
+/// Which one went back to the queue.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct RequeuedId {
+    /// Its id.
+    pub(super) requeued: String,
+}
+
+/// A paused topic.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Paused {
+    /// Always true.
+    pub(super) paused: bool,
+}
+
+/// A resumed topic.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Resumed {
+    /// Always false.
+    pub(super) paused: bool,
+    /// Whether it was paused before.
+    pub(super) was_paused: bool,
+}
+
+/// What a purge deleted, per state (mirror of `forgemq::Purged`).
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct PurgedCounts {
+    /// Messages that were waiting to run.
+    pub(super) pending: u64,
+    /// Messages a handler was running (their outcomes will be refused).
+    pub(super) active: u64,
+    /// Messages waiting for their due time.
+    pub(super) delayed: u64,
+    /// Dead letters.
+    pub(super) dead: u64,
+}
+
+/// A purge.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct PurgeResult {
+    /// What was deleted, per state.
+    pub(super) deleted: PurgedCounts,
+}
+
+/// Where the messages of one topic are, and what happened to them so far (mirror of
+/// `forgemq::QueueStats`).
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct TopicStats {
+    /// The topic.
+    pub(super) topic: String,
+    /// Waiting to run now (the queue length).
+    pub(super) pending: u64,
+    /// Being handled (leased by a worker).
+    pub(super) active: u64,
+    /// Waiting for their due time: delayed publishes and retries in backoff.
+    pub(super) delayed: u64,
+    /// In the dead-letter queue now.
+    pub(super) dead: u64,
+    /// Ever published.
+    pub(super) published: u64,
+    /// Ever acknowledged (handler succeeded).
+    pub(super) processed: u64,
+    /// Failed attempts.
+    pub(super) failed: u64,
+    /// Failed attempts that were scheduled to run again.
+    pub(super) retried: u64,
+    /// Ever moved to the dead-letter queue.
+    pub(super) dead_lettered: u64,
+    /// Deliveries whose lease expired and went back to pending.
+    pub(super) recovered: u64,
+    /// Dead letters sent back to the queue.
+    pub(super) reprocessed: u64,
+    /// Messages deleted by purges.
+    pub(super) purged: u64,
+    /// Messages cancelled before they ran.
+    pub(super) cancelled: u64,
+    /// Redeliveries of already-processed ids that were skipped.
+    pub(super) deduplicated: u64,
+    /// Dead letters deleted by retention (count or age limit).
+    pub(super) dead_trimmed: u64,
+    /// Dead letters deleted by hand.
+    pub(super) dead_deleted: u64,
+    /// Handler runs whose outcome was refused because the lease had expired and the
+    /// message was handed out again: the message ran twice.
+    pub(super) duplicate_runs: u64,
+    /// Whether the topic is paused.
+    pub(super) paused: bool,
+}
+
+/// One minute of a topic's throughput (mirror of `forgemq::MinuteCounts`).
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct MinuteCounts {
+    /// The start of the minute, RFC 3339 (Redis clock).
+    #[schema(format = DateTime)]
+    pub(super) minute: String,
+    /// Messages published in it.
+    pub(super) published: u64,
+    /// Messages acknowledged in it.
+    pub(super) processed: u64,
+    /// Failed attempts in it.
+    pub(super) failed: u64,
+}
+
+/// One failure of a message.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Failure {
+    /// Which attempt (0 for the first run).
+    pub(super) attempt: u32,
+    /// When, RFC 3339.
+    pub(super) at: String,
+    /// The error.
+    pub(super) error: String,
+}
+
+/// A stored message as it is in Redis (`docs/wire-format.md`), plus where it is: dead
+/// letters add `error` and `died_at`, delayed ones `due_at`, active ones `lease_until`.
+/// A body that does not decode comes as `{"id", "topic", "data": null, "raw"}`. Fields
+/// other writers added are kept (the schema allows any other property).
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Envelope {
+    /// The message id.
+    pub(super) id: String,
+    /// The topic.
+    pub(super) topic: String,
+    /// What the producer published.
+    pub(super) data: Value,
+    /// Time of publishing, RFC 3339 UTC.
+    pub(super) timestamp: Option<String>,
+    /// Failed attempts so far.
+    pub(super) retry: Option<u32>,
+    /// Retries this message allows (absent: the consumer's setting).
+    pub(super) max_retry: Option<u32>,
+    /// Times its lease expired while it was being handled.
+    pub(super) recoveries: Option<u32>,
+    /// The most recent failure's text.
+    pub(super) last_error: Option<String>,
+    /// The last failures, oldest first.
+    pub(super) errors: Option<Vec<Failure>>,
+    /// Dead letters: the error that killed it.
+    pub(super) error: Option<String>,
+    /// Dead letters: when it died, RFC 3339.
+    pub(super) died_at: Option<String>,
+    /// Delayed messages: when it is due, RFC 3339.
+    pub(super) due_at: Option<String>,
+    /// Active messages: when its lease ends, RFC 3339.
+    pub(super) lease_until: Option<String>,
+    /// A body that does not decode, as stored.
+    pub(super) raw: Option<String>,
+}
+
+/// An optional whole number of a JSON body: `5` and `5.0` are both 5 (JSON Schema's
+/// `integer` admits `5.0`, and some clients send it), while strings, fractions, negatives
+/// and numbers past [`MAX_INTEGER`] are refused.
+pub(super) fn opt_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    d.deserialize_any(Whole { text: false })
+}
+
+/// [`opt_u64`] for a query string, where every value is text: `5` and `5.0` are 5.
+pub(super) fn query_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    d.deserialize_any(Whole { text: true })
+}
+
+/// [`opt_u64`] for a `u32`.
+pub(super) fn opt_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    match opt_u64(d)? {
+        None => Ok(None),
+        Some(n) => u32::try_from(n)
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("{n} is more than {}", u32::MAX))),
+    }
+}
+
+/// Reads a whole number; `text`: from a string (a query string's values are all text).
+struct Whole {
+    text: bool,
+}
+
+impl Whole {
+    fn check<E: serde::de::Error>(n: u64) -> Result<Option<u64>, E> {
+        if n > MAX_INTEGER {
+            Err(E::custom(format!("{n} is more than {MAX_INTEGER}")))
+        } else {
+            Ok(Some(n))
+        }
+    }
+}
+
+impl serde::de::Visitor<'_> for Whole {
+    type Value = Option<u64>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a whole number from 0 to {MAX_INTEGER}")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+        Self::check(n)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+        match u64::try_from(n) {
+            Ok(n) => Self::check(n),
+            Err(_) => Err(E::custom(format!("{n} is negative"))),
+        }
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, x: f64) -> Result<Self::Value, E> {
+        // Exact: every whole f64 up to 2^53 is a u64 of the same value.
+        if x.fract() == 0.0 && (0.0..=MAX_INTEGER as f64).contains(&x) {
+            Ok(Some(x as u64))
+        } else {
+            Err(E::custom(format!(
+                "{x} is not a whole number from 0 to {MAX_INTEGER}"
+            )))
+        }
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        if !self.text {
+            return Err(E::invalid_type(serde::de::Unexpected::Str(s), &self));
+        }
+        match s.parse::<u64>() {
+            Ok(n) => Self::check(n),
+            Err(_) => match s.parse::<f64>() {
+                Ok(x) if x.is_finite() => self.visit_f64(x),
+                _ => Err(E::custom(format!("{s:?} is not a whole number"))),
+            },
+        }
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// Adds to the generated document what holds for every operation, so that a client
+/// generated from it knows where the API is and every status it can get:
+/// - `servers`: the API lives under `/api/v1`;
+/// - `403` (a foreign `Host` or `Origin`), `503` (Redis unreachable) everywhere, and with
+///   a token the bearer security scheme and `401`;
+/// - every error answer's body is [`ErrorBody`].
+pub(super) fn finish_document(doc: &utoipa::openapi::OpenApi, token: bool) -> Value {
+    let mut doc = serde_json::to_value(doc).unwrap_or_else(|_| json!({}));
+    unsigned_formats(&mut doc);
+    doc["servers"] = json!([{"url": "/api/v1", "description": "this server"}]);
+    let error = |description: &str| {
+        json!({
+            "description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+        })
+    };
+    let mut shared = vec![
+        ("403", "Forbidden", error("A foreign Host on a loopback server (DNS rebinding), or a state-changing request from a foreign Origin")),
+        ("503", "Unavailable", error("Redis is unreachable or refuses writes (out of memory)")),
+    ];
+    if token {
+        shared.push((
+            "401",
+            "Unauthorized",
+            error("Missing or wrong `Authorization: Bearer <token>`"),
+        ));
+        doc["components"]["securitySchemes"] = json!({
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "The server's --token (or FORGEMQ_TOKEN); the scheme name is case-insensitive"
+            }
+        });
+        doc["security"] = json!([{"bearer": []}]);
+    }
+    for (_, name, response) in &shared {
+        doc["components"]["responses"][*name] = response.clone();
+    }
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for item in paths.values_mut() {
+            let Some(item) = item.as_object_mut() else {
+                continue;
+            };
+            for op in item.values_mut() {
+                let Some(responses) = op["responses"].as_object_mut() else {
+                    continue;
+                };
+                for (code, name, _) in &shared {
+                    responses.entry(*code).or_insert_with(
+                        || json!({"$ref": format!("#/components/responses/{name}")}),
+                    );
+                }
+            }
+        }
+    }
+    doc
+}
+
+/// utoipa writes the formats of unsigned integers as `u-int64`, `u-int32`; the names
+/// OpenAPI tools know are `uint64`, `uint32`.
+fn unsigned_formats(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                match v {
+                    Value::String(format) if key == "format" && format.starts_with("u-int") => {
+                        *format = format.replacen("u-int", "uint", 1);
+                    }
+                    other => unsigned_formats(other),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(unsigned_formats),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn fields(value: &Value) -> BTreeSet<String> {
+        value.as_object().unwrap().keys().cloned().collect()
+    }
+
+    fn schema_fields<T: ToSchema>() -> BTreeSet<String> {
+        let schema = serde_json::to_value(T::schema()).unwrap();
+        fields(&schema["properties"])
+    }
+
+    /// The mirrors describe every field the library serializes, and nothing more.
+    #[test]
+    fn mirrors_match_the_library_types() {
+        assert_eq!(
+            schema_fields::<TopicStats>(),
+            fields(&serde_json::to_value(forgemq::QueueStats::default()).unwrap())
+        );
+        assert_eq!(
+            schema_fields::<PurgedCounts>(),
+            fields(&serde_json::to_value(forgemq::Purged::default()).unwrap())
+        );
+        let minute = json!({"minute": "", "published": 0, "processed": 0, "failed": 0});
+        assert_eq!(schema_fields::<MinuteCounts>(), fields(&minute));
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Q {
+        #[serde(default, deserialize_with = "opt_u64")]
+        n: Option<u64>,
+        #[serde(default, deserialize_with = "opt_u32")]
+        m: Option<u32>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Text {
+        #[serde(default, deserialize_with = "query_u64")]
+        n: Option<u64>,
+    }
+
+    #[test]
+    fn whole_numbers_are_read_leniently_and_bounded() {
+        let json = |s: &str| serde_json::from_str::<Q>(s).map(|q| (q.n, q.m));
+        assert_eq!(json(r#"{"n": 5, "m": 7}"#).unwrap(), (Some(5), Some(7)));
+        assert_eq!(
+            json(r#"{"n": 5.0, "m": 1e3}"#).unwrap(),
+            (Some(5), Some(1000))
+        );
+        assert_eq!(json(r#"{"n": null}"#).unwrap(), (None, None));
+        assert_eq!(json("{}").unwrap(), (None, None));
+        assert_eq!(
+            json(r#"{"n": 9007199254740991}"#).unwrap().0,
+            Some(MAX_INTEGER)
+        );
+        // Read exactly (serde_json's float_roundtrip): not ...305.5.
+        assert_eq!(
+            json(r#"{"n": 3742058052500306.0}"#).unwrap().0,
+            Some(3742058052500306)
+        );
+        for bad in [
+            r#"{"n": -1}"#,
+            r#"{"n": 1.5}"#,
+            r#"{"n": 9007199254740992}"#,
+            r#"{"n": 18446744073709551616}"#,
+            r#"{"n": "x"}"#,
+            r#"{"m": 4294967296}"#,
+            r#"{"n": true}"#,
+            r#"{"n": "5"}"#,
+        ] {
+            assert!(json(bad).is_err(), "{bad}");
+        }
+        let query = |s: &str| {
+            let uri: axum::http::Uri = format!("/?{s}").parse().unwrap();
+            axum::extract::Query::<Text>::try_from_uri(&uri).map(|q| q.0.n)
+        };
+        assert_eq!(query("n=5").unwrap(), Some(5));
+        assert_eq!(query("n=5.0").unwrap(), Some(5));
+        for bad in ["n=-1", "n=", "n=1e400", "n=NaN", "n=1.5"] {
+            assert!(query(bad).is_err(), "{bad}");
+        }
+    }
+}
