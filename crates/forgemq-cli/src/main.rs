@@ -7,8 +7,10 @@
 //! # Layout
 //! - `main.rs`: the command-line grammar (clap) and dispatch.
 //! - `output.rs`: aligned tables and the JSON shapes of read commands.
-//! - `serve.rs`: `forgemq serve`, the HTTP API, metrics and health endpoints.
-//! - `dev.rs`: `forgemq dev`, a private redis-server plus `serve`, with no configuration.
+//! - `serve/`: `forgemq serve`, the HTTP API, its OpenAPI contract, the dashboard, metrics,
+//!   health endpoints and who may call them (token, `Host`, `Origin`).
+//! - `dev.rs`: `forgemq dev`, a private redis-server (its data folder locked) plus `serve`,
+//!   with no configuration.
 //! - `gateway/`: `forgemq gateway`, delivery of messages to HTTP endpoints and commands.
 
 mod dev;
