@@ -6,9 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use forgemq::{
-    Client, HandlerError, Message, PublishOptions, Subscription, TopicOptions, Worker,
-};
+use forgemq::{Client, HandlerError, Message, PublishOptions, Subscription, TopicOptions, Worker};
 use forgemq_test_support::{RedisServer, TestCluster};
 use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
@@ -88,9 +86,12 @@ impl Bench {
         let (url, server, private_cluster) = match (redis, cluster) {
             (Some(url), _) => (url, None, None),
             (None, Some(masters)) => {
-                let c = std::panic::catch_unwind(|| TestCluster::start(masters, 0)).map_err(
-                    |_| anyhow::anyhow!("could not start a private Redis Cluster of {masters} masters"),
-                )?;
+                let c =
+                    std::panic::catch_unwind(|| TestCluster::start(masters, 0)).map_err(|_| {
+                        anyhow::anyhow!(
+                            "could not start a private Redis Cluster of {masters} masters"
+                        )
+                    })?;
                 (c.url(), None, Some(c))
             }
             (None, None) => {
@@ -118,9 +119,15 @@ impl Bench {
             // The masters, from the first seed's view of the cluster.
             let first = redis::Client::open(nodes[0].as_str())?;
             let mut c = first.get_multiplexed_async_connection().await?;
-            let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut c).await?;
+            let text: String = redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async(&mut c)
+                .await?;
             let mut masters = Vec::new();
-            for line in text.lines().filter(|l| l.contains("master") && !l.contains("fail")) {
+            for line in text
+                .lines()
+                .filter(|l| l.contains("master") && !l.contains("fail"))
+            {
                 let addr = line.split(' ').nth(1).unwrap_or_default();
                 let addr = addr.split('@').next().unwrap_or_default().to_owned();
                 let conn = redis::Client::open(format!("redis://{addr}/"))?
@@ -136,7 +143,10 @@ impl Bench {
                 .get_multiplexed_async_connection()
                 .await
                 .with_context(|| format!("cannot connect to {url}"))?;
-            (Admin::Single(conn.clone()), vec![("redis".to_owned(), conn)])
+            (
+                Admin::Single(conn.clone()),
+                vec![("redis".to_owned(), conn)],
+            )
         };
         Ok(Self {
             url,
@@ -153,7 +163,9 @@ impl Bench {
     pub(crate) fn describe(&self) -> String {
         let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
         match (&self.server, &self.cluster) {
-            (Some(_), _) => format!("private redis-server (no persistence) on loopback, {cpus} CPUs"),
+            (Some(_), _) => {
+                format!("private redis-server (no persistence) on loopback, {cpus} CPUs")
+            }
             (_, Some(c)) => format!(
                 "private Redis Cluster of {} masters (no persistence) on loopback, {cpus} CPUs",
                 c.master_count()
@@ -260,7 +272,9 @@ impl Bench {
                 admin.query::<()>(redis::cmd("DEL").arg(key)).await?;
             }
         }
-        admin.query::<()>(redis::cmd("DEL").arg("bench:ceiling")).await?;
+        admin
+            .query::<()>(redis::cmd("DEL").arg("bench:ceiling"))
+            .await?;
         Ok(())
     }
 
@@ -333,7 +347,9 @@ impl Bench {
     }
 
     /// Calls per command, per master.
-    async fn command_calls_per_master(&self) -> anyhow::Result<Vec<(String, HashMap<String, u64>)>> {
+    async fn command_calls_per_master(
+        &self,
+    ) -> anyhow::Result<Vec<(String, HashMap<String, u64>)>> {
         Ok(self
             .info_all("commandstats")
             .await?
