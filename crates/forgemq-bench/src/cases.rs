@@ -775,10 +775,6 @@ async fn expect_pending(mq: &Client, topic: &str, n: u64) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Waits until the topic's `processed` counter reaches `n`, looking every [`POLL`] on a
-/// connection of its own; returns how many times it looked (those HGETs are not the
-/// worker's commands).
-
 /// A worker on one topic with a handler that calls `on_start` with the payload's `id`.
 struct Running {
     stop: oneshot::Sender<()>,
