@@ -290,6 +290,8 @@ struct SentinelWatch {
 struct ClusterLink {
     client: ClusterClient,
     conn: Arc<RwLock<ClusterConnection>>,
+    /// Bumped when the shared connection is being replaced.
+    generation: AtomicU64,
     template: NodeTemplate,
     /// Slot ranges and their masters, from `CLUSTER SLOTS`; refreshed when a node says a
     /// slot moved or a connection to it fails.
@@ -403,6 +405,7 @@ impl Backend {
                 Kind::Cluster(Box::new(ClusterLink {
                     client,
                     conn: Arc::new(RwLock::new(conn)),
+                    generation: AtomicU64::new(0),
                     template,
                     slots: RwLock::new(Vec::new()),
                 }))
@@ -459,14 +462,19 @@ impl Backend {
             .response_timeout
             .saturating_mul(2)
             .saturating_add(self.settings.connect_timeout);
-        match tokio::time::timeout(limit, self.exec_once(req, route, script)).await {
+        let mut handle = self.handle();
+        let sent = tokio::time::timeout(limit, self.exec_once(&mut handle, req, route, script));
+        match sent.await {
             Ok(Ok(value)) => Ok(T::from_redis_value(value).map_err(redis::RedisError::from)?),
             Ok(Err(e)) => {
+                if e.is_timeout() {
+                    self.replace_shared(&handle);
+                }
                 self.after_error(&e);
                 Err(e.into())
             }
             Err(_) => {
-                self.replace_shared();
+                self.replace_shared(&handle);
                 Err(Error::Timeout(limit))
             }
         }
@@ -474,11 +482,11 @@ impl Backend {
 
     async fn exec_once(
         &self,
+        handle: &mut Handle,
         req: Req<'_>,
         route: Route<'_>,
         script: Option<&Lua>,
     ) -> redis::RedisResult<Value> {
-        let mut handle = self.handle();
         let mut result = handle.query(req, route).await;
         if let (Err(e), Some(script)) = (&result, script) {
             if is_noscript(e) {
@@ -492,20 +500,19 @@ impl Backend {
                 };
             }
         }
-        if let Err(e) = &result {
-            if e.is_timeout() {
-                self.replace_shared();
-            }
-        }
         result
     }
 
     fn handle(&self) -> Handle {
         match &self.kind {
-            Kind::Master(link) => Handle::Master((*link.current().manager).clone()),
-            Kind::Cluster(c) => {
-                Handle::Cluster(c.conn.read().unwrap_or_else(|p| p.into_inner()).clone())
+            Kind::Master(link) => {
+                let master = link.current();
+                Handle::Master((*master.manager).clone(), master)
             }
+            Kind::Cluster(c) => Handle::Cluster(
+                c.conn.read().unwrap_or_else(|p| p.into_inner()).clone(),
+                c.generation.load(Ordering::SeqCst),
+            ),
         }
     }
 
@@ -525,11 +532,16 @@ impl Backend {
         }
     }
 
-    /// Replaces the shared connection (it timed out).
-    fn replace_shared(&self) {
+    /// Replaces the shared connection `used` (it timed out), unless another caller did.
+    fn replace_shared(&self, used: &Handle) {
         match &self.kind {
             Kind::Master(link) => {
                 let mut current = link.current.write().unwrap_or_else(|p| p.into_inner());
+                if let Handle::Master(_, was) = used {
+                    if !Arc::ptr_eq(&current, was) {
+                        return;
+                    }
+                }
                 match ConnectionManager::new_lazy_with_config(
                     current.client.clone(),
                     link.config.clone(),
@@ -551,6 +563,21 @@ impl Backend {
             Kind::Cluster(c) => {
                 // The cluster connection reconnects to failed nodes by itself; a fresh one
                 // replaces it, in the background, only to drop links that hang silently.
+                let Handle::Cluster(_, generation) = used else {
+                    return;
+                };
+                // One replacement per generation, however many requests timed out on it.
+                if c.generation
+                    .compare_exchange(
+                        *generation,
+                        generation + 1,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    )
+                    .is_err()
+                {
+                    return;
+                }
                 let client = c.client.clone();
                 let slot = Arc::clone(&c.conn);
                 let limit = self.settings.connect_timeout.saturating_mul(3);
@@ -869,10 +896,11 @@ impl MasterLink {
     }
 }
 
-/// A connection handle for one request.
+/// A connection handle for one request, with what it was taken from (to replace that, and
+/// only that, when it stops answering).
 enum Handle {
-    Master(ConnectionManager),
-    Cluster(ClusterConnection),
+    Master(ConnectionManager, Arc<Master>),
+    Cluster(ClusterConnection, u64),
 }
 
 impl Handle {
@@ -883,11 +911,11 @@ impl Handle {
 
     async fn query_raw(&mut self, req: Req<'_>, route: Route<'_>) -> redis::RedisResult<Value> {
         match self {
-            Handle::Master(conn) => match req {
+            Handle::Master(conn, _) => match req {
                 Req::Cmd(c) => c.query_async(conn).await,
                 Req::Pipe(p) => p.query_async(conn).await,
             },
-            Handle::Cluster(conn) => {
+            Handle::Cluster(conn, _) => {
                 let target = match route {
                     Route::Key(key) => SingleNodeRoutingInfo::SpecificNode(SlotRoute::new(
                         slot(key.as_bytes()),
@@ -916,8 +944,8 @@ impl Handle {
 
     async fn query_random(&mut self, cmd: &Cmd) -> redis::RedisResult<Value> {
         match self {
-            Handle::Master(conn) => cmd.query_async(conn).await,
-            Handle::Cluster(conn) => {
+            Handle::Master(conn, _) => cmd.query_async(conn).await,
+            Handle::Cluster(conn, _) => {
                 conn.route_command(
                     cmd.clone(),
                     RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
