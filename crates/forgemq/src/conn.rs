@@ -1029,6 +1029,8 @@ async fn role(client: &redis::Client, settings: &ConnSettings) -> Result<String>
 /// current one's `ROLE`; when they differ, the shared connection is moved to the new
 /// master and dedicated connections reconnect. Ends when the client is dropped.
 async fn watch_sentinels(link: Weak<MasterLink>, settings: ConnSettings) {
+    let mut sentinel_conn: Option<(usize, MultiplexedConnection)> = None;
+    let mut next_sentinel = 0;
     loop {
         let Some(strong) = link.upgrade() else { return };
         let Some(watch) = &strong.sentinel else {
@@ -1039,16 +1041,51 @@ async fn watch_sentinels(link: Weak<MasterLink>, settings: ConnSettings) {
             () = watch.kick.notified() => true,
         };
         let current = strong.current();
-        let demoted = match role(&current.client, &settings).await {
-            Ok(r) => r != "master",
-            Err(_) => kicked,
+        // ROLE on the shared connection: no connection of its own once a second.
+        let mut shared = (*current.manager).clone();
+        let role = tokio::time::timeout(
+            settings.response_timeout,
+            redis::cmd("ROLE").query_async::<Value>(&mut shared),
+        )
+        .await;
+        let demoted = match role {
+            Ok(Ok(Value::Array(parts))) => !matches!(
+                parts.first(),
+                Some(Value::BulkString(b)) if b.as_slice() == b"master"
+            ),
+            _ => kicked,
         };
+        // Which node the sentinels name: on the connection kept from last time, else on
+        // the next sentinel that answers.
         let mut named = None;
-        for sentinel in &watch.sentinels {
-            if let Ok(node) = watch.ask(sentinel, &settings).await {
-                named = Some(node);
+        let count = watch.sentinels.len();
+        for attempt in 0..count {
+            let (i, mut conn) = match sentinel_conn.take() {
+                Some(kept) => kept,
+                None => {
+                    let i = (next_sentinel + attempt) % count;
+                    let connect = watch.sentinels[i].get_multiplexed_async_connection();
+                    match tokio::time::timeout(settings.connect_timeout, connect).await {
+                        Ok(Ok(conn)) => (i, conn),
+                        _ => continue,
+                    }
+                }
+            };
+            let ask = redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(&watch.name)
+                .to_owned();
+            let answer = tokio::time::timeout(
+                settings.response_timeout,
+                ask.query_async::<Option<(String, u16)>>(&mut conn),
+            )
+            .await;
+            if let Ok(Ok(Some((host, port)))) = answer {
+                named = Some(Node { host, port });
+                sentinel_conn = Some((i, conn));
                 break;
             }
+            next_sentinel = i + 1;
         }
         let moved = named
             .as_ref()
