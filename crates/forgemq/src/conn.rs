@@ -395,13 +395,21 @@ impl Backend {
                         settings.connect_timeout.saturating_mul(3),
                         list(&seeds)
                     ))
-                })?
-                .map_err(|e| {
-                    Error::Config(format!(
-                        "could not connect to the cluster (seeds: {}): {e}",
-                        list(&seeds)
-                    ))
                 })?;
+                let conn = match conn {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Say why if a seed can tell (a cluster that is down says so).
+                        let why = cluster_state_of(&seeds, &template, &settings).await;
+                        return Err(Error::Config(match why {
+                            Some(why) => why,
+                            None => format!(
+                                "could not connect to the cluster (seeds: {}): {e}",
+                                list(&seeds)
+                            ),
+                        }));
+                    }
+                };
                 Kind::Cluster(Box::new(ClusterLink {
                     client,
                     conn: Arc::new(RwLock::new(conn)),
@@ -1121,6 +1129,42 @@ async fn watch_sentinels(link: Weak<MasterLink>, settings: ConnSettings) {
             Err(e) => tracing::warn!(error = %e, "sentinel: no master to switch to yet"),
         }
     }
+}
+
+/// What the first seed that answers says of the cluster, when it is not `ok`.
+async fn cluster_state_of(
+    seeds: &[Node],
+    template: &NodeTemplate,
+    settings: &ConnSettings,
+) -> Option<String> {
+    for node in seeds {
+        let Ok(client) = open_client(&template.url(node), settings) else {
+            continue;
+        };
+        let probe = async {
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async::<String>(&mut conn)
+                .await
+        };
+        let limit = settings.connect_timeout + settings.response_timeout;
+        if let Ok(Ok(info)) = tokio::time::timeout(limit, probe).await {
+            let state = info
+                .lines()
+                .find_map(|l| l.strip_prefix("cluster_state:"))
+                .map(str::trim)
+                .unwrap_or("unknown")
+                .to_owned();
+            if state != "ok" {
+                return Some(format!(
+                    "the Redis Cluster is not usable: node {node} says cluster_state:{state} (are all slots covered by a reachable master?)"
+                ));
+            }
+            return None;
+        }
+    }
+    None
 }
 
 fn list(nodes: &[Node]) -> String {

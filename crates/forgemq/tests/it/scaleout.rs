@@ -347,3 +347,61 @@ async fn sentinel_failover(kill: bool) {
         runs.len()
     );
 }
+
+/// Connecting fails at once, naming what is wrong, for a malformed URL, seeds nobody
+/// answers on, and a cluster that is not `cluster_state:ok`: never a hang, never a client
+/// that only fails at its first publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_connect_errors_name_what_is_wrong() {
+    single_server_only!(); // builds its own cluster; once is enough
+    init_tracing();
+    for (url, says) in [
+        ("redis+cluster://", "empty host"),
+        ("redis+cluster://127.0.0.1:notaport", "not a port number"),
+        ("redis+cluster://127.0.0.1:7000/0", "no database number"),
+        ("redis+sentinel://127.0.0.1:26379", "name the master"),
+        ("redis+clustr://127.0.0.1:7000", "unknown scheme"),
+    ] {
+        let err = Client::connect(url).await.unwrap_err();
+        assert!(err.is_invalid_input(), "{url}: {err}");
+        assert!(err.to_string().contains(says), "{url}: {err}");
+    }
+    // Seeds where nothing listens.
+    let dead: Vec<String> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", forgemq_test_support::free_port()))
+        .collect();
+    let started = Instant::now();
+    let err = Client::builder(format!("redis+cluster://{}", dead.join(",")))
+        .connect_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "failed in {:?}",
+        started.elapsed()
+    );
+    assert!(err.to_string().contains(&dead[0]), "names the seeds: {err}");
+    // A master down, no replica to take over: the cluster says fail.
+    let mut cluster = TestCluster::start(3, 0);
+    cluster.node_mut(2).kill9();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query(&mut cluster.nodes()[0].conn())
+            .unwrap();
+        if info.contains("cluster_state:fail") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cluster never noticed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seeds = format!(
+        "redis+cluster://127.0.0.1:{},127.0.0.1:{}",
+        cluster.nodes()[0].port(),
+        cluster.nodes()[1].port()
+    );
+    let err = Client::connect(&seeds).await.unwrap_err();
+    assert!(err.to_string().contains("cluster_state"), "{err}");
+}
