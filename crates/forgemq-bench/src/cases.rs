@@ -574,6 +574,16 @@ impl Bench {
                 .map(|(a, b)| a - b)
                 .collect();
             let (calls_total, cpu_total) = (calls.iter().sum::<f64>(), cpu.iter().sum::<f64>());
+            let scripts: f64 = calls_after
+                .iter()
+                .zip(&calls_before)
+                .map(|((_, a), (_, b))| {
+                    let get = |m: &HashMap<String, u64>| m.get("evalsha").copied().unwrap_or(0);
+                    get(a).saturating_sub(get(b)) as f64
+                })
+                .sum();
+            figures.insert(format!("{label}_scripts_per_msg"), scripts / n as f64);
+            figures.insert(format!("{label}_commands_per_msg"), calls_total / n as f64);
             figures.insert(format!("{label}_redis_cpu_secs"), cpu_total);
             for (i, (c, u)) in calls.iter().zip(&cpu).enumerate() {
                 figures.insert(format!("{label}_m{i}_cmd_share"), c / calls_total.max(1.0));
