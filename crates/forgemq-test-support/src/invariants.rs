@@ -15,7 +15,7 @@
 //! | `NS:{T}:lease`   | HASH | id → lease token                          |
 //! | `NS:{T}:delayed` | ZSET | id → due time                             |
 //! | `NS:{T}:dead`    | ZSET | id → time it died                         |
-//! | `NS:{T}:cancelled` | SET | tombstones: cancelled ids still listed in pending |
+//! | `NS:{T}:cancelled` | HASH | id → tombstones: entries of cancelled ids still listed in pending |
 //! | `NS:{T}:uniq`    | HASH | id → unique key held until a final state  |
 //!
 //! An acknowledged message is gone from all of them. A cancelled pending message leaves
@@ -87,7 +87,8 @@ impl Layout {
         self.key("dead")
     }
 
-    /// `NS:{T}:cancelled`, SET of tombstones of cancelled pending entries.
+    /// `NS:{T}:cancelled`, HASH id → number of listed entries of that id that belong to
+    /// cancelled messages (tombstones).
     pub fn cancelled(&self) -> String {
         self.key("cancelled")
     }
@@ -277,7 +278,7 @@ pub fn check_invariants(
         .arg(layout.msg())
         .cmd("HKEYS")
         .arg(layout.lease())
-        .cmd("SMEMBERS")
+        .cmd("HGETALL")
         .arg(layout.cancelled())
         .cmd("HKEYS")
         .arg(layout.uniq())
@@ -313,8 +314,8 @@ struct Snapshot {
     dead: Vec<String>,
     bodies: Vec<String>,
     leases: Vec<String>,
-    /// Members of the `cancelled` set.
-    tombstones: Vec<String>,
+    /// The `cancelled` hash: id → tombstones.
+    tombstones: BTreeMap<String, i64>,
     /// Ids in the unique-key index.
     held: Vec<String>,
 }
@@ -334,13 +335,16 @@ fn classify(layout: &Layout, ids: &[String], snapshot: &Snapshot) -> StateReport
         *pending_seen.entry(id).or_default() += 1;
     }
     // A tombstone stands for one listed entry of a cancelled message, which is in no state.
-    for id in &snapshot.tombstones {
-        match pending_seen.get_mut(id.as_str()) {
-            Some(times) => *times -= 1,
-            None => violations.push(format!(
-                "tombstone {id:?} in {:?} has no entry in the pending list",
+    for (id, &count) in &snapshot.tombstones {
+        let listed = pending_seen.get(id.as_str()).copied().unwrap_or(0);
+        if count < 1 || count as usize > listed {
+            violations.push(format!(
+                "id {id:?} has {count} tombstone(s) in {:?} but {listed} entries in the pending list",
                 layout.cancelled()
-            )),
+            ));
+        }
+        if let Some(times) = pending_seen.get_mut(id.as_str()) {
+            *times = times.saturating_sub(count.max(0) as usize);
         }
     }
     pending_seen.retain(|_, times| *times > 0);

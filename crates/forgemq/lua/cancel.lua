@@ -8,7 +8,7 @@
 -- KEYS[4] dead       ZSET
 -- KEYS[5] msg        HASH
 -- KEYS[6] stats      HASH
--- KEYS[7] cancelled  SET   tombstones of cancelled pending entries
+-- KEYS[7] cancelled  HASH  id -> tombstones: entries of cancelled messages still listed
 -- KEYS[8] uniq       HASH  id -> unique key held until the message's final state
 -- ARGV[1] id
 -- Returns the state it was in: 'delayed' or 'pending' (removed), 'active' or 'dead' (not
@@ -33,7 +33,10 @@ end
 if state == 'delayed' then
   redis.call('ZREM', KEYS[1], id)
 else
-  redis.call('SADD', KEYS[7], id)
+  -- One tombstone per listed entry: an id cancelled, published again and cancelled again
+  -- has two entries to skip.
+  redis.call('HINCRBY', KEYS[7], id, 1)
+  redis.call('HINCRBY', KEYS[6], 'tombstones', 1)
 end
 redis.call('HDEL', KEYS[5], id)
 redis.call('HINCRBY', KEYS[6], 'cancelled', 1)

@@ -8,7 +8,7 @@
 -- KEYS[7] stats      HASH
 -- KEYS[8] paused     STRING  present while the topic is paused
 -- KEYS[9] processed  ZSET  id -> until when a redelivery counts as a duplicate
--- KEYS[10] cancelled SET   tombstones: cancelled ids whose pending entry is still listed
+-- KEYS[10] cancelled HASH  id -> tombstones: entries of cancelled messages still listed
 -- KEYS[11] uniq      HASH  id -> unique key held until the message's final state
 -- ARGV[1] n             most messages to lease
 -- ARGV[2] lease_ms      lease length
@@ -59,10 +59,14 @@ while want > 0 do
   local again = 0
   for i, id in ipairs(ids) do
     local body = bodies[i]
-    if tombstones and redis.call('SREM', KEYS[10], id) == 1 then
+    if tombstones and redis.call('HEXISTS', KEYS[10], id) == 1 then
       -- The entry of a cancelled message (cancel leaves it in the list rather than search
       -- the list for it). A body here belongs to a later publish of the same id, whose own
       -- entry comes further down the list.
+      if redis.call('HINCRBY', KEYS[10], id, -1) <= 0 then
+        redis.call('HDEL', KEYS[10], id)
+      end
+      redis.call('HINCRBY', KEYS[7], 'tombstones', -1)
       again = again + 1
     elseif not body then
       -- An id without a body has nothing to run (its body was purged); drop it.

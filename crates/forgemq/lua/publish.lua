@@ -7,7 +7,7 @@
 -- KEYS[6] processed  ZSET  ledger of recently processed ids (deduplicating workers)
 -- KEYS[7] minutes    HASH  per-minute counters (see count_minute)
 -- KEYS[8] uniq       HASH  id -> unique key it holds until its final state
--- KEYS[9] meta       HASH  the topic's layout: partitions (absent = 1), frozen
+-- KEYS[9] meta       HASH  the topic's layout: partitions (absent = 1), frozen (until when)
 -- KEYS[10..] unique-key STRINGs (id of the message that holds the key), as referenced below
 -- ARGV[1] the number of partitions the caller believes the topic has (1: a plain topic).
 --         Another number in meta means the caller's layout is out of date: nothing is
@@ -26,7 +26,7 @@
 local G = 3
 local now, now_up = clock()
 local layout = redis.call('HMGET', KEYS[9], 'partitions', 'frozen')
-if layout[2] then
+if layout[2] and tonumber(layout[2]) > now then
   return redis.error_reply('TRYAGAIN the partitions of this topic are being changed; try again')
 end
 if tonumber(layout[1] or '1') ~= tonumber(ARGV[1]) then

@@ -8,7 +8,8 @@
 -- deliveries running now, whose refused outcomes are then not counted as duplicate runs)
 -- Returns the number of messages deleted per state: {pending, active, delayed, dead}.
 
-local pending = math.max(0, redis.call('LLEN', KEYS[2]) - redis.call('SCARD', KEYS[11]))
+local tombstones = tonumber(redis.call('HGET', KEYS[8], 'tombstones') or '0')
+local pending = math.max(0, redis.call('LLEN', KEYS[2]) - tombstones)
 local active = redis.call('ZCARD', KEYS[3])
 local delayed = redis.call('ZCARD', KEYS[5])
 local dead = redis.call('ZCARD', KEYS[6])
@@ -25,5 +26,6 @@ for i = 1, #held, 1000 do
 end
 redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[9],
   KEYS[10], KEYS[11])
+redis.call('HDEL', KEYS[8], 'tombstones')
 redis.call('HINCRBY', KEYS[8], 'purged', pending + active + delayed + dead)
 return {pending, active, delayed, dead}

@@ -46,10 +46,14 @@ for i, id in ipairs(expired) do
   else
     -- Leased without a body (deleted behind ForgeMQ's back): nothing to run again.
     orphans = orphans + 1
+    died[#died + 1] = id
   end
 end
 if orphans > 0 then
   redis.call('HINCRBY', KEYS[7], 'orphans', orphans)
+  if dead == 0 then
+    release_unique(KEYS[8], died)
+  end
 end
 
 if recovered > 0 then

@@ -19,7 +19,8 @@
 -- ARGV[2] dead_max_age   ms a dead letter is kept (0 = forever)
 -- ARGV[3] dedup_ttl      ms an acked id stays in the processed ledger (0 = no ledger)
 -- ARGV[4] call_id        random id of this call, the same when the caller sends it again
--- ARGV[5] again          1: the caller sent this call before and got no answer
+-- ARGV[5] again          1: the caller sent this call before and got no answer (the
+--                        record is looked up either way)
 -- ARGV[6] a              number of acks, listed first as pairs: token, id
 -- ARGV    then groups of 5 for the other outcomes: op ('retry' | 'dead' | 'dead_as_is'),
 --         token, id, envelope (for dead_as_is: the error text), delay_ms
@@ -31,15 +32,15 @@
 
 local now, now_up = clock()
 local generation = math.floor(now / 30000)
-if ARGV[5] == '1' then
-  local answers = redis.call('HGET', KEYS[12], ARGV[4]) or redis.call('HGET', KEYS[13], ARGV[4])
-  if answers then
-    local out = {}
-    for i = 1, #answers do
-      out[i] = tonumber(string.sub(answers, i, i))
-    end
-    return out
+-- Always looked up, not only when the caller says it sends the call again: the cluster
+-- client also replays a request by itself after a dropped connection.
+local answers = redis.call('HGET', KEYS[12], ARGV[4]) or redis.call('HGET', KEYS[13], ARGV[4])
+if answers then
+  local out = {}
+  for i = 1, #answers do
+    out[i] = tonumber(string.sub(answers, i, i))
   end
+  return out
 end
 
 local G = 5

@@ -322,21 +322,27 @@ impl PublishOptions {
     }
 
     /// Which partition of a partitioned topic the message goes to: messages with the
-    /// same key go to the same partition (and so, with one worker slot per partition,
-    /// keep their order among themselves). Without it, the unique key decides, else the
-    /// message id (hashed). Ignored on a plain topic.
+    /// same key go to the same partition. Without it, the unique key decides, else the
+    /// message id (hashed). Ignored on a plain topic. On a partitioned topic a message with
+    /// a unique key may not have a partition key too ([`Error::Config`]): the unique key
+    /// must pick the partition for it to hold across the whole topic.
     pub fn partition_key(mut self, key: impl Into<String>) -> Self {
         self.partition_key = Some(key.into());
         self
     }
 
     /// The key that picks the partition: the partition key, else the unique key, else
-    /// the id.
-    fn route_key(&self, id: &MessageId) -> String {
-        self.partition_key
+    /// the id; and whether both a partition key and a unique key were given (refused on a
+    /// partitioned topic: the unique key is per topic only while every message with it
+    /// goes to one partition, the one the unique key picks).
+    fn route_key(&self, id: &MessageId) -> (String, bool) {
+        let both = self.partition_key.is_some() && self.unique.is_some();
+        let key = self
+            .partition_key
             .clone()
             .or_else(|| self.unique.as_ref().map(|(k, _)| k.clone()))
-            .unwrap_or_else(|| id.as_str().to_owned())
+            .unwrap_or_else(|| id.as_str().to_owned());
+        (key, both)
     }
 
     /// Use this id instead of a generated one. Publishing the same id again while the
@@ -488,7 +494,7 @@ impl QueueStats {
 
 /// Whether a publish was refused because the topic's layout is not what the client read.
 fn layout_changed(e: &Error) -> bool {
-    matches!(e, Error::Redis(r) if r.code() == Some("PARTITIONED"))
+    matches!(e, Error::Redis(r) if crate::error::server_codes(r).iter().any(|c| c == "PARTITIONED"))
 }
 
 fn outcome(id: MessageId, written: Written) -> PublishOutcome {
@@ -797,7 +803,7 @@ impl Client {
         &self,
         topic: &str,
         items: &[PublishItem],
-        routes: &[String],
+        routes: &[(String, bool)],
     ) -> Result<Vec<Written>> {
         if items.is_empty() {
             return Ok(Vec::new());
@@ -820,11 +826,17 @@ impl Client {
         &self,
         layout: &TopicLayout,
         items: &[PublishItem],
-        routes: &[String],
+        routes: &[(String, bool)],
     ) -> Result<Vec<Written>> {
         let n = layout.count();
+        if n > 1 && routes.iter().any(|(_, both)| *both) {
+            return Err(Error::Config(format!(
+                "{:?} is partitioned: a message with a unique key goes to the partition its unique key picks, so give a partition key or a unique key, not both",
+                layout.partitions[0].topic
+            )));
+        }
         let mut per_partition: Vec<Vec<usize>> = vec![Vec::new(); layout.partitions.len()];
-        for (i, route) in routes.iter().enumerate() {
+        for (i, (route, _)) in routes.iter().enumerate() {
             let p = if n > 1 { partition_of(route, n) } else { 0 };
             per_partition[p as usize].push(i);
         }
@@ -969,13 +981,14 @@ impl Client {
     }
 
     /// Runs `op` on every partition of `topic` at once (once for a plain topic); the
-    /// answers in partition order.
+    /// answers in partition order. The layout is read fresh: these are changes, which must
+    /// not act on a layout that changed a moment ago.
     async fn each_partition<'a, T, F, Fut>(&'a self, topic: &str, op: F) -> Result<Vec<T>>
     where
         F: Fn(TopicKeys) -> Fut,
         Fut: std::future::Future<Output = Result<T>> + 'a,
     {
-        let layout = self.layout(topic).await?;
+        let layout = self.fresh_layout(topic).await?;
         futures::future::try_join_all(layout.partitions.iter().cloned().map(op)).await
     }
 
@@ -1080,37 +1093,64 @@ impl Client {
             if range.start >= end {
                 return Ok(Vec::new());
             }
+            // Ids and scores only, from every partition; the bodies of the page alone.
             let pages = futures::future::try_join_all(
                 layout
                     .partitions
                     .iter()
-                    .map(|keys| store.peek(keys, which, 0, end - 1)),
+                    .map(|keys| store.ranked(keys, which, 0, end - 1)),
             )
             .await?;
-            let mut merged = Vec::new();
+            let mut merged: Vec<(usize, (Vec<u8>, Option<f64>))> = Vec::new();
             if which == PeekState::Pending {
                 let mut iters: Vec<_> = pages.into_iter().map(Vec::into_iter).collect();
                 while merged.len() < end {
                     let before = merged.len();
-                    for it in &mut iters {
-                        merged.extend(it.next());
+                    for (p, it) in iters.iter_mut().enumerate() {
+                        merged.extend(it.next().map(|row| (p, row)));
                     }
                     if merged.len() == before {
                         break;
                     }
                 }
             } else {
-                merged = pages.into_iter().flatten().collect();
+                merged = pages
+                    .into_iter()
+                    .enumerate()
+                    .flat_map(|(p, rows)| rows.into_iter().map(move |row| (p, row)))
+                    .collect();
                 merged.sort_by(|a, b| {
-                    a.1.unwrap_or(0.0)
-                        .total_cmp(&b.1.unwrap_or(0.0))
-                        .then_with(|| a.0.cmp(&b.0))
+                    a.1 .1
+                        .unwrap_or(0.0)
+                        .total_cmp(&b.1 .1.unwrap_or(0.0))
+                        .then_with(|| a.1 .0.cmp(&b.1 .0))
                 });
             }
-            merged
+            let page: Vec<(usize, (Vec<u8>, Option<f64>))> = merged
                 .into_iter()
                 .skip(range.start)
                 .take(end - range.start)
+                .collect();
+            let mut per_partition: Vec<Vec<(Vec<u8>, Option<f64>)>> =
+                vec![Vec::new(); layout.partitions.len()];
+            for (p, row) in &page {
+                per_partition[*p].push(row.clone());
+            }
+            let bodies = futures::future::try_join_all(
+                layout
+                    .partitions
+                    .iter()
+                    .zip(&per_partition)
+                    .map(|(keys, rows)| store.bodies(keys, rows)),
+            )
+            .await?;
+            let mut bodies: Vec<std::vec::IntoIter<Option<Vec<u8>>>> =
+                bodies.into_iter().map(Vec::into_iter).collect();
+            page.into_iter()
+                .map(|(p, (id, score))| {
+                    let body = bodies[p].next().flatten();
+                    (String::from_utf8_lossy(&id).into_owned(), score, body)
+                })
                 .collect()
         } else {
             store
@@ -1176,7 +1216,7 @@ impl Client {
     /// across them); returns how many. Bounded by the dead letters there were when it
     /// started: ones that die again meanwhile are not chased.
     pub async fn reprocess_all_dead_letters(&self, topic: &str) -> Result<u64> {
-        let layout = self.layout(topic).await?;
+        let layout = self.fresh_layout(topic).await?;
         let mut total = 0;
         for keys in &layout.partitions {
             total += self.reprocess_all_in(keys).await?;
@@ -1226,7 +1266,7 @@ impl Client {
     /// topic one partition after another); returns how many. The other states are
     /// untouched.
     pub async fn purge_dead_letters(&self, topic: &str) -> Result<u64> {
-        let layout = self.layout(topic).await?;
+        let layout = self.fresh_layout(topic).await?;
         let mut total = 0;
         for keys in &layout.partitions {
             // Bounded by what was there at the start: messages dying meanwhile don't keep
@@ -1260,7 +1300,7 @@ impl Client {
     /// refused). A partitioned topic is purged one partition after another, not
     /// atomically across them.
     pub async fn purge_queue(&self, topic: &str) -> Result<Purged> {
-        let layout = self.layout(topic).await?;
+        let layout = self.fresh_layout(topic).await?;
         let mut total = Purged::default();
         for keys in &layout.partitions {
             let (pending, active, delayed, dead) = self.inner.store.purge(keys).await?;

@@ -803,12 +803,28 @@ impl Backend {
                         return Err(e);
                     }
                 };
+                // A small write after the script, in its slot: WAIT waits for this
+                // connection's last write, and a script that writes nothing (a publish sent
+                // again after a lost reply finds its message stored) would otherwise be
+                // confirmed at once, though the first sending's write may not be replicated.
+                // The replication stream is one per master, so confirming this write
+                // confirms every write before it.
+                let barrier = match key.find('}') {
+                    Some(i) => format!("{}:wait", &key[..=i]),
+                    None => format!("{key}:wait"),
+                };
                 let mut pipe = redis::pipe();
                 pipe.add_command(cmd.clone())
+                    .cmd("SET")
+                    .arg(&barrier)
+                    .arg(1)
+                    .arg("PX")
+                    .arg(60_000)
                     .cmd("WAIT")
                     .arg(replicas)
                     .arg(timeout.as_millis() as u64);
-                let mut sent: redis::RedisResult<(Value, i64)> = pipe.query_async(&mut conn).await;
+                let mut sent: redis::RedisResult<(Value, Value, i64)> =
+                    pipe.query_async(&mut conn).await;
                 if let Err(e) = &sent {
                     if is_noscript(e) {
                         let load = redis::cmd("SCRIPT")
@@ -822,7 +838,7 @@ impl Backend {
                     }
                 }
                 match sent {
-                    Ok((value, acked)) => {
+                    Ok((value, _, acked)) => {
                         self.put_replicated_conn(node, conn);
                         let acked = usize::try_from(acked).unwrap_or(0);
                         if acked < replicas {
@@ -1180,8 +1196,11 @@ pub(crate) fn is_noscript(e: &redis::RedisError) -> bool {
         || e.to_string().contains("NOSCRIPT")
 }
 
+/// The slot is served elsewhere now: ask the cluster where.
 fn is_moved(e: &redis::RedisError) -> bool {
-    matches!(e.code(), Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN"))
+    crate::error::server_codes(e)
+        .iter()
+        .any(|c| c == "MOVED" || c == "ASK")
 }
 
 /// A `redis::Client` for one server's URL, with the TLS settings when there are some.

@@ -170,14 +170,26 @@ impl Client {
             .pop_turn
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut out = Vec::new();
+        let mut failure = None;
         for i in 0..parts {
             if out.len() >= n {
                 break;
             }
             let keys = &layout.partitions[(start + i) % parts];
-            out.extend(self.pop_from(keys, topic, n - out.len(), lease).await?);
+            match self.pop_from(keys, topic, n - out.len(), lease).await {
+                Ok(got) => out.extend(got),
+                // Deliveries already leased from other partitions are returned rather than
+                // dropped (they would wait out their lease); the next partition may answer.
+                Err(e) => {
+                    tracing::warn!(topic, error = %e, "a partition could not be fetched from");
+                    failure.get_or_insert(e);
+                }
+            }
         }
-        Ok(out)
+        match failure {
+            Some(e) if out.is_empty() => Err(e),
+            _ => Ok(out),
+        }
     }
 
     async fn pop_from(

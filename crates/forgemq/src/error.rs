@@ -188,7 +188,7 @@ impl Error {
 
 /// The error codes (`OOM`, `LOADING`, ...) of a Redis error, also those of the commands of
 /// a failed pipeline (a publish is one: the topic registration and its script).
-fn server_codes(e: &redis::RedisError) -> Vec<String> {
+pub(crate) fn server_codes(e: &redis::RedisError) -> Vec<String> {
     let mut codes: Vec<String> = e.code().map(str::to_owned).into_iter().collect();
     if let Some(errors) = e.clone().into_server_errors() {
         codes.extend(errors.iter().map(|(_, se)| se.code().to_owned()));
@@ -206,6 +206,7 @@ fn server_codes(e: &redis::RedisError) -> Vec<String> {
 
 /// The error codes looked for inside a wrapped script error.
 const WRAPPED_CODES: &[&str] = &[
+    "PARTITIONED",
     "OOM",
     "LOADING",
     "TRYAGAIN",

@@ -178,8 +178,9 @@ pub(crate) struct TopicKeys {
     /// state: the scripts of those states release the key through it, and purge finds every
     /// held key here.
     pub(crate) uniq: String,
-    /// SET of cancelled ids whose entry is still in the pending list (a tombstone): cancel
-    /// is O(1) instead of an O(N) `LREM`, and fetch skips the entry when it comes up.
+    /// HASH id → number of entries of that id in the pending list that belong to cancelled
+    /// messages (tombstones): cancel is O(1) instead of an O(N) `LREM`, and fetch skips those
+    /// entries when they come up. The stats hash counts them all (`tombstones`).
     pub(crate) cancelled: String,
     /// Two HASHes (alternating 30 s generations) of settle call id → its answers: a settle
     /// retried after its reply was lost learns what the first call applied.

@@ -197,6 +197,14 @@ impl BlockingConn {
     pub(crate) fn node_cell(&self) -> Arc<RwLock<Option<Node>>> {
         Arc::clone(&self.node)
     }
+
+    /// Forgets the connection (and its client id: another client may get it, and must
+    /// never be unblocked by mistake); the next wait looks the master up again.
+    fn drop_connection(&mut self) {
+        self.conn = None;
+        self.id.store(0, std::sync::atomic::Ordering::SeqCst);
+        self.stale = true;
+    }
 }
 
 /// A script call: the `EVALSHA` command and the key whose slot it runs in.
@@ -328,22 +336,32 @@ impl Store {
         Ok(n.unwrap_or(1).max(1))
     }
 
-    /// One step of changing a topic's layout (see `lua/layout.lua`): `freeze` returns the
-    /// messages stored under `keys`.
-    pub(crate) async fn layout(&self, keys: &TopicKeys, op: &str, partitions: u32) -> Result<u64> {
+    /// One step of changing a topic's layout (see `lua/layout.lua`), by the change `owner`:
+    /// `freeze` (for at most `hold`) returns the messages stored under `keys`.
+    pub(crate) async fn layout(
+        &self,
+        keys: &TopicKeys,
+        op: &str,
+        partitions: u32,
+        owner: &str,
+        hold: Duration,
+    ) -> Result<u64> {
         let script = &self.scripts.layout;
         let mut call = Self::evalsha(
             script,
             &[
                 &keys.meta,
                 &keys.pending,
-                &keys.cancelled,
+                &keys.stats,
                 &keys.active,
                 &keys.delayed,
                 &keys.dead,
             ],
         );
-        call.arg(op).arg(partitions);
+        call.arg(op)
+            .arg(partitions)
+            .arg(owner)
+            .arg(millis(hold));
         let n: i64 = self.run(script, &call).await?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
@@ -700,8 +718,25 @@ impl Store {
         start: usize,
         stop: usize,
     ) -> Result<Vec<(String, Option<f64>, Option<Vec<u8>>)>> {
-        // Ids read as bytes: one planted by hand that is not UTF-8 must not hide the rest.
-        let ranked: Vec<(Vec<u8>, Option<f64>)> = match state {
+        let ranked = self.ranked(keys, state, start, stop).await?;
+        let bodies = self.bodies(keys, &ranked).await?;
+        Ok(ranked
+            .into_iter()
+            .zip(bodies)
+            .map(|((id, score), body)| (String::from_utf8_lossy(&id).into_owned(), score, body))
+            .collect())
+    }
+
+    /// The ids of one state ranked `start..=stop`, with their scores (`None` for pending).
+    /// Ids are read as bytes: one planted by hand that is not UTF-8 must not hide the rest.
+    pub(crate) async fn ranked(
+        &self,
+        keys: &TopicKeys,
+        state: PeekState,
+        start: usize,
+        stop: usize,
+    ) -> Result<Vec<(Vec<u8>, Option<f64>)>> {
+        Ok(match state {
             PeekState::Pending => {
                 let range = redis::cmd("LRANGE")
                     .arg(&keys.pending)
@@ -726,20 +761,23 @@ impl Store {
                 let ids: Vec<(Vec<u8>, f64)> = self.cmd(&range, key).await?;
                 ids.into_iter().map(|(id, s)| (id, Some(s))).collect()
             }
-        };
-        if ranked.is_empty() {
+        })
+    }
+
+    /// The bodies of these ids (`None`: gone meanwhile), in one round trip.
+    pub(crate) async fn bodies(
+        &self,
+        keys: &TopicKeys,
+        ids: &[(Vec<u8>, Option<f64>)],
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        if ids.is_empty() {
             return Ok(Vec::new());
         }
         let hmget = redis::cmd("HMGET")
             .arg(&keys.msg)
-            .arg(ranked.iter().map(|(id, _)| id).collect::<Vec<_>>())
+            .arg(ids.iter().map(|(id, _)| id).collect::<Vec<_>>())
             .to_owned();
-        let bodies: Vec<Option<Vec<u8>>> = self.cmd(&hmget, &keys.msg).await?;
-        Ok(ranked
-            .into_iter()
-            .zip(bodies)
-            .map(|((id, score), body)| (String::from_utf8_lossy(&id).into_owned(), score, body))
-            .collect())
+        self.cmd(&hmget, &keys.msg).await
     }
 
     /// Deletes every message of a topic; how many there were per state: pending, active,
@@ -814,14 +852,12 @@ impl Store {
     pub(crate) async fn stats(&self, keys: &TopicKeys) -> Result<RawStats> {
         let mut pipe = redis::pipe();
         pipe.llen(&keys.pending)
-            .scard(&keys.cancelled)
             .zcard(&keys.active)
             .zcard(&keys.delayed)
             .zcard(&keys.dead)
             .hgetall(&keys.stats)
             .exists(&keys.paused);
-        let (listed, tombstones, active, delayed, dead, counters, paused): (
-            u64,
+        let (listed, active, delayed, dead, counters, paused): (
             u64,
             u64,
             u64,
@@ -833,7 +869,7 @@ impl Store {
             .await?;
         Ok(RawStats {
             // Entries of cancelled messages stay listed until a fetch skips them.
-            pending: listed.saturating_sub(tombstones),
+            pending: listed.saturating_sub(counters.get("tombstones").copied().unwrap_or(0)),
             active,
             delayed,
             dead,
@@ -936,7 +972,7 @@ impl Store {
     ) -> Result<bool> {
         if bc.conn.is_some() && bc.epoch != self.backend.epoch() {
             // Sentinel named another master since this connection was opened.
-            bc.conn = None;
+            bc.drop_connection();
         }
         if bc.conn.is_none() {
             let first = wake_keys.first().copied().unwrap_or_default();
@@ -975,13 +1011,11 @@ impl Store {
             Ok(Ok(popped)) => Ok(popped.is_some()),
             Ok(Err(e)) => {
                 // A moved slot, a failed-over node: look the master up again.
-                bc.conn = None;
-                bc.stale = true;
+                bc.drop_connection();
                 Err(e.into())
             }
             Err(_) => {
-                bc.conn = None;
-                bc.stale = true;
+                bc.drop_connection();
                 Err(Error::Timeout(guard))
             }
         }

@@ -16,6 +16,9 @@ use crate::keys::{validate_topic, TopicKeys, MAX_PARTITIONS};
 /// reader (stats, peek) may look at the old one after a change.
 const LAYOUT_TTL: Duration = Duration::from_secs(10);
 
+/// Longest a layout change keeps publishing frozen if the process making it dies.
+const FREEZE_HOLD: Duration = Duration::from_secs(30);
+
 /// Options for [`Client::create_topic`].
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
@@ -118,12 +121,13 @@ impl Client {
     /// ones: `create_topic("hot.orders", TopicOptions::new().partitions(12))`. The count
     /// is stored in Redis with the topic, and every client and worker picks it up (workers
     /// within their recover interval, producers at their next publish). Asking for the
-    /// count the topic has is a no-op.
+    /// count the topic has changes nothing (it repairs a change that died half-way).
     ///
     /// The count can change only while the topic holds no message in any state:
     /// otherwise [`Error::Config`] says how many it holds, and nothing changes. While the
     /// change is made, publishing to the topic is refused for a moment (`TRYAGAIN`, which
-    /// publish retries); if the process dies in the middle, run it again.
+    /// publish retries); a change that dies half-way stops refusing after 30 s, and two
+    /// changes at once are refused (`BUSY`) rather than mixed. A paused topic stays paused.
     pub async fn create_topic(&self, topic: &str, options: TopicOptions) -> Result<TopicInfo> {
         validate_topic(topic)?;
         let n = options.partitions.unwrap_or(1);
@@ -133,8 +137,17 @@ impl Client {
             )));
         }
         let store = self.store();
+        let owner = crate::worker::random_token();
         let current = self.fresh_layout(topic).await?;
+        let plain = store.ns.topic(topic);
+        let new = self.layout_of(topic, n);
         if current.count() == n {
+            // Nothing to change; but a change that died half-way may have left some of the
+            // layout keys frozen or behind: write them all again.
+            for keys in new.partitions.iter().filter(|k| k.meta != plain.meta) {
+                store.layout(keys, "set", n, &owner, FREEZE_HOLD).await?;
+            }
+            store.layout(&plain, "set", n, &owner, FREEZE_HOLD).await?;
             store.register_topic(topic).await?;
             return Ok(TopicInfo {
                 topic: topic.to_owned(),
@@ -143,7 +156,6 @@ impl Client {
         }
         // Freeze everywhere a producer may write now: the plain topic's slot (a producer
         // that believes the topic plain writes there) and each current partition.
-        let plain = store.ns.topic(topic);
         let mut frozen: Vec<TopicKeys> = vec![plain.clone()];
         if current.is_partitioned() {
             frozen.extend(current.partitions.iter().cloned());
@@ -151,7 +163,7 @@ impl Client {
         let mut stored = 0;
         let mut failure = None;
         for (i, keys) in frozen.iter().enumerate() {
-            match store.layout(keys, "freeze", 0).await {
+            match store.layout(keys, "freeze", 0, &owner, FREEZE_HOLD).await {
                 Ok(n) => stored += n,
                 Err(e) => {
                     failure = Some((i, e));
@@ -162,7 +174,10 @@ impl Client {
         if failure.is_some() || stored > 0 {
             let upto = failure.as_ref().map_or(frozen.len(), |(i, _)| *i);
             for keys in &frozen[..upto] {
-                let _ = store.layout(keys, "thaw", 0).await;
+                // Best effort: a freeze left behind ends by itself after FREEZE_HOLD.
+                if let Err(e) = store.layout(keys, "thaw", 0, &owner, FREEZE_HOLD).await {
+                    tracing::warn!(topic, error = %e, "could not lift the freeze; it ends by itself in 30 s");
+                }
             }
             return Err(match failure {
                 Some((_, e)) => e,
@@ -172,19 +187,28 @@ impl Client {
                 )),
             });
         }
-        // Commit: the new partitions, then the old ones (their producers then re-read the
-        // layout), the plain slot last: it is what every client reads.
-        let new = self.layout_of(topic, n);
-        let mut targets: Vec<&TopicKeys> = new.partitions.iter().collect();
-        if current.is_partitioned() {
-            targets.extend(current.partitions.iter());
-        }
-        for keys in targets {
-            if keys.meta != plain.meta {
-                store.layout(keys, "set", n).await?;
+        let paused = futures::future::try_join_all(current.partitions.iter().map(|k| store.stats(k)))
+            .await?
+            .iter()
+            .any(|s| s.paused);
+        // Commit: the new partitions, then the plain slot (what every client reads), then
+        // the old partitions (a producer refused there re-reads the plain slot and finds
+        // the new count).
+        for keys in new.partitions.iter().filter(|k| k.meta != plain.meta) {
+            store.layout(keys, "set", n, &owner, FREEZE_HOLD).await?;
+            if paused {
+                store.pause(keys).await?;
             }
         }
-        store.layout(&plain, "set", n).await?;
+        store.layout(&plain, "set", n, &owner, FREEZE_HOLD).await?;
+        if current.is_partitioned() {
+            for keys in current.partitions.iter().filter(|k| k.meta != plain.meta) {
+                store.layout(keys, "set", n, &owner, FREEZE_HOLD).await?;
+            }
+        }
+        if paused {
+            store.pause(&plain).await?;
+        }
         store.register_topic(topic).await?;
         self.fresh_layout(topic).await?;
         Ok(TopicInfo {

@@ -28,6 +28,10 @@ pub(crate) struct Group {
     pub(crate) priority: Priority,
     /// Handlers (or batches) running at once across the group's topics.
     pub(crate) concurrency: usize,
+    /// Set before a stop that is a restart on a new layout, not a shutdown: running
+    /// handlers are then waited for without the shutdown timeout (aborting them would make
+    /// their side effects run twice for nothing).
+    pub(crate) patient: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Group {
@@ -44,12 +48,26 @@ impl Group {
 
         // Shutdown: let handlers finish within the timeout, then hand the rest back.
         let settings = &self.runners[0].settings;
-        let now = Instant::now();
-        // A year stands in for "no limit" when the timeout is too large to add.
-        let deadline = now
-            .checked_add(settings.shutdown_timeout)
-            .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
-        while let Ok(Some(_)) = tokio::time::timeout_at(deadline, tasks.join_next()).await {}
+        let started = Instant::now();
+        loop {
+            // Re-read each second: a shutdown during a patient restart ends the patience.
+            let limit = if self.patient.load(std::sync::atomic::Ordering::SeqCst) {
+                Duration::MAX
+            } else {
+                settings.shutdown_timeout
+            };
+            // A year stands in for "no limit" when the timeout is too large to add.
+            let deadline = started
+                .checked_add(limit)
+                .unwrap_or(started + Duration::from_secs(365 * 24 * 3600));
+            let step = deadline.min(Instant::now() + Duration::from_secs(1));
+            match tokio::time::timeout_at(step, tasks.join_next()).await {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) if Instant::now() >= deadline => break,
+                Err(_) => {}
+            }
+        }
         if !tasks.is_empty() {
             tracing::warn!(
                 unfinished = tasks.len(),
@@ -65,6 +83,11 @@ impl Group {
 
     fn store(&self) -> &Store {
         self.runners[0].client.store()
+    }
+
+    /// A waiter on every runner's wake-up key.
+    fn waiter(&self) -> Waiter {
+        Waiter::new(self.runners.iter().map(|r| r.keys.wake.clone()).collect())
     }
 
     fn idle_wait(&self) -> Duration {
@@ -102,10 +125,9 @@ impl Group {
     ) {
         let idle = self.idle_wait();
         if waiter.waits.is_empty() {
-            let keys: Vec<String> = self.runners.iter().map(|r| r.keys.wake.clone()).collect();
             waiter.waits = self
                 .store()
-                .wait_groups(&keys)
+                .wait_groups(&waiter.keys)
                 .into_iter()
                 .map(SlotWait::new)
                 .collect();
@@ -211,7 +233,7 @@ impl Group {
     /// priority group holds none, so that the order of its topics is kept exactly.
     async fn fetch_loop(&self, tasks: &mut JoinSet<()>, stop: &mut watch::Receiver<bool>) {
         let slots = Arc::new(Semaphore::new(self.concurrency));
-        let mut waiter = Waiter::default();
+        let mut waiter = self.waiter();
         let mut backoff = RetryDelay::default();
         let mut order = Order::new(&self.priority, &self.tiers);
         let mut pace = Pace::new(self);
@@ -315,12 +337,14 @@ impl Group {
             failed: false,
             rtt: Duration::ZERO,
         };
+        let (mut asked, mut failed) = (0, 0);
         for index in order {
             if want == 0 {
                 break;
             }
             let runner = &self.runners[index];
             let token: Arc<str> = random_token().into();
+            asked += 1;
             match self.fetch(runner, want, &token).await {
                 Ok(f) => {
                     let due = until_due(&f);
@@ -336,10 +360,21 @@ impl Group {
                     );
                 }
                 Err(e) => {
+                    // One partition (or topic) failing (its master is failing over) must
+                    // not stop the others: ask the next one.
                     tracing::warn!(topic = %runner.keys.topic, error = %e, "fetch failed; retrying");
-                    round.failed = true;
-                    break;
+                    failed += 1;
                 }
+            }
+        }
+        if failed > 0 {
+            if failed == asked {
+                round.failed = true;
+            } else {
+                // Look again soon for what the failed ones hold, rather than only when
+                // woken.
+                let soon = Instant::now() + Duration::from_millis(500);
+                round.due_at = Some(round.due_at.map_or(soon, |d| d.min(soon)));
             }
         }
         round.rtt = started.elapsed();
@@ -356,7 +391,8 @@ impl Group {
         stop: &mut watch::Receiver<bool>,
     ) {
         let slots = Arc::new(Semaphore::new(self.concurrency));
-        let mut waiter = Waiter::default();
+        let mut waiter = self.waiter();
+        let mut owner_waiters: std::collections::HashMap<usize, Waiter> = Default::default();
         let mut backoff = RetryDelay::default();
         // The partitions of a partitioned topic take turns: each batch is filled from one
         // (it is settled in one script call, in that partition's slot), starting with the
@@ -409,10 +445,24 @@ impl Group {
                             }
                             wait = wait.min(left);
                         }
-                        self.wait(&mut waiter, wait, &mut backoff, stop).await;
+                        // While a batch fills from one partition, wait on that partition
+                        // alone: a wake-up for another one belongs to an idle worker.
+                        match owner {
+                            Some(o) if n > 1 => {
+                                let w = owner_waiters
+                                    .entry(o)
+                                    .or_insert_with(|| Waiter::new(vec![runner.keys.wake.clone()]));
+                                self.wait(w, wait, &mut backoff, stop).await;
+                            }
+                            _ => self.wait(&mut waiter, wait, &mut backoff, stop).await,
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(topic = %runner.keys.topic, error = %e, "fetch failed; retrying");
+                        if owner.is_none() {
+                            // Another partition may be reachable: try it next.
+                            turn += 1;
+                        }
                         pause(backoff.next(), stop).await;
                     }
                 }
@@ -432,9 +482,19 @@ impl Group {
 /// The blocking waits of a group, one per set of wake-up keys that can be waited on
 /// together (all of them on one server; one slot each on a cluster), each possibly still
 /// outstanding from an earlier [`Group::wait`].
-#[derive(Default)]
 struct Waiter {
+    /// The wake-up keys it waits on.
+    keys: Vec<String>,
     waits: Vec<SlotWait>,
+}
+
+impl Waiter {
+    fn new(keys: Vec<String>) -> Self {
+        Self {
+            keys,
+            waits: Vec::new(),
+        }
+    }
 }
 
 /// One blocking wait and its connection while none is outstanding.

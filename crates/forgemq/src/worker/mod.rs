@@ -782,11 +782,13 @@ async fn supervise(
             tiers.push(tier);
             concurrency += m.sub.concurrency;
         }
+        let patient = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let group = Group {
             runners,
             tiers,
             priority: priority.clone(),
             concurrency,
+            patient: Arc::clone(&patient),
         };
         let (group_stop, group_stop_rx) = watch::channel(false);
         let run = tokio::spawn(group.run(group_stop_rx.clone()));
@@ -812,8 +814,23 @@ async fn supervise(
                 }
             }
         };
+        // A restart on a new layout lets running handlers finish, however long they take;
+        // a shutdown keeps to the shutdown timeout.
+        patient.store(changed, std::sync::atomic::Ordering::SeqCst);
         let _ = group_stop.send(true);
-        if let Err(e) = run.await {
+        let mut run = run;
+        let mut watching = changed;
+        let finished = loop {
+            tokio::select! {
+                done = &mut run => break done,
+                _ = stop.changed(), if watching => {
+                    // Shutting down while restarting: back to the shutdown timeout.
+                    patient.store(false, std::sync::atomic::Ordering::SeqCst);
+                    watching = false;
+                }
+            }
+        };
+        if let Err(e) = finished {
             tracing::error!(error = %e, "a subscription task failed");
         }
         recover.abort();

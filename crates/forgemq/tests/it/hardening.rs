@@ -668,14 +668,23 @@ async fn cancelled_id_published_again_runs_once() {
     assert!(!again.is_duplicate());
     invariants(&server, topic, &[id.to_string()]);
     assert_eq!(mq.stats(topic).await.unwrap().pending, 1);
+    // Cancelled and published again once more: two entries of the id are now tombstones,
+    // and the third is the live one.
+    mq.cancel(topic, &id).await.unwrap();
+    mq.publish_with(topic, json!({"v": 3}), with_id())
+        .await
+        .unwrap();
+    invariants(&server, topic, &[id.to_string()]);
+    assert_eq!(mq.stats(topic).await.unwrap().pending, 1);
     let got = mq.pop_messages(topic, 10).await.unwrap();
-    assert_eq!(got.len(), 1);
-    assert_eq!(got[0].data()["v"], 2);
+    assert_eq!(got.len(), 1, "leased once, not once per entry");
+    assert_eq!(got[0].data()["v"], 3);
     for d in got {
         d.ack().await.unwrap();
     }
     assert!(mq.pop_message(topic).await.unwrap().is_none());
     invariants(&server, topic, &[id.to_string()]);
+    assert_eq!(mq.stats(topic).await.unwrap().pending, 0);
 }
 
 /// Defect 10: purge frees its keys with UNLINK (in the background), never DEL.

@@ -245,6 +245,30 @@ async fn partition_key_keeps_a_key_on_one_partition() {
         .unwrap()
         .is_duplicate());
     assert_eq!(mq.stats(topic).await.unwrap().pending, 401);
+    // A unique key picks the partition itself: with a partition key too it could not hold
+    // across the topic, so the pair is refused and nothing is written.
+    let both = mq
+        .publish_with(
+            topic,
+            json!({}),
+            PublishOptions::new()
+                .unique_key("order-9", Duration::from_secs(60))
+                .partition_key("tenant-1"),
+        )
+        .await
+        .unwrap_err();
+    assert!(both.is_invalid_input(), "{both}");
+    assert_eq!(mq.stats(topic).await.unwrap().pending, 401);
+    let unique = PublishOptions::new().unique_key("order-9", Duration::from_secs(60));
+    let first = mq
+        .publish_with(topic, json!({}), unique.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        mq.publish_with(topic, json!({}), unique).await.unwrap(),
+        forgemq::PublishOutcome::Duplicate(first.id().clone()),
+        "the unique key holds across the partitioned topic"
+    );
 }
 
 /// Everything that names a message by id works on a partitioned topic without naming the
