@@ -83,11 +83,19 @@ impl DataLock {
 /// the same data or prints a dashboard URL that is not its own.
 pub(crate) async fn run(
     redis: Option<&str>,
-    namespace: &str,
+    connect: &crate::ConnectOptions,
     bind: SocketAddr,
     options: crate::serve::Options,
 ) -> Result<()> {
     options.check(bind)?;
+    if redis.is_none() && connect.replicas > 0 {
+        // The private redis-server has no replicas: every publish would fail.
+        return Err(crate::UsageError(format!(
+            "--replicas {} needs a Redis with replicas, and the one `forgemq dev` starts has none: pass --redis URL, or drop --replicas",
+            connect.replicas
+        ))
+        .into());
+    }
     let listener = crate::serve::bind(bind).await?;
     let bound = listener.local_addr()?;
     let (url, _guard) = match redis {
@@ -97,7 +105,7 @@ pub(crate) async fn run(
             (url, Some(guard))
         }
     };
-    let mq = crate::connect_to(&url, namespace).await?;
+    let mq = crate::connect_to(&url, connect).await?;
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "forgemq".to_owned());

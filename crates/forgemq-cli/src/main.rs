@@ -1,7 +1,9 @@
 //! `forgemq`: the operator's command line for ForgeMQ queues on Redis.
 //!
-//! Every command takes `--redis URL` (else `$REDIS_URL`, else `redis://127.0.0.1:6379`) and
-//! `--namespace NS` (default `mq`); read commands take `--json` for stable machine output.
+//! Every command takes `--redis URL` (else `$REDIS_URL`, else `redis://127.0.0.1:6379`; also
+//! `redis+cluster://` and `redis+sentinel://`), `--namespace NS` (default `mq`) and
+//! `--replicas N` / `--replicas-timeout DUR`; read commands take `--json` for stable
+//! machine output.
 //! Errors are one line on stderr; the exit code is 2 for usage errors, 1 for runtime errors.
 //!
 //! # Layout
@@ -24,7 +26,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
-use forgemq::{Client, MessageId, MessageState, PublishOptions, PublishOutcome, UniqueUntil};
+use forgemq::{
+    Client, MessageId, MessageState, PublishOptions, PublishOutcome, TopicOptions, UniqueUntil,
+    MAX_PARTITIONS,
+};
 use serde_json::Value;
 
 /// Most messages `publish --file` sends per round trip.
@@ -37,14 +42,53 @@ const FILE_CHUNK: usize = 1000;
 #[derive(Debug, Parser)]
 #[command(name = "forgemq", version, propagate_version = true)]
 struct Cli {
-    /// Redis to use [default: redis://127.0.0.1:6379; `dev` starts its own].
-    #[arg(long, global = true, env = "REDIS_URL")]
+    /// Redis to use: redis://HOST:PORT, redis+cluster://HOST:PORT,HOST:PORT (Redis
+    /// Cluster), redis+sentinel://HOST:PORT,HOST:PORT/MASTER (Sentinel); rediss… for TLS
+    /// [default: redis://127.0.0.1:6379; `dev` starts its own].
+    #[arg(
+        long,
+        global = true,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     redis: Option<String>,
     /// Key namespace (the prefix of every key ForgeMQ writes).
     #[arg(long, global = true, default_value = "mq")]
     namespace: String,
+    /// Count a publish (and a worker's acknowledgement) as done only once N replicas of
+    /// the master confirmed it (Redis WAIT), so that a failover loses none; 0: don't wait.
+    #[arg(
+        long,
+        global = true,
+        env = "FORGEMQ_REPLICAS",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    replicas: usize,
+    /// How long --replicas waits for the replicas before the write counts as not
+    /// replicated (an error; the message is on the master), e.g. `500ms`, `2s`.
+    #[arg(
+        long,
+        global = true,
+        env = "FORGEMQ_REPLICAS_TIMEOUT",
+        default_value = "1s",
+        value_parser = parse_replicas_timeout,
+        value_name = "DUR"
+    )]
+    replicas_timeout: Duration,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--replicas-timeout`: a humantime duration of at least 1 ms (`WAIT` counts whole
+/// milliseconds, and `WAIT n 0` would wait forever).
+fn parse_replicas_timeout(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(1) {
+        return Err("must be at least 1ms (0 would wait forever)".to_owned());
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Subcommand)]
@@ -73,6 +117,10 @@ enum Command {
         /// the ttl ends.
         #[arg(long, value_enum, default_value_t = UniqueUntilArg::Final, requires = "unique_key")]
         unique_until: UniqueUntilArg,
+        /// Which partition of a partitioned topic it goes to: messages with the same key go
+        /// to the same one (default: the unique key, else the id, hashed).
+        #[arg(long, value_name = "KEY")]
+        partition_key: Option<String>,
         /// Publish every line of this JSON-lines file as one message (prints the ids).
         #[arg(long)]
         file: Option<std::path::PathBuf>,
@@ -108,6 +156,9 @@ enum Command {
     /// The dead-letter queue: list, retry, delete, purge.
     #[command(subcommand)]
     Dlq(Dlq),
+    /// Partitioned topics: create one (or change its partition count), list them.
+    #[command(subcommand)]
+    Topic(TopicCommand),
     /// Cancel a delayed or pending message (e.g. the payment check of a paid order).
     Cancel {
         /// The topic.
@@ -265,6 +316,29 @@ enum Dlq {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum TopicCommand {
+    /// Create a topic with N partitions, or change its count while it holds no message.
+    ///
+    /// A partitioned topic spreads over N hash tags, so that on Redis Cluster it uses every
+    /// master. There is no order across partitions; messages with the same
+    /// `publish --partition-key` go to the same one. Workers, stats, peek, cancel and the
+    /// dead-letter commands take the topic's name as for a plain one.
+    Create {
+        /// The topic.
+        topic: String,
+        /// How many partitions: 1 (a plain topic) to 1024.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_PARTITIONS)))]
+        partitions: u32,
+    },
+    /// Every topic with its partition count (1: a plain topic).
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -301,8 +375,16 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the cause chain joined, so scripts can log it as is.
-            eprintln!("error: {e:#}");
+            // One line: the cause chain joined, so scripts can log it as is. A cause may
+            // hold line breaks of its own (a redis-rs parse error quoting what a non-Redis
+            // port answered, say): they are folded too.
+            let text = format!("{e:#}");
+            let one_line: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("error: {}", one_line.join(" "));
             // A config file that cannot be used is a usage error, like a bad flag.
             if e.downcast_ref::<gateway::ConfigError>().is_some()
                 || e.downcast_ref::<UsageError>().is_some()
@@ -317,7 +399,7 @@ fn main() -> ExitCode {
 
 /// A command used in a way it can't work (exit code 2, like a bad flag).
 #[derive(Debug)]
-struct UsageError(String);
+pub(crate) struct UsageError(pub(crate) String);
 
 impl std::fmt::Display for UsageError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -358,9 +440,11 @@ fn confirm(what: &str, topic: &str) -> Result<()> {
 
 /// Log lines on stderr for the long-running gateway (`RUST_LOG` overrides the level). The
 /// gateway logs each failed delivery itself, so the library's own line for it is left out.
+/// redis-rs's warnings (a cluster seed that refused a connection, say) repeat in its words
+/// what the error line or ForgeMQ's own logs say: only its errors are shown by default.
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,forgemq::worker::runner=warn")
+        tracing_subscriber::EnvFilter::new("info,forgemq::worker::runner=warn,redis=error")
     });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -386,17 +470,41 @@ fn parse_data(arg: &str) -> Result<Value> {
 /// Redis when neither `--redis` nor `REDIS_URL` says otherwise.
 const DEFAULT_REDIS: &str = "redis://127.0.0.1:6379";
 
+/// What every connection is made with besides its URL: the global flags.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectOptions {
+    /// `--namespace`.
+    pub(crate) namespace: String,
+    /// `--replicas`: 0 when writes don't wait for replicas.
+    pub(crate) replicas: usize,
+    /// `--replicas-timeout`.
+    pub(crate) replicas_timeout: Duration,
+}
+
+impl Cli {
+    fn connect_options(&self) -> ConnectOptions {
+        ConnectOptions {
+            namespace: self.namespace.clone(),
+            replicas: self.replicas,
+            replicas_timeout: self.replicas_timeout,
+        }
+    }
+}
+
 async fn connect(cli: &Cli) -> Result<Client> {
     connect_to(
         cli.redis.as_deref().unwrap_or(DEFAULT_REDIS),
-        &cli.namespace,
+        &cli.connect_options(),
     )
     .await
 }
 
-async fn connect_to(url: &str, namespace: &str) -> Result<Client> {
+/// Connects as the global flags say. The library bounds the time it takes (a dead seed
+/// list or sentinel group fails within seconds) and names what is wrong.
+pub(crate) async fn connect_to(url: &str, options: &ConnectOptions) -> Result<Client> {
     Client::builder(url)
-        .namespace(namespace)
+        .namespace(&options.namespace)
+        .replicas(options.replicas, options.replicas_timeout)
         .build()
         .await
         .with_context(|| {
@@ -407,14 +515,31 @@ async fn connect_to(url: &str, namespace: &str) -> Result<Client> {
         })
 }
 
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+/// The URL without its passwords, for messages: the user's (`user:pass@`) and the
+/// sentinels' (`?sentinel_password=`).
+pub(crate) fn redact(url: &str) -> String {
+    let (url, query) = match url.split_once('?') {
+        Some((u, q)) => (u, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://***@{}", &url[..scheme], &url[at + 1..])
         }
         _ => url.to_owned(),
+    };
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) if name.contains("password") => format!("{name}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
     }
+    out
 }
 
 fn parse_id(id: &str) -> Result<MessageId> {
@@ -442,7 +567,7 @@ async fn run(cli: Cli) -> Result<()> {
         init_logging();
         return gateway::run(
             cli.redis.as_deref().unwrap_or(DEFAULT_REDIS),
-            &cli.namespace,
+            &cli.connect_options(),
             config,
             *listen,
         )
@@ -454,7 +579,7 @@ async fn run(cli: Cli) -> Result<()> {
             allow_hosts: access.allow_hosts.clone(),
             metrics_public: access.metrics_public,
         };
-        return dev::run(cli.redis.as_deref(), &cli.namespace, *bind, options).await;
+        return dev::run(cli.redis.as_deref(), &cli.connect_options(), *bind, options).await;
     }
     // Settings that would expose the queues are refused before anything starts.
     let serving = match &cli.command {
@@ -498,9 +623,13 @@ async fn run(cli: Cli) -> Result<()> {
             unique_key,
             unique_ttl,
             unique_until,
+            partition_key,
             file,
         } => {
             let mut options = PublishOptions::new();
+            if let Some(k) = partition_key {
+                options = options.partition_key(k);
+            }
             if let Some(d) = delay {
                 options = options.delay(d);
             }
@@ -515,7 +644,22 @@ async fn run(cli: Cli) -> Result<()> {
             match (file, data) {
                 (Some(path), _) => publish_file(&mq, &topic, &path, &options).await,
                 (None, Some(value)) => {
-                    match mq.publish_with(&topic, value, options).await? {
+                    // The id is made here rather than in the library (the same kind of
+                    // id, placed the same way) so that an error after the write can name it.
+                    let id = MessageId::generate();
+                    let outcome = mq
+                        .publish_with(&topic, value, options.id(id.clone()))
+                        .await
+                        .map_err(|e| {
+                            if e.is_not_replicated() {
+                                anyhow::Error::new(e).context(format!(
+                                    "message {id} is stored on the master of {topic}, but not yet on enough replicas"
+                                ))
+                            } else {
+                                e.into()
+                            }
+                        })?;
+                    match outcome {
                         PublishOutcome::Duplicate(id) => {
                             eprintln!("duplicate: message {id} already holds this unique key or id; nothing published");
                             println!("{id}");
@@ -534,11 +678,11 @@ async fn run(cli: Cli) -> Result<()> {
                 (Some(t), true) => output::print_json(&mq.stats(&t).await?),
                 (None, true) => output::print_json(&mq.get_all_queues().await?),
                 (Some(t), false) => {
-                    output::stats_table(&[mq.stats(&t).await?]);
+                    output::stats_table(&[mq.stats(&t).await?], output::Partitions::Each);
                     Ok(())
                 }
                 (None, false) => {
-                    output::stats_table(&mq.get_all_queues().await?);
+                    output::stats_table(&mq.get_all_queues().await?, output::Partitions::Sum);
                     Ok(())
                 }
             }
@@ -548,7 +692,19 @@ async fn run(cli: Cli) -> Result<()> {
             if json {
                 output::print_json(&all)
             } else {
-                output::stats_table(&all);
+                output::stats_table(&all, output::Partitions::Sum);
+                Ok(())
+            }
+        }
+        Command::Topic(TopicCommand::Create { topic, partitions }) => {
+            create_topic(&mq, &topic, partitions).await
+        }
+        Command::Topic(TopicCommand::Ls { json }) => {
+            let all = mq.topic_infos().await?;
+            if json {
+                output::print_json(&all)
+            } else {
+                output::topics_table(&all);
                 Ok(())
             }
         }
@@ -651,6 +807,29 @@ async fn run(cli: Cli) -> Result<()> {
         | Command::Gateway { .. }
         | Command::Serve { .. } => Ok(()),
     }
+}
+
+/// `topic create`: sets the partition count and says what changed, on stderr.
+async fn create_topic(mq: &Client, topic: &str, partitions: u32) -> Result<()> {
+    // Read first only to say what happened; the library decides and checks.
+    let before = mq.topic_info(topic).await?.partitions;
+    let known = mq.topics().await?.iter().any(|t| t == topic);
+    let info = mq
+        .create_topic(topic, TopicOptions::new().partitions(partitions))
+        .await
+        .with_context(|| format!("could not give {topic} {}", output::partitions(partitions)))?;
+    let now = output::partitions(info.partitions);
+    if known && before == info.partitions {
+        eprintln!("{topic} already has {now}; nothing changed");
+    } else if known {
+        eprintln!(
+            "changed {topic} from {} to {now}",
+            output::partitions(before)
+        );
+    } else {
+        eprintln!("created {topic} with {now}");
+    }
+    Ok(())
 }
 
 /// Publishes every line of a JSON-lines file, 1,000 per round trip, with a progress bar

@@ -3,7 +3,7 @@
 use std::time::SystemTime;
 
 use anyhow::Result;
-use forgemq::{Cancelled, MessageState, PeekedMessage, QueueStats};
+use forgemq::{Cancelled, MessageState, PeekedMessage, QueueStats, TopicInfo};
 use serde_json::{json, Value};
 
 /// Prints any value as pretty JSON on stdout.
@@ -111,32 +111,66 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-pub(crate) fn stats_table(stats: &[QueueStats]) {
+/// How [`stats_table`] shows a partitioned topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Partitions {
+    /// One row: the sums.
+    Sum,
+    /// The sums, then one indented row per partition.
+    Each,
+}
+
+/// "1 partition", "4 partitions".
+pub(crate) fn partitions(n: u32) -> String {
+    if n == 1 {
+        "1 partition".to_owned()
+    } else {
+        format!("{n} partitions")
+    }
+}
+
+pub(crate) fn stats_table(stats: &[QueueStats], show: Partitions) {
     if stats.is_empty() {
         eprintln!("no topics yet: publish a message to create one");
         return;
     }
-    let rows: Vec<Vec<String>> = stats
-        .iter()
-        .map(|s| {
-            vec![
-                if s.paused {
-                    format!("{} (paused)", s.topic)
-                } else {
-                    s.topic.clone()
-                },
-                s.pending.to_string(),
-                s.active.to_string(),
-                s.delayed.to_string(),
-                s.dead.to_string(),
-                s.processed.to_string(),
-                s.failed.to_string(),
-                s.retried.to_string(),
-                s.recovered.to_string(),
-                s.duplicate_runs.to_string(),
-            ]
-        })
-        .collect();
+    let row = |name: String, s: &QueueStats| {
+        vec![
+            name,
+            s.pending.to_string(),
+            s.active.to_string(),
+            s.delayed.to_string(),
+            s.dead.to_string(),
+            s.processed.to_string(),
+            s.failed.to_string(),
+            s.retried.to_string(),
+            s.recovered.to_string(),
+            s.duplicate_runs.to_string(),
+        ]
+    };
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for s in stats {
+        let mut notes = Vec::new();
+        if !s.partitions.is_empty() {
+            notes.push(partitions(s.partitions.len() as u32));
+        }
+        if s.paused {
+            notes.push("paused".to_owned());
+        }
+        let name = if notes.is_empty() {
+            s.topic.clone()
+        } else {
+            format!("{} ({})", s.topic, notes.join(", "))
+        };
+        rows.push(row(name, s));
+        if show == Partitions::Each {
+            for (i, p) in s.partitions.iter().enumerate() {
+                let n = p.partition.unwrap_or(i as u32);
+                let paused = if p.paused { " (paused)" } else { "" };
+                rows.push(row(format!("  partition {n}{paused}"), p));
+            }
+        }
+    }
     table(
         &[
             "TOPIC",
@@ -152,6 +186,19 @@ pub(crate) fn stats_table(stats: &[QueueStats]) {
         ],
         &rows,
     );
+}
+
+/// `topic ls`: every topic and its partition count.
+pub(crate) fn topics_table(topics: &[TopicInfo]) {
+    if topics.is_empty() {
+        eprintln!("no topics yet: publish a message or run `forgemq topic create` to create one");
+        return;
+    }
+    let rows: Vec<Vec<String>> = topics
+        .iter()
+        .map(|t| vec![t.topic.clone(), t.partitions.to_string()])
+        .collect();
+    table(&["TOPIC", "PARTITIONS"], &rows);
 }
 
 pub(crate) fn peek_table(found: &[PeekedMessage]) {

@@ -1,20 +1,33 @@
 //! The `forgemq` command against a private redis-server: outputs, JSON shapes, exit codes.
 
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use forgemq_test_support::RedisServer;
+use forgemq_test_support::{free_port, RedisServer, TestCluster, TestSentinel};
 use serde_json::{json, Value};
 
 fn forgemq(server: &RedisServer, args: &[&str]) -> Output {
+    forgemq_at(&server.url(), args)
+}
+
+/// `forgemq ARGS` with `REDIS_URL=url` (and none of the other settings of the
+/// environment the tests run in).
+fn forgemq_at(url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_forgemq"))
         .args(args)
-        .env("REDIS_URL", server.url())
+        .env("REDIS_URL", url)
+        .env_remove("FORGEMQ_REPLICAS")
+        .env_remove("FORGEMQ_REPLICAS_TIMEOUT")
         .output()
         .unwrap()
 }
 
 fn ok(server: &RedisServer, args: &[&str]) -> String {
-    let out = forgemq(server, args);
+    ok_at(&server.url(), args)
+}
+
+fn ok_at(url: &str, args: &[&str]) -> String {
+    let out = forgemq_at(url, args);
     assert!(
         out.status.success(),
         "forgemq {args:?} failed: {}",
@@ -24,7 +37,33 @@ fn ok(server: &RedisServer, args: &[&str]) -> String {
 }
 
 fn json_of(server: &RedisServer, args: &[&str]) -> Value {
-    serde_json::from_str(&ok(server, args)).unwrap()
+    json_at(&server.url(), args)
+}
+
+fn json_at(url: &str, args: &[&str]) -> Value {
+    serde_json::from_str(&ok_at(url, args)).unwrap()
+}
+
+/// Runs `forgemq ARGS` (no Redis in the environment) and checks that it fails with exit
+/// `code` within `limit`, with one line on stderr, which it returns.
+fn fails_fast(args: &[&str], code: i32, limit: Duration) -> String {
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_forgemq"))
+        .args(args)
+        .env_remove("REDIS_URL")
+        .env_remove("FORGEMQ_REPLICAS")
+        .env_remove("FORGEMQ_REPLICAS_TIMEOUT")
+        .env_remove("FORGEMQ_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+    assert!(took < limit, "{args:?} took {took:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    assert!(err.starts_with("error: "), "{args:?}: {err}");
+    err
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -320,7 +359,7 @@ fn seed_every_state(server: &RedisServer, topic: &str) {
             .unwrap();
         mq.publish(topic, json!({"n": 1})).await.unwrap();
         mq.publish(topic, json!({"n": 2})).await.unwrap();
-        mq.publish_with_delay(topic, json!({"n": 3}), std::time::Duration::from_secs(3600))
+        mq.publish_with_delay(topic, json!({"n": 3}), Duration::from_secs(3600))
             .await
             .unwrap();
     });
@@ -547,4 +586,285 @@ fn stats_table_shows_duplicate_runs() {
         json_of(&server, &["stats", "a.one", "--json"])["duplicate_runs"],
         3
     );
+}
+
+/// On a 3-master Redis Cluster: a topic over 4 partitions is created, listed, published
+/// to (by partition key, from a file too), inspected as one topic with a row per
+/// partition, peeked and dead-lettered without naming a partition; changing its count
+/// while it holds messages is refused, and a plain topic works next to it.
+#[test]
+fn commands_work_on_a_redis_cluster() {
+    let cluster = TestCluster::start(3, 0);
+    let url = cluster.url();
+    let run = |args: &[&str]| forgemq_at(&url, args);
+
+    let created = run(&["topic", "create", "hot.orders", "--partitions", "4"]);
+    assert!(created.status.success(), "{created:?}");
+    let said = String::from_utf8_lossy(&created.stderr);
+    assert_eq!(said.trim(), "created hot.orders with 4 partitions");
+    let again = run(&["topic", "create", "hot.orders", "--partitions", "4"]);
+    assert_eq!(
+        String::from_utf8_lossy(&again.stderr).trim(),
+        "hot.orders already has 4 partitions; nothing changed"
+    );
+
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let data = format!(r#"{{"order":{i}}}"#);
+        let key = format!("customer-{}", i % 4);
+        let id = ok_at(
+            &url,
+            &["publish", "hot.orders", &data, "--partition-key", &key],
+        );
+        ids.push(id.trim().to_owned());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("orders.jsonl");
+    std::fs::write(&file, "{\"order\":100}\n{\"order\":101}\n").unwrap();
+    let from_file = ok_at(
+        &url,
+        &[
+            "publish",
+            "hot.orders",
+            "--file",
+            file.to_str().unwrap(),
+            "--partition-key",
+            "customer-9",
+        ],
+    );
+    assert_eq!(from_file.lines().count(), 2);
+    ok_at(&url, &["publish", "user.welcome", r#"{"user_id":"1"}"#]);
+
+    // Ids work without naming the partition: dead-letter one, cancel another.
+    let rt = runtime();
+    rt.block_on(async {
+        let mq = forgemq::Client::connect(&url).await.unwrap();
+        mq.pop_message("hot.orders")
+            .await
+            .unwrap()
+            .unwrap()
+            .dead("card declined")
+            .await
+            .unwrap();
+    });
+    let dead = json_at(&url, &["dlq", "list", "hot.orders", "--json"]);
+    assert_eq!(dead.as_array().unwrap().len(), 1, "{dead}");
+    assert_eq!(dead[0]["error"], "card declined");
+    let dead_id = dead[0]["id"].as_str().unwrap().to_owned();
+    let cancel_id = ids.iter().find(|id| **id != dead_id).unwrap();
+    ok_at(&url, &["cancel", "hot.orders", cancel_id]);
+
+    // stats --json: the sums, with the library's per-partition breakdown.
+    let stats = json_at(&url, &["stats", "hot.orders", "--json"]);
+    assert_eq!(
+        (stats["pending"].as_u64(), stats["dead"].as_u64()),
+        (Some(8), Some(1)),
+        "{stats}"
+    );
+    let parts = stats["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 4);
+    let sum: u64 = parts.iter().map(|p| p["pending"].as_u64().unwrap()).sum();
+    assert_eq!(sum, 8);
+    assert!(
+        parts
+            .iter()
+            .filter(|p| p["pending"].as_u64() > Some(0))
+            .count()
+            > 1,
+        "four customers spread over more than one partition: {stats}"
+    );
+    for (i, p) in parts.iter().enumerate() {
+        assert_eq!(p["partition"], i, "{p}");
+    }
+
+    // The table: one row of sums, then a row per partition.
+    let table = ok_at(&url, &["stats", "hot.orders"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 6, "{table}");
+    let cells = |line: &str| -> Vec<String> {
+        line.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        cells(lines[1])[..3],
+        ["hot.orders (4 partitions)", "8", "0"]
+    );
+    for (i, p) in parts.iter().enumerate() {
+        let row = cells(lines[2 + i]);
+        assert!(lines[2 + i].starts_with("  partition"), "{table}");
+        assert_eq!(row[0], format!("partition {i}"));
+        assert_eq!(row[1], p["pending"].to_string(), "{table}");
+        assert_eq!(row[4], p["dead"].to_string(), "{table}");
+    }
+
+    // queues: one row per topic.
+    let queues = ok_at(&url, &["queues"]);
+    let rows: Vec<&str> = queues.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{queues}");
+    assert!(rows[0].starts_with("hot.orders (4 partitions)"), "{queues}");
+    assert!(rows[1].starts_with("user.welcome "), "{queues}");
+    assert_eq!(
+        json_at(&url, &["queues", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // peek across partitions.
+    let peek = json_at(&url, &["peek", "hot.orders", "--limit", "100", "--json"]);
+    assert_eq!(peek.as_array().unwrap().len(), 8, "{peek}");
+    assert!(peek
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["id"] != *cancel_id));
+
+    // topic ls.
+    assert_eq!(
+        json_at(&url, &["topic", "ls", "--json"]),
+        json!([
+            {"topic": "hot.orders", "partitions": 4},
+            {"topic": "user.welcome", "partitions": 1}
+        ])
+    );
+    let table = ok_at(&url, &["topic", "ls"]);
+    assert_eq!(
+        table
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .collect::<Vec<_>>(),
+        vec![
+            vec!["TOPIC", "PARTITIONS"],
+            vec!["hot.orders", "4"],
+            vec!["user.welcome", "1"]
+        ]
+    );
+
+    // Its count can't change while it holds messages; an empty topic's can.
+    let refused = run(&["topic", "create", "hot.orders", "--partitions", "8"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: could not give hot.orders 8 partitions")
+            && err.contains("holds 9 messages"),
+        "{err}"
+    );
+    assert_eq!(
+        json_at(&url, &["topic", "ls", "--json"])[0]["partitions"],
+        4
+    );
+    ok_at(&url, &["purge", "user.welcome", "--yes"]);
+    let changed = run(&["topic", "create", "user.welcome", "--partitions", "3"]);
+    assert!(changed.status.success(), "{changed:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&changed.stderr).trim(),
+        "changed user.welcome from 1 partition to 3 partitions"
+    );
+}
+
+/// A bad URL, seeds where no Redis listens, a partition count out of range or a
+/// replicas timeout of 0: exit 1 (2 for usage) with one line, at once, for every command
+/// that connects (also `serve`, `dev` and `gateway`); no password is shown.
+#[test]
+fn bad_redis_urls_and_unreachable_seeds_fail_fast_with_one_line() {
+    let limit = Duration::from_secs(10);
+    let nobody = format!(
+        "redis+cluster://127.0.0.1:{},127.0.0.1:{}",
+        free_port(),
+        free_port()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[[routes]]\ntopic = \"t\"\nhttp = \"http://127.0.0.1:9/hook\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let bind = format!("127.0.0.1:{}", free_port());
+    for url in [
+        "redis+cluster://",
+        "redis+cluster://127.0.0.1:notaport",
+        "redis+cluster://127.0.0.1:7000/0",
+        "redis+clutser://127.0.0.1:7000",
+    ] {
+        let err = fails_fast(&["--redis", url, "stats"], 1, limit);
+        assert!(err.contains("bad Redis URL"), "{err}");
+    }
+    for args in [
+        vec!["--redis", &nobody, "stats"],
+        vec!["--redis", &nobody, "topic", "ls"],
+        vec!["--redis", &nobody, "publish", "t", "{}"],
+        vec!["--redis", &nobody, "serve", "--bind", &bind],
+        vec!["--redis", &nobody, "dev", "--bind", &bind],
+        vec![
+            "--redis", &nobody, "gateway", "--config", config, "--listen", &bind,
+        ],
+    ] {
+        let err = fails_fast(&args, 1, limit);
+        assert!(
+            err.contains("could not connect to redis+cluster://127.0.0.1:"),
+            "{args:?}: {err}"
+        );
+    }
+    let secret = format!(
+        "redis+sentinel://ann:pw-user@127.0.0.1:{}/mymaster?sentinel_password=pw-sentinel",
+        free_port()
+    );
+    let err = fails_fast(&["--redis", &secret, "queues"], 1, limit);
+    assert!(!err.contains("pw-"), "a password is shown: {err}");
+    assert!(err.contains("sentinel_password=***"), "{err}");
+    for args in [
+        vec!["topic", "create", "t", "--partitions", "0"],
+        vec!["topic", "create", "t", "--partitions", "1025"],
+        vec!["--replicas-timeout", "0s", "stats"],
+        vec!["--replicas", "-1", "stats"],
+        vec!["--replicas", "1", "dev", "--bind", &bind],
+    ] {
+        fails_fast(&args, 2, limit);
+    }
+}
+
+/// `--replicas N`: a publish returns only once N replicas have it; asking for more
+/// replicas than there are fails (exit 1) within `--replicas-timeout`, naming the message,
+/// which is on the master. Through Sentinel.
+#[test]
+fn replicas_flag_waits_for_replicas() {
+    let group = TestSentinel::start();
+    let url = group.url();
+    let id = ok_at(&url, &["--replicas", "1", "publish", "order.paid", "{}"]);
+    let started = Instant::now();
+    let out = forgemq_at(
+        &url,
+        &[
+            "--replicas",
+            "2",
+            "--replicas-timeout",
+            "300ms",
+            "publish",
+            "order.paid",
+            "{}",
+        ],
+    );
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("only 1 of 2 replicas confirmed it"), "{err}");
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    let unconfirmed = err.split_whitespace().nth(2).unwrap_or_default().to_owned();
+    let peek = json_at(&url, &["peek", "order.paid", "--json"]);
+    let stored: Vec<&str> = peek
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(stored, vec![id.trim(), unconfirmed.as_str()], "{err}");
+    let stats = json_at(&url, &["--replicas", "1", "stats", "order.paid", "--json"]);
+    assert_eq!(stats["pending"], 2);
 }

@@ -52,7 +52,7 @@ const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
 /// at fault, and nothing is consumed.
 pub(crate) async fn run(
     redis: &str,
-    namespace: &str,
+    connect: &crate::ConnectOptions,
     config_path: &Path,
     listen: Option<SocketAddr>,
 ) -> Result<()> {
@@ -63,7 +63,7 @@ pub(crate) async fn run(
         Some(l) => l,
         None => DEFAULT_LISTEN.parse().context("default listen address")?,
     };
-    let mq = crate::connect_to(redis, namespace).await?;
+    let mq = crate::connect_to(redis, connect).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("could not listen on {listen}"))?;
