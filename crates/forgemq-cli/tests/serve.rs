@@ -5,7 +5,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use forgemq_test_support::{free_port, RedisServer};
+use forgemq_test_support::{free_port, RedisServer, TestCluster};
 use serde_json::{json, Value};
 
 struct Server {
@@ -26,12 +26,19 @@ fn start(redis: &RedisServer, extra: &[&str]) -> Server {
 
 /// Starts `forgemq serve` bound to `ip` on a free port; connections go to 127.0.0.1.
 fn start_on(redis: &RedisServer, ip: &str, extra: &[&str]) -> Server {
+    start_at(&redis.url(), ip, extra)
+}
+
+/// [`start_on`] with Redis at `url` (a cluster, say).
+fn start_at(url: &str, ip: &str, extra: &[&str]) -> Server {
     let port = free_port();
     let bind = format!("{ip}:{port}");
     let child = Command::new(env!("CARGO_BIN_EXE_forgemq"))
         .args(["serve", "--bind", &bind])
         .args(extra)
-        .env("REDIS_URL", redis.url())
+        .env("REDIS_URL", url)
+        .env_remove("FORGEMQ_REPLICAS")
+        .env_remove("FORGEMQ_REPLICAS_TIMEOUT")
         .env_remove("FORGEMQ_TOKEN")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -1060,7 +1067,7 @@ fn openapi_describes_what_the_server_does() {
             }
         }
     }
-    assert_eq!(operations, 15);
+    assert_eq!(operations, 16);
     let peek = &doc["paths"]["/topics/{topic}/messages"]["get"]["parameters"];
     let state = peek
         .as_array()
@@ -1092,10 +1099,25 @@ fn openapi_describes_what_the_server_does() {
         &doc["paths"]["/topics/{topic}"]["get"]["responses"]["200"]["content"]["application/json"]
             ["schema"],
     );
-    for field in ["topic", "pending", "dead", "duplicate_runs", "paused"] {
+    for field in [
+        "topic",
+        "pending",
+        "dead",
+        "duplicate_runs",
+        "paused",
+        "partition",
+        "partitions",
+    ] {
         assert!(
             stats["properties"][field].is_object(),
             "stats schema lacks {field}: {stats}"
+        );
+    }
+    let create = &doc["paths"]["/topics"]["post"]["responses"];
+    for code in ["200", "201", "400", "409"] {
+        assert!(
+            create[code].is_object(),
+            "POST /topics lacks {code}: {create}"
         );
     }
 }
@@ -1266,4 +1288,178 @@ fn dev_binds_the_port_before_announcing_or_starting_redis() {
         !dir.path().join(".forgemq").join("redis.log").exists(),
         "redis-server was started"
     );
+}
+
+/// On a 3-master Redis Cluster: a topic is created over 4 partitions (201, then 200 for
+/// the same count), published to by partition key (one and a batch), read as one topic
+/// with its partitions, cancelled by id, shown once in /metrics; changing the count while
+/// it holds messages is 409, bad input 400, and nothing changes.
+#[test]
+fn api_works_on_a_redis_cluster() {
+    let cluster = TestCluster::start(3, 0);
+    let server = start_at(&cluster.url(), "127.0.0.1", &[]);
+    let p = server.port;
+    let create = |body: &str| http(p, "POST", "/api/v1/topics", None, Some(body));
+
+    let (status, body) = create(r#"{"topic":"hot.orders","partitions":4}"#);
+    assert_eq!(
+        (status, body.clone()),
+        (201, json!({"topic": "hot.orders", "partitions": 4}))
+    );
+    let (status, body) = create(r#"{"topic":"hot.orders","partitions":4}"#);
+    assert_eq!(
+        (status, body),
+        (200, json!({"topic": "hot.orders", "partitions": 4}))
+    );
+    assert_eq!(create(r#"{"topic":"plain.one"}"#).0, 201);
+    for bad in [
+        r#"{"topic":"hot.orders","partitions":0}"#,
+        r#"{"topic":"hot.orders","partitions":1025}"#,
+        r#"{"topic":"hot#orders","partitions":2}"#,
+        r#"{"topic":"hot.orders","partitions":"2"}"#,
+        r#"{"topic":"hot.orders","partitions":2,"extra":1}"#,
+        r#"{"partitions":2}"#,
+        r#"[]"#,
+    ] {
+        let (status, body) = create(bad);
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body["error"].is_string(), "{bad}: {body}");
+    }
+
+    let (status, one) = http(
+        p,
+        "POST",
+        "/api/v1/topics/hot.orders/messages",
+        None,
+        Some(r#"{"data":{"order":1},"partition_key":"customer-1"}"#),
+    );
+    assert_eq!(status, 201, "{one}");
+    let items: Vec<Value> = (0..8)
+        .map(|i| json!({"data": {"order": i}, "partition_key": format!("customer-{}", i % 4)}))
+        .collect();
+    let (status, batch) = http(
+        p,
+        "POST",
+        "/api/v1/topics/hot.orders/messages/batch",
+        None,
+        Some(&Value::from(items).to_string()),
+    );
+    assert_eq!(status, 201, "{batch}");
+
+    let (_, stats) = http(p, "GET", "/api/v1/topics/hot.orders", None, None);
+    assert_eq!(stats["pending"], 9, "{stats}");
+    let parts = stats["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 4, "{stats}");
+    assert!(
+        parts
+            .iter()
+            .filter(|p| p["pending"].as_u64() > Some(0))
+            .count()
+            > 1,
+        "{stats}"
+    );
+    let (_, all) = http(p, "GET", "/api/v1/topics", None, None);
+    let names: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["topic"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["hot.orders", "plain.one"]);
+
+    // Same count: 200 even with messages; another count: 409, and nothing changes.
+    assert_eq!(create(r#"{"topic":"hot.orders","partitions":4}"#).0, 200);
+    let (status, body) = create(r#"{"topic":"hot.orders","partitions":2}"#);
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("holds 9 messages"),
+        "{body}"
+    );
+    let (_, stats) = http(p, "GET", "/api/v1/topics/hot.orders", None, None);
+    assert_eq!(stats["partitions"].as_array().unwrap().len(), 4);
+
+    // An id-based operation without naming the partition.
+    let id = one["id"].as_str().unwrap();
+    let (status, cancelled) = http(
+        p,
+        "DELETE",
+        &format!("/api/v1/topics/hot.orders/messages/{id}"),
+        None,
+        None,
+    );
+    assert_eq!((status, cancelled["was"].as_str()), (200, Some("pending")));
+    let (_, peeked) = http(
+        p,
+        "GET",
+        "/api/v1/topics/hot.orders/messages?limit=100",
+        None,
+        None,
+    );
+    assert_eq!(peeked.as_array().unwrap().len(), 8, "{peeked}");
+
+    // /metrics: the topic once, with its sums and its partition count.
+    let (_, text) = http(p, "GET", "/metrics", None, None);
+    let text = text.as_str().unwrap();
+    for line in [
+        r#"forgemq_messages{topic="hot.orders",state="pending"} 8"#,
+        r#"forgemq_published_total{topic="hot.orders"} 9"#,
+        r#"forgemq_partitions{topic="hot.orders"} 4"#,
+        r#"forgemq_partitions{topic="plain.one"} 1"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line} in:\n{text}"
+        );
+    }
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with(r#"forgemq_messages{topic="hot.orders""#))
+            .count(),
+        4,
+        "one series per state, none per partition:\n{text}"
+    );
+    assert_eq!(http(p, "GET", "/readyz", None, None).0, 200);
+}
+
+/// With `--replicas 1` on a Redis without replicas, a publish is stored on the master but
+/// not confirmed: 503, naming the id to send it again with; a batch says the same.
+#[test]
+fn publish_not_confirmed_by_replicas_is_503_naming_the_id() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &["--replicas", "1", "--replicas-timeout", "50ms"]);
+    let p = server.port;
+    let (status, body) = http(
+        p,
+        "POST",
+        "/api/v1/topics/order.paid/messages",
+        None,
+        Some(r#"{"data":{"order":1}}"#),
+    );
+    assert_eq!(status, 503, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("only 0 of 1 replicas"), "{error}");
+    let (_, peeked) = http(p, "GET", "/api/v1/topics/order.paid/messages", None, None);
+    let id = peeked[0]["id"].as_str().unwrap();
+    assert!(
+        error.starts_with(&format!("message {id} is stored on the master"))
+            && error.contains(&format!(r#""id": "{id}""#)),
+        "{error}"
+    );
+    let (status, body) = http(
+        p,
+        "POST",
+        "/api/v1/topics/order.paid/messages/batch",
+        None,
+        Some(r#"[{"data":2},{"data":3}]"#),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not yet on enough replicas"),
+        "{body}"
+    );
+    // Reads and health don't wait for replicas.
+    assert_eq!(http(p, "GET", "/readyz", None, None).0, 200);
 }

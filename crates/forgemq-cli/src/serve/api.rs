@@ -24,7 +24,7 @@ use utoipa_axum::routes;
 use super::schema::{
     self, BatchPublished, Cancelled, CancelledFrom, DeletedCount, DeletedId, Duplicate, Envelope,
     ErrorBody, MinuteCounts, Paused, Published, PurgeResult, RequeuedCount, RequeuedId, Resumed,
-    TopicStats,
+    TopicLayout, TopicStats,
 };
 use super::AppState;
 use crate::output;
@@ -61,7 +61,7 @@ pub(super) fn router(state: AppState) -> Router<AppState> {
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20));
     let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(publish))
-        .routes(routes!(list_topics))
+        .routes(routes!(list_topics, create_topic))
         .routes(routes!(topic_stats))
         .routes(routes!(peek))
         .routes(routes!(cancel))
@@ -119,6 +119,9 @@ impl From<Error> for ApiError {
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
             Error::NotCancellable { .. } => StatusCode::CONFLICT,
+            // On the master, not confirmed by enough replicas in time: the replicas lag or
+            // are down, which is the server side's trouble and passes.
+            Error::NotReplicated { .. } => StatusCode::SERVICE_UNAVAILABLE,
             e if e.is_invalid_input() => StatusCode::BAD_REQUEST,
             e if e.is_out_of_memory() || e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -251,6 +254,11 @@ struct PublishRequest {
     )]
     #[serde(default)]
     id: Option<String>,
+    /// Which partition of a partitioned topic it goes to: messages with the same key go
+    /// to the same partition (default: the unique key, else the id, hashed). Ignored on a
+    /// plain topic.
+    #[serde(default)]
+    partition_key: Option<String>,
 }
 
 /// `unique_until` of a publish request.
@@ -297,6 +305,9 @@ impl PublishRequest {
         }
         if let Some(id) = self.id {
             options = options.id(message_id(&id)?);
+        }
+        if let Some(key) = self.partition_key {
+            options = options.partition_key(key);
         }
         Ok((self.data, options))
     }
@@ -360,8 +371,33 @@ async fn publish(
     ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
     ApiJson(Object(request)): ApiJson<Object<PublishRequest>>,
 ) -> ApiResult<Response> {
-    let (data, options) = request.into_parts()?;
-    Ok(match state.mq.publish_with(&topic, data, options).await? {
+    // The id is made here when the request has none (the same kind the library makes),
+    // so that an answer after the write, such as too few replicas, can name it.
+    let id = request.id.clone();
+    let (data, mut options) = request.into_parts()?;
+    let id = match id {
+        Some(id) => id,
+        None => {
+            let id = MessageId::generate();
+            options = options.id(id.clone());
+            id.to_string()
+        }
+    };
+    let outcome = state
+        .mq
+        .publish_with(&topic, data, options)
+        .await
+        .map_err(|e| match e {
+            Error::NotReplicated { .. } => ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "message {id} is stored on the master, but not yet on enough replicas ({e}); \
+                     send it again with \"id\": \"{id}\" to be sure: it is stored once"
+                ),
+            ),
+            e => e.into(),
+        })?;
+    Ok(match outcome {
         PublishOutcome::Duplicate(id) => (
             StatusCode::OK,
             Json(Duplicate {
@@ -407,7 +443,20 @@ async fn publish_batch(
         .into_iter()
         .map(PublishRequest::into_parts)
         .collect::<ApiResult<Vec<_>>>()?;
-    let outcomes = state.mq.publish_batch_with(&topic, items).await?;
+    let outcomes = state
+        .mq
+        .publish_batch_with(&topic, items)
+        .await
+        .map_err(|e| match e {
+            Error::NotReplicated { .. } => ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the batch is stored on the master, but not yet on enough replicas ({e}); \
+                     sending it again stores again the messages without an \"id\""
+                ),
+            ),
+            e => e.into(),
+        })?;
     Ok((
         StatusCode::CREATED,
         Json(BatchPublished {
@@ -422,6 +471,87 @@ async fn publish_batch(
     responses((status = 200, description = "Every topic's stats", body = Vec<TopicStats>)))]
 async fn list_topics(State(state): State<AppState>) -> ApiResult<Json<Vec<forgemq::QueueStats>>> {
     Ok(Json(state.mq.get_all_queues().await?))
+}
+
+/// A topic to create, or whose partition count to change.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct CreateTopic {
+    /// Topic name: 1-200 ASCII letters, digits and `. _ - :`.
+    #[schema(
+        pattern = "^[A-Za-z0-9._:-]{1,200}$",
+        max_length = 200,
+        example = "hot.orders"
+    )]
+    topic: String,
+    /// Its partitions: 1 (a plain topic, the default) to 1,024. A partitioned topic
+    /// spreads over that many hash tags, so that on Redis Cluster it uses every master.
+    #[serde(default, deserialize_with = "schema::opt_u32")]
+    #[schema(minimum = 1, maximum = 1024)]
+    partitions: Option<u32>,
+}
+
+/// Whether the library refused to change a partition count because the topic holds
+/// messages. It says so only in the text of an [`Error::Config`] (no variant of its own
+/// yet), and the other refusals of `create_topic` are checked here before it is called.
+fn holds_messages(e: &Error) -> bool {
+    matches!(e, Error::Config(text) if text.contains("can change only while it is empty"))
+}
+
+/// Create a topic with a partition count, or change its count.
+///
+/// The count of a topic can change only while it holds no message. `201` when the topic
+/// is new or its count changed, `200` when it already had that count (nothing changed).
+#[utoipa::path(post, path = "/topics", tag = "topics",
+    request_body = CreateTopic,
+    responses(
+        (status = 201, description = "Created, or its partition count changed", body = TopicLayout),
+        (status = 200, description = "It already had that partition count: nothing changed", body = TopicLayout),
+        (status = 400, description = "Bad topic name, a partition count outside 1-1,024 or malformed JSON", body = ErrorBody),
+        (status = 409, description = "The topic holds messages: its partition count can change only while it is empty", body = ErrorBody),
+    ))]
+async fn create_topic(
+    State(state): State<AppState>,
+    ApiJson(Object(request)): ApiJson<Object<CreateTopic>>,
+) -> ApiResult<(StatusCode, Json<TopicLayout>)> {
+    let topic = request.topic;
+    forgemq::validate_topic(&topic)?;
+    let partitions = request.partitions.unwrap_or(1);
+    if !(1..=forgemq::MAX_PARTITIONS).contains(&partitions) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "partitions must be 1 to {}, not {partitions}",
+                forgemq::MAX_PARTITIONS
+            ),
+        ));
+    }
+    // Read first only to choose between 200 and 201; the library decides and checks.
+    let before = state.mq.topic_info(&topic).await?.partitions;
+    let known = state.mq.topics().await?.contains(&topic);
+    let info = state
+        .mq
+        .create_topic(&topic, forgemq::TopicOptions::new().partitions(partitions))
+        .await
+        .map_err(|e| {
+            if holds_messages(&e) {
+                ApiError(StatusCode::CONFLICT, e.to_string())
+            } else {
+                e.into()
+            }
+        })?;
+    let status = if known && before == info.partitions {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((
+        status,
+        Json(TopicLayout {
+            topic: info.topic,
+            partitions: info.partitions,
+        }),
+    ))
 }
 
 /// One topic's counts per state and counters (zeros for a topic never used).

@@ -209,7 +209,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 /// Prometheus text format, read from Redis at each scrape: the counters live in Redis
-/// (kept by the Lua scripts), so every ForgeMQ process reports the same totals.
+/// (kept by the Lua scripts), so every ForgeMQ process reports the same totals. A
+/// partitioned topic is one `topic` (the sums of its partitions).
 async fn metrics(State(state): State<AppState>) -> Response {
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
@@ -232,6 +233,14 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "forgemq_paused",
         "1 while the topic is paused",
         paused.clone(),
+    );
+    // A partitioned topic is reported as one topic (its sums); its partition count says
+    // how far its work can spread.
+    let partitions = Family::<Labels, Gauge>::default();
+    registry.register(
+        "forgemq_partitions",
+        "Partitions of the topic (1: a plain topic)",
+        partitions.clone(),
     );
     let counters: Vec<(&str, &str, Family<Labels, Counter>)> = [
         ("forgemq_published", "Messages published"),
@@ -277,6 +286,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
                 .set(i64::try_from(value).unwrap_or(i64::MAX));
         }
         paused.get_or_create(&topic()).set(i64::from(s.paused));
+        partitions
+            .get_or_create(&topic())
+            .set(i64::try_from(s.partitions.len().max(1)).unwrap_or(i64::MAX));
         let totals = [
             s.published,
             s.processed,

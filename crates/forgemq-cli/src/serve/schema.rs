@@ -174,8 +174,27 @@ pub(super) struct TopicStats {
     /// Handler runs whose outcome was refused because the lease had expired and the
     /// message was handed out again: the message ran twice.
     pub(super) duplicate_runs: u64,
-    /// Whether the topic is paused.
+    /// Ids found without a body (deleted behind ForgeMQ's back) and dropped.
+    pub(super) orphans: u64,
+    /// Whether the topic is paused (a partitioned one: any of its partitions).
     pub(super) paused: bool,
+    /// Which partition these figures are of: only in `partitions`.
+    #[schema(nullable = false, minimum = 0, maximum = 1023)]
+    pub(super) partition: Option<u32>,
+    /// A partitioned topic's figures per partition, in partition order (the fields above
+    /// are their sums); absent for a plain topic.
+    #[schema(no_recursion, required = false)]
+    pub(super) partitions: Vec<TopicStats>,
+}
+
+/// A topic's layout (the fields of `forgemq::TopicInfo`).
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct TopicLayout {
+    /// The topic.
+    pub(super) topic: String,
+    /// Its partitions (1: a plain topic).
+    #[schema(minimum = 1, maximum = 1024)]
+    pub(super) partitions: u32,
 }
 
 /// One minute of a topic's throughput (mirror of `forgemq::MinuteCounts`).
@@ -330,8 +349,8 @@ impl serde::de::Visitor<'_> for Whole {
 /// Adds to the generated document what holds for every operation, so that a client
 /// generated from it knows where the API is and every status it can get:
 /// - `servers`: the API lives under `/api/v1`;
-/// - `403` (a foreign `Host` or `Origin`), `503` (Redis unreachable) everywhere, and with
-///   a token the bearer security scheme and `401`;
+/// - `403` (a foreign `Host` or `Origin`), `503` (Redis unreachable, or a write not
+///   replicated in time) everywhere, and with a token the bearer security scheme and `401`;
 /// - every error answer's body is [`ErrorBody`].
 pub(super) fn finish_document(doc: &utoipa::openapi::OpenApi, token: bool) -> Value {
     let mut doc = serde_json::to_value(doc).unwrap_or_else(|_| json!({}));
@@ -345,7 +364,7 @@ pub(super) fn finish_document(doc: &utoipa::openapi::OpenApi, token: bool) -> Va
     };
     let mut shared = vec![
         ("403", "Forbidden", error("A foreign Host on a loopback server (DNS rebinding), or a state-changing request from a foreign Origin")),
-        ("503", "Unavailable", error("Redis is unreachable or refuses writes (out of memory)")),
+        ("503", "Unavailable", error("Redis is unreachable or refuses writes (out of memory), or, with --replicas, fewer replicas than asked confirmed a write in time: it is stored on the master, and the error says how to send it again")),
     ];
     if token {
         shared.push((
@@ -421,10 +440,26 @@ mod tests {
     /// The mirrors describe every field the library serializes, and nothing more.
     #[test]
     fn mirrors_match_the_library_types() {
+        // A partition of a partitioned topic's stats: every optional field present.
+        let mut part = forgemq::QueueStats::default();
+        part.partition = Some(0);
+        let mut stats = forgemq::QueueStats::default();
+        stats.partitions = vec![part.clone()];
+        let serialized = serde_json::to_value(&stats).unwrap();
         assert_eq!(
             schema_fields::<TopicStats>(),
-            fields(&serde_json::to_value(forgemq::QueueStats::default()).unwrap())
+            &fields(&serialized) | &fields(&serialized["partitions"][0])
         );
+        // Plain stats leave out the partition fields; the schema says they may be absent.
+        let plain = fields(&serde_json::to_value(forgemq::QueueStats::default()).unwrap());
+        let schema = serde_json::to_value(<TopicStats as utoipa::PartialSchema>::schema()).unwrap();
+        let required: BTreeSet<String> = schema["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(required, plain);
         assert_eq!(
             schema_fields::<PurgedCounts>(),
             fields(&serde_json::to_value(forgemq::Purged::default()).unwrap())
