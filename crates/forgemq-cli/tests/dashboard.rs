@@ -1,11 +1,13 @@
 //! The dashboard in a real headless Chromium (Debian's `chromium` + `chromium-driver`,
 //! installed by scripts/ensure-test-tools.sh): a seeded dead letter is shown with its
-//! error, the retry button requeues it, and the counts change on the page.
+//! error, the retry button requeues it, and the counts change on the page; a partitioned
+//! topic shows its partition count and each partition's counts.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{ClientBuilder, Locator};
+use forgemq::{PublishOptions, TopicOptions};
 use forgemq_test_support::{free_port, RedisServer};
 use serde_json::json;
 
@@ -42,9 +44,10 @@ async fn wait_text(c: &fantoccini::Client, css: &str, want: impl Fn(&str) -> boo
     }
 }
 
-/// Loads the page with a seeded dead letter, sees it, clicks retry, sees the counts change.
+/// Loads the page with a seeded dead letter, sees it, clicks retry, sees the counts change;
+/// opens a 4-partition topic and sees each partition's counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dashboard_shows_a_dead_letter_and_retries_it() {
+async fn dashboard_shows_dead_letters_retries_them_and_partitions() {
     let redis = RedisServer::start();
     let mq = forgemq::Client::connect(&redis.url()).await.unwrap();
     let id = mq
@@ -59,6 +62,26 @@ async fn dashboard_shows_a_dead_letter_and_retries_it() {
         .await
         .unwrap();
     mq.publish("user.welcome", json!({"user_id": "1"}))
+        .await
+        .unwrap();
+    // A topic over 4 partitions: 12 messages by customer, one of them dead.
+    mq.create_topic("hot.orders", TopicOptions::new().partitions(4))
+        .await
+        .unwrap();
+    for i in 0..12 {
+        mq.publish_with(
+            "hot.orders",
+            json!({"order": i}),
+            PublishOptions::new().partition_key(format!("customer-{i}")),
+        )
+        .await
+        .unwrap();
+    }
+    mq.pop_message("hot.orders")
+        .await
+        .unwrap()
+        .unwrap()
+        .dead("card declined")
         .await
         .unwrap();
 
@@ -138,6 +161,52 @@ async fn dashboard_shows_a_dead_letter_and_retries_it() {
     let png = c.screenshot().await.unwrap();
     assert!(png.len() > 1000, "screenshot is empty");
     std::fs::write(shots.join("dashboard-after-retry.png"), png).unwrap();
+
+    // The partitioned topic: one row in the table (the sums), marked with its count.
+    wait_text(&c, "tr[data-topic='hot.orders'] td.pending", |t| t == "11").await;
+    wait_text(&c, "tr[data-topic='hot.orders'] td.dead", |t| t == "1").await;
+    wait_text(&c, "tr[data-topic='hot.orders'] .partitions", |t| {
+        t == "4 partitions"
+    })
+    .await;
+    // Its detail: the count and each partition's figures, as the library reads them.
+    c.find(Locator::Css("tr[data-topic='hot.orders']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&c, "#detail-partitions", |t| t == "4 partitions").await;
+    let parts = mq.stats("hot.orders").await.unwrap().partitions;
+    assert_eq!(parts.len(), 4);
+    assert!(
+        parts.iter().filter(|p| p.pending > 0).count() > 1,
+        "the keys spread over more than one partition: {parts:?}"
+    );
+    for (i, p) in parts.iter().enumerate() {
+        for (state, want) in [("pending", p.pending), ("dead", p.dead)] {
+            let css = format!("#partitions tr[data-partition='{i}'] td.{state}");
+            wait_text(&c, &css, |t| t == want.to_string()).await;
+        }
+    }
+    let png = c.screenshot().await.unwrap();
+    std::fs::write(shots.join("dashboard-partitions.png"), png).unwrap();
+
+    // A plain topic shows no breakdown.
+    c.find(Locator::Css("tr[data-topic='user.welcome']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&c, "#detail-partitions", |t| t.starts_with("1 partition")).await;
+    assert!(!c
+        .find(Locator::Css("#partitions"))
+        .await
+        .unwrap()
+        .is_displayed()
+        .await
+        .unwrap());
     c.close().await.unwrap();
 
     let stats = mq.stats("email.send").await.unwrap();
