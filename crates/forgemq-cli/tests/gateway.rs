@@ -16,10 +16,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::any;
 use axum::Router;
-use forgemq::{Client, MessageId};
+use forgemq::{Client, MessageId, PublishOptions, TopicOptions};
 use forgemq_test_support::{
     assert_none_lost, check_invariants, eventually, free_port, Layout, RedisServer,
-    State as MsgState,
+    State as MsgState, TestCluster,
 };
 use serde_json::{json, Value};
 
@@ -187,6 +187,11 @@ fn start_gateway(redis: &RedisServer, config: &str) -> Gateway {
 
 /// [`start_gateway`] with extra environment variables for the gateway process.
 fn start_gateway_with_env(redis: &RedisServer, config: &str, env: &[(&str, &str)]) -> Gateway {
+    start_gateway_at(&redis.url(), config, env)
+}
+
+/// [`start_gateway_with_env`] with Redis at `url` (a cluster, say).
+fn start_gateway_at(url: &str, config: &str, env: &[(&str, &str)]) -> Gateway {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let path = write_config(dir.path(), config);
     let port = free_port();
@@ -195,7 +200,9 @@ fn start_gateway_with_env(redis: &RedisServer, config: &str, env: &[(&str, &str)
         .args(["gateway", "--config"])
         .arg(&path)
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("REDIS_URL", redis.url())
+        .env("REDIS_URL", url)
+        .env_remove("FORGEMQ_REPLICAS")
+        .env_remove("FORGEMQ_REPLICAS_TIMEOUT")
         .env("RUST_LOG", "info")
         .envs(env.iter().copied())
         .stdout(Stdio::null())
@@ -1062,4 +1069,65 @@ async fn the_example_gateway_config_runs_end_to_end() {
             .collect();
         invariants(&redis, topic, &ids, &good);
     }
+}
+
+/// On a 3-master Redis Cluster, a topic over 6 partitions (the library spreads them over
+/// the slot space, so over every master) is delivered to an HTTP target by a pattern
+/// route: every message of every partition, each acknowledged once, after a first failure
+/// that is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_delivers_a_partitioned_topic_on_a_cluster() {
+    let cluster = TestCluster::start(3, 0);
+    let mq = Client::connect(&cluster.url()).await.unwrap();
+    mq.create_topic("hot.orders", TopicOptions::new().partitions(6))
+        .await
+        .unwrap();
+    let (port, rx) = Receiver::start().await;
+    let config = format!(
+        r#"
+discover_interval = "200ms"
+
+[[routes]]
+topic = "hot.*"
+http = "http://127.0.0.1:{port}/flaky"
+concurrency = 4
+backoff = {{ fixed = "100ms" }}
+"#
+    );
+    let _gw = start_gateway_at(&cluster.url(), &config, &[]);
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let options = PublishOptions::new().partition_key(format!("customer-{i}"));
+        let outcome = mq
+            .publish_with("hot.orders", json!({"order": i}), options)
+            .await
+            .unwrap();
+        ids.push(outcome.id().to_string());
+    }
+    let spread = mq.stats("hot.orders").await.unwrap().partitions;
+    assert!(
+        spread.iter().filter(|p| p.published > 0).count() >= 3,
+        "{spread:?}"
+    );
+    eventually(
+        "every message delivered",
+        Duration::from_secs(40),
+        || async { processed(&mq, "hot.orders").await == 24 },
+    )
+    .await;
+    let s = mq.stats("hot.orders").await.unwrap();
+    assert_eq!(
+        (s.pending, s.active, s.delayed, s.dead, s.retried),
+        (0, 0, 0, 0, 24),
+        "{s:?}"
+    );
+    for id in &ids {
+        // The flaky target fails each id once, then takes it.
+        assert_eq!(rx.count("flaky", id), 2, "{id}");
+    }
+    for p in &s.partitions {
+        assert_eq!(p.processed, p.published, "partition {:?}", p.partition);
+    }
+    let hit = rx.hits_for("flaky").pop().unwrap();
+    assert_eq!(hit.body["topic"], "hot.orders");
 }
