@@ -629,6 +629,10 @@ fn page(limit: Option<u64>, offset: Option<u64>) -> std::ops::Range<usize> {
 }
 
 /// Look at messages of one state without taking them, oldest first.
+///
+/// A partitioned topic's partitions are merged: by time for delayed, active and dead
+/// messages; for pending ones the partitions take turns (there is no order across them),
+/// and pages reach 10,000 deep.
 #[utoipa::path(get, path = "/topics/{topic}/messages", tag = "messages",
     params(TopicPath, PeekQuery),
     responses((status = 200, description = "Stored envelopes", body = Vec<Envelope>),
