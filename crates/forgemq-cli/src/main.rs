@@ -372,6 +372,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let url = cli.redis.clone().unwrap_or_default();
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -384,7 +385,10 @@ fn main() -> ExitCode {
                 .map(str::trim)
                 .filter(|l| !l.is_empty())
                 .collect();
-            eprintln!("error: {}", one_line.join(" "));
+            eprintln!(
+                "error: {}",
+                hide_sentinel_password(&one_line.join(" "), &url)
+            );
             // A config file that cannot be used is a usage error, like a bad flag.
             if e.downcast_ref::<gateway::ConfigError>().is_some()
                 || e.downcast_ref::<UsageError>().is_some()
@@ -540,6 +544,27 @@ pub(crate) fn redact(url: &str) -> String {
         out.push_str(&pairs.join("&"));
     }
     out
+}
+
+/// `text` with the sentinel password of `url` shown as `***`: the library's message for a
+/// malformed URL quotes the URL with it. Only `sentinel_password=<that value>` is
+/// replaced, so the rest of the message stays as written.
+fn hide_sentinel_password(text: &str, url: &str) -> String {
+    let Some((_, query)) = url.split_once('?') else {
+        return text.to_owned();
+    };
+    let mut text = text.to_owned();
+    for pair in query.split('&') {
+        if let Some(("sentinel_password", value)) = pair.split_once('=') {
+            if !value.is_empty() {
+                text = text.replace(
+                    &format!("sentinel_password={value}"),
+                    "sentinel_password=***",
+                );
+            }
+        }
+    }
+    text
 }
 
 fn parse_id(id: &str) -> Result<MessageId> {
@@ -880,4 +905,30 @@ async fn publish_file(
     bar.finish_and_clear();
     eprintln!("published {published} messages to {topic}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{hide_sentinel_password, redact};
+
+    /// Passwords never reach a message: the user's, and the sentinels' wherever the
+    /// library quotes the URL.
+    #[test]
+    fn passwords_are_hidden_in_urls_and_messages() {
+        let url = "redis+sentinel://ann:pw1@h:1,h:2/m?sentinel_password=pw2&bogus=1";
+        assert_eq!(
+            redact(url),
+            "redis+sentinel://***@h:1,h:2/m?sentinel_password=***&bogus=1"
+        );
+        assert_eq!(redact("redis+cluster://h:1,h:2"), "redis+cluster://h:1,h:2");
+        assert_eq!(
+            hide_sentinel_password(
+                "bad Redis URL redis+sentinel://***@h:1,h:2/m?sentinel_password=pw2&bogus=1: \
+                 unknown option \"bogus=1\"; use ...[?sentinel_password=P] (rediss…)",
+                url
+            ),
+            "bad Redis URL redis+sentinel://***@h:1,h:2/m?sentinel_password=***&bogus=1: \
+             unknown option \"bogus=1\"; use ...[?sentinel_password=P] (rediss…)"
+        );
+    }
 }

@@ -819,6 +819,11 @@ fn bad_redis_urls_and_unreachable_seeds_fail_fast_with_one_line() {
     let err = fails_fast(&["--redis", &secret, "queues"], 1, limit);
     assert!(!err.contains("pw-"), "a password is shown: {err}");
     assert!(err.contains("sentinel_password=***"), "{err}");
+    // Malformed: the library's message quotes the URL.
+    let malformed = format!("{secret}&bogus=1");
+    let err = fails_fast(&["--redis", &malformed, "queues"], 1, limit);
+    assert!(!err.contains("pw-"), "a password is shown: {err}");
+    assert!(err.contains("bad Redis URL"), "{err}");
     for args in [
         vec!["topic", "create", "t", "--partitions", "0"],
         vec!["topic", "create", "t", "--partitions", "1025"],
