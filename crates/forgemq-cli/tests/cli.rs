@@ -751,7 +751,7 @@ fn commands_work_on_a_redis_cluster() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(
         err.starts_with("error: could not give hot.orders 8 partitions")
-            && err.contains("holds 9 messages"),
+            && err.contains("holds 9 message(s)"),
         "{err}"
     );
     assert_eq!(

@@ -1372,7 +1372,10 @@ fn api_works_on_a_redis_cluster() {
     let (status, body) = create(r#"{"topic":"hot.orders","partitions":2}"#);
     assert_eq!(status, 409, "{body}");
     assert!(
-        body["error"].as_str().unwrap().contains("holds 9 messages"),
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("holds 9 message(s)"),
         "{body}"
     );
     let (_, stats) = http(p, "GET", "/api/v1/topics/hot.orders", None, None);

@@ -22,6 +22,9 @@ pub const DEFAULT_NAMESPACE: &str = "mq";
 /// message for a queue, and bigger blobs belong in object storage with a reference here.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 
+/// An id read from a state's key, as bytes, with its score (`None` in the pending list).
+type RankedId = (Vec<u8>, Option<f64>);
+
 /// How deep the pages of a partitioned topic's peek reach (every partition is read
 /// from its head to the end of the page).
 const PARTITIONED_PEEK_DEPTH: usize = 10_000;
@@ -214,6 +217,15 @@ impl ClientBuilder {
         let ns = Namespace::new(&self.namespace)?;
         if self.max_payload == 0 {
             return Err(Error::Config("max_payload must be at least 1 byte".into()));
+        }
+        if self
+            .replicas
+            .is_some_and(|(_, t)| t < Duration::from_millis(1))
+        {
+            // WAIT with 0 ms waits for ever.
+            return Err(Error::Config(
+                "the replicas timeout must be at least 1ms".into(),
+            ));
         }
         let store = Store::connect(
             &self.url,
@@ -887,6 +899,13 @@ impl Client {
         options: &PublishOptions,
         timestamp: &str,
     ) -> Result<PublishItem> {
+        if let Some(key) = &options.partition_key {
+            if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
+                return Err(Error::Config(
+                    "partition_key must be 1-200 bytes without control characters".into(),
+                ));
+            }
+        }
         if let Some((key, ttl)) = &options.unique {
             if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
                 return Err(Error::Config(
@@ -1101,7 +1120,7 @@ impl Client {
                     .map(|keys| store.ranked(keys, which, 0, end - 1)),
             )
             .await?;
-            let mut merged: Vec<(usize, (Vec<u8>, Option<f64>))> = Vec::new();
+            let mut merged: Vec<(usize, RankedId)> = Vec::new();
             if which == PeekState::Pending {
                 let mut iters: Vec<_> = pages.into_iter().map(Vec::into_iter).collect();
                 while merged.len() < end {
@@ -1126,7 +1145,7 @@ impl Client {
                         .then_with(|| a.1 .0.cmp(&b.1 .0))
                 });
             }
-            let page: Vec<(usize, (Vec<u8>, Option<f64>))> = merged
+            let page: Vec<(usize, RankedId)> = merged
                 .into_iter()
                 .skip(range.start)
                 .take(end - range.start)

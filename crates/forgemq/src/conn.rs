@@ -41,7 +41,12 @@ pub(crate) fn slot(key: &[u8]) -> u16 {
 
 /// CRC16-CCITT (XMODEM), the checksum Redis Cluster hashes keys with.
 pub(crate) fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
+    crc16_from(0, bytes)
+}
+
+/// [`crc16`] of a byte string that starts with the bytes whose checksum is `crc`,
+/// continued over `bytes`.
+pub(crate) fn crc16_from(mut crc: u16, bytes: &[u8]) -> u16 {
     for &b in bytes {
         crc ^= u16::from(b) << 8;
         for _ in 0..8 {
@@ -221,13 +226,22 @@ fn parse_node(text: &str, default_port: u16) -> std::result::Result<Node, String
     })
 }
 
-/// The URL without its password, for messages.
+/// The URL without its passwords (the credentials, and `sentinel_password=`), for
+/// messages.
 pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let url = match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://***@{}", &url[..scheme], &url[at + 1..])
         }
         _ => url.to_owned(),
+    };
+    match url.find("sentinel_password=") {
+        Some(i) => {
+            let start = i + "sentinel_password=".len();
+            let end = url[start..].find('&').map_or(url.len(), |j| start + j);
+            format!("{}***{}", &url[..start], &url[end..])
+        }
+        None => url,
     }
 }
 
@@ -390,7 +404,7 @@ impl Backend {
                 )
                 .await
                 .map_err(|_| {
-                    Error::Config(format!(
+                    Error::Connect(format!(
                         "no node of the cluster answered within {:?} (seeds: {})",
                         settings.connect_timeout.saturating_mul(3),
                         list(&seeds)
@@ -401,10 +415,10 @@ impl Backend {
                     Err(e) => {
                         // Say why if a seed can tell (a cluster that is down says so).
                         let why = cluster_state_of(&seeds, &template, &settings).await;
-                        return Err(Error::Config(match why {
+                        return Err(Error::Connect(match why {
                             Some(why) => why,
                             None => format!(
-                                "could not connect to the cluster (seeds: {}): {e}",
+                                "no node of the cluster answered (seeds: {}): {e}",
                                 list(&seeds)
                             ),
                         }));
@@ -447,7 +461,7 @@ impl Backend {
                 .map(str::trim)
                 .unwrap_or("unknown");
             if state != "ok" {
-                return Err(Error::Config(format!(
+                return Err(Error::Connect(format!(
                     "the Redis Cluster is not usable: node {node} says cluster_state:{state} (are all slots covered by a reachable master?)"
                 )));
             }
@@ -998,7 +1012,7 @@ impl SentinelWatch {
                 Err(e) => problems.push(e.to_string()),
             }
         }
-        Err(Error::Config(format!(
+        Err(Error::Connect(format!(
             "no sentinel named a reachable master {:?}: {}",
             self.name,
             problems.join("; ")
@@ -1020,12 +1034,12 @@ impl SentinelWatch {
             .await
         {
             Ok(Ok(Some((host, port)))) => Ok(Node { host, port }),
-            Ok(Ok(None)) => Err(Error::Config(format!(
+            Ok(Ok(None)) => Err(Error::Connect(format!(
                 "sentinel {at} knows no master named {:?}",
                 self.name
             ))),
-            Ok(Err(e)) => Err(Error::Config(format!("sentinel {at}: {e}"))),
-            Err(_) => Err(Error::Config(format!("sentinel {at} did not answer"))),
+            Ok(Err(e)) => Err(Error::Connect(format!("sentinel {at}: {e}"))),
+            Err(_) => Err(Error::Connect(format!("sentinel {at} did not answer"))),
         }
     }
 }

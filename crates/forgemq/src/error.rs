@@ -97,6 +97,20 @@ pub enum Error {
     /// An operation did not finish in time.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// Redis could not be reached at start-up: no seed or sentinel answered, or a cluster
+    /// is not `cluster_state:ok`. The message names the nodes and what they said.
+    #[error("could not connect to Redis: {0}")]
+    Connect(String),
+    /// A topic's partition count can change only while it holds no message; it holds some.
+    #[error("topic {topic:?} holds {messages} message(s): its partition count ({partitions}) can change only while it is empty; consume or purge it first")]
+    TopicNotEmpty {
+        /// The topic.
+        topic: String,
+        /// Messages it holds, in every state.
+        messages: u64,
+        /// Its partition count now.
+        partitions: u32,
+    },
     /// The write is on the master but fewer replicas than asked confirmed it in time
     /// (`ClientBuilder::replicas`): it would be lost if the master failed now. A publish
     /// can be sent again with the same id (it is stored once); a settle is sent again by
@@ -134,7 +148,7 @@ impl Error {
                         )
                     })
             }
-            Error::Timeout(_) => true,
+            Error::Timeout(_) | Error::Connect(_) => true,
             _ => false,
         }
     }

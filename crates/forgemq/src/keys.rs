@@ -60,11 +60,43 @@ pub(crate) fn partition_tag(topic: &str, p: u32, n: u32) -> String {
     if (lo..hi).contains(&u32::from(crate::conn::slot(base.as_bytes()))) {
         return base;
     }
-    // Each try lands in the range with probability 1/n: a few thousand tries at most.
-    (1..)
+    // Each try lands in the range with probability 1/n: about n tries. CRC16 reads the
+    // bytes in order, so `{base}.` is hashed once and each try hashes only its number.
+    let prefix = crate::conn::crc16(format!("{base}.").as_bytes());
+    let in_range = |k: &u64| {
+        let crc = crate::conn::crc16_from(prefix, k.to_string().as_bytes());
+        (lo..hi).contains(&u32::from(crc % crate::conn::SLOTS))
+    };
+    (1u64..)
+        .find(in_range)
         .map(|k| format!("{base}.{k}"))
-        .find(|tag| (lo..hi).contains(&u32::from(crate::conn::slot(tag.as_bytes()))))
         .unwrap_or(base)
+}
+
+/// The tags of every partition of a topic of `n` partitions, computed once per process
+/// (a topic of 1,024 partitions takes about a million checksums).
+pub(crate) fn partition_tags(topic: &str, n: u32) -> std::sync::Arc<Vec<String>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    type Tags = HashMap<(String, u32), Arc<Vec<String>>>;
+    static TAGS: OnceLock<Mutex<Tags>> = OnceLock::new();
+    let cache = TAGS.get_or_init(Default::default);
+    let key = (topic.to_owned(), n);
+    if let Some(tags) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Arc::clone(tags);
+    }
+    let tags = Arc::new(
+        (0..n)
+            .map(|p| partition_tag(topic, p, n))
+            .collect::<Vec<_>>(),
+    );
+    let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());
+    // Bounded: a process that sees thousands of partitioned topics recomputes some.
+    if map.len() >= 1024 {
+        map.clear();
+    }
+    map.insert(key, Arc::clone(&tags));
+    tags
 }
 
 /// Which partition of `n` a message with this key goes to: FNV-1a (64 bits) of the key's
@@ -108,7 +140,7 @@ impl Namespace {
     /// Key names of partition `p` of a topic of `n` partitions, under their own hash tag
     /// (see [`partition_tag`]).
     pub(crate) fn partition(&self, topic: &str, p: u32, n: u32) -> TopicKeys {
-        self.keys_under(topic, &partition_tag(topic, p, n), Some(p))
+        self.keys_under(topic, &partition_tags(topic, n)[p as usize], Some(p))
     }
 
     /// The key of a topic's layout (its partition count), in the plain topic's slot.
@@ -240,6 +272,31 @@ mod tests {
             .map(|i| partition_of(&format!("k{i}"), 12))
             .collect();
         assert_eq!(spread.len(), 12);
+    }
+
+    #[test]
+    fn tags_hash_only_the_number_and_match_the_plain_search() {
+        // The search of docs/wire-format.md, hashing each whole candidate.
+        let plain = |topic: &str, p: u32, n: u32| {
+            let (lo, hi) = (p * 16384 / n, (p + 1) * 16384 / n);
+            let fits = |t: &str| (lo..hi).contains(&u32::from(crate::conn::slot(t.as_bytes())));
+            let base = format!("{topic}#{p}");
+            if fits(&base) {
+                return base;
+            }
+            (1..)
+                .map(|k| format!("{base}.{k}"))
+                .find(|t| fits(t))
+                .unwrap()
+        };
+        for topic in ["hot.orders", "t", &"a.b-c:d_e".repeat(20)] {
+            for n in [2u32, 7, 64, 1024] {
+                let tags = partition_tags(topic, n);
+                for p in (0..n).step_by(((n / 16).max(1)) as usize) {
+                    assert_eq!(tags[p as usize], plain(topic, p, n), "{topic} {p}/{n}");
+                }
+            }
+        }
     }
 
     #[test]

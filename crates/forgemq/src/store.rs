@@ -358,10 +358,7 @@ impl Store {
                 &keys.dead,
             ],
         );
-        call.arg(op)
-            .arg(partitions)
-            .arg(owner)
-            .arg(millis(hold));
+        call.arg(op).arg(partitions).arg(owner).arg(millis(hold));
         let n: i64 = self.run(script, &call).await?;
         Ok(u64::try_from(n).unwrap_or(0))
     }

@@ -52,6 +52,16 @@ pub struct TopicInfo {
     pub partitions: u32,
 }
 
+impl TopicInfo {
+    /// A topic with this many partitions.
+    pub fn new(topic: impl Into<String>, partitions: u32) -> Self {
+        Self {
+            topic: topic.into(),
+            partitions,
+        }
+    }
+}
+
 /// The keys of every partition of a topic (one set for a plain topic), as read at
 /// `read_at`.
 #[derive(Debug)]
@@ -124,7 +134,7 @@ impl Client {
     /// count the topic has changes nothing (it repairs a change that died half-way).
     ///
     /// The count can change only while the topic holds no message in any state:
-    /// otherwise [`Error::Config`] says how many it holds, and nothing changes. While the
+    /// otherwise [`Error::TopicNotEmpty`] says how many it holds, and nothing changes. While the
     /// change is made, publishing to the topic is refused for a moment (`TRYAGAIN`, which
     /// publish retries); a change that dies half-way stops refusing after 30 s, and two
     /// changes at once are refused (`BUSY`) rather than mixed. A paused topic stays paused.
@@ -181,16 +191,18 @@ impl Client {
             }
             return Err(match failure {
                 Some((_, e)) => e,
-                None => Error::Config(format!(
-                    "topic {topic:?} holds {stored} messages: its partition count ({}) can change only while it is empty; consume or purge it first",
-                    current.count()
-                )),
+                None => Error::TopicNotEmpty {
+                    topic: topic.to_owned(),
+                    messages: stored,
+                    partitions: current.count(),
+                },
             });
         }
-        let paused = futures::future::try_join_all(current.partitions.iter().map(|k| store.stats(k)))
-            .await?
-            .iter()
-            .any(|s| s.paused);
+        let paused =
+            futures::future::try_join_all(current.partitions.iter().map(|k| store.stats(k)))
+                .await?
+                .iter()
+                .any(|s| s.paused);
         // Commit: the new partitions, then the plain slot (what every client reads), then
         // the old partitions (a producer refused there re-reads the plain slot and finds
         // the new count).

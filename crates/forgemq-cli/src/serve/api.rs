@@ -118,7 +118,7 @@ impl From<Error> for ApiError {
         let status = match &e {
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
-            Error::NotCancellable { .. } => StatusCode::CONFLICT,
+            Error::NotCancellable { .. } | Error::TopicNotEmpty { .. } => StatusCode::CONFLICT,
             // On the master, not confirmed by enough replicas in time: the replicas lag or
             // are down, which is the server side's trouble and passes.
             Error::NotReplicated { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -491,13 +491,6 @@ struct CreateTopic {
     partitions: Option<u32>,
 }
 
-/// Whether the library refused to change a partition count because the topic holds
-/// messages. It says so only in the text of an [`Error::Config`] (no variant of its own
-/// yet), and the other refusals of `create_topic` are checked here before it is called.
-fn holds_messages(e: &Error) -> bool {
-    matches!(e, Error::Config(text) if text.contains("can change only while it is empty"))
-}
-
 /// Create a topic with a partition count, or change its count.
 ///
 /// The count of a topic can change only while it holds no message. `201` when the topic
@@ -532,14 +525,7 @@ async fn create_topic(
     let info = state
         .mq
         .create_topic(&topic, forgemq::TopicOptions::new().partitions(partitions))
-        .await
-        .map_err(|e| {
-            if holds_messages(&e) {
-                ApiError(StatusCode::CONFLICT, e.to_string())
-            } else {
-                e.into()
-            }
-        })?;
+        .await?;
     let status = if known && before == info.partitions {
         StatusCode::OK
     } else {

@@ -983,14 +983,16 @@ async fn startup_config_checks() {
 /// Every Redis command ForgeMQ sends, directly or from its Lua scripts (`lua/*.lua`,
 /// `src/store.rs`). SECURITY.md documents this exact list.
 const LIBRARY_COMMANDS: &[&str] = &[
-    // Sent by src/store.rs.
+    // Sent by src/store.rs and src/conn.rs (one server; see SECURITY.md for what Cluster,
+    // Sentinel and replicated acknowledgements add).
     "+evalsha",
     "+script|load",
     "+sadd",
     "+smembers",
     "+set",
+    "+get",
+    "+hget",
     "+llen",
-    "+scard",
     "+zcard",
     "+zrange",
     "+lrange",
@@ -1002,8 +1004,6 @@ const LIBRARY_COMMANDS: &[&str] = &[
     "+client|unblock",
     // Called inside the Lua scripts (checked by ACL too).
     "+time",
-    "+get",
-    "+hget",
     "+hset",
     "+hdel",
     "+hvals",
@@ -1015,7 +1015,6 @@ const LIBRARY_COMMANDS: &[&str] = &[
     "+del",
     "+unlink",
     "+pexpire",
-    "+srem",
     "+sismember",
     "+zadd",
     "+zrem",

@@ -360,7 +360,7 @@ async fn layout_changes_only_when_empty_and_every_client_follows() {
         .create_topic(topic, TopicOptions::new().partitions(6))
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("holds 1 messages"), "{err}");
+    assert!(err.to_string().contains("holds 1 message(s)"), "{err}");
     assert_eq!(mq.topic_info(topic).await.unwrap().partitions, 1);
     // Drain it, then partition it.
     let runs = Runs::default();
