@@ -13,5 +13,7 @@ scripts/ensure-redis.sh
 scripts/ensure-test-tools.sh
 cargo test --workspace "$@"
 if [ "${FORGEMQ_SKIP_CLUSTER:-}" != 1 ]; then
-    FORGEMQ_TEST_TOPOLOGY=cluster cargo test -p forgemq --test it "$@"
+    # `--workspace --test it` rather than `-p forgemq`: the same feature set as the run
+    # above, so nothing is compiled again.
+    FORGEMQ_TEST_TOPOLOGY=cluster cargo test --workspace --test it "$@"
 fi
