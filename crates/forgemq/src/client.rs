@@ -336,7 +336,7 @@ impl PublishOptions {
     /// Which partition of a partitioned topic the message goes to: messages with the
     /// same key go to the same partition. Without it, the unique key decides, else the
     /// message id (hashed). Ignored on a plain topic. On a partitioned topic a message with
-    /// a unique key may not have a partition key too ([`Error::Config`]): the unique key
+    /// a unique key may not have a partition key too ([`Error::Conflict`]): the unique key
     /// must pick the partition for it to hold across the whole topic.
     pub fn partition_key(mut self, key: impl Into<String>) -> Self {
         self.partition_key = Some(key.into());
@@ -842,7 +842,7 @@ impl Client {
     ) -> Result<Vec<Written>> {
         let n = layout.count();
         if n > 1 && routes.iter().any(|(_, both)| *both) {
-            return Err(Error::Config(format!(
+            return Err(Error::Conflict(format!(
                 "{:?} is partitioned: a message with a unique key goes to the partition its unique key picks, so give a partition key or a unique key, not both",
                 layout.partitions[0].topic
             )));

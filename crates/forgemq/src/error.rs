@@ -97,6 +97,10 @@ pub enum Error {
     /// An operation did not finish in time.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// The request does not fit the topic as it is now (e.g. a partition key together with
+    /// a unique key on a partitioned topic); nothing was written.
+    #[error("{0}")]
+    Conflict(String),
     /// Redis could not be reached at start-up: no seed or sentinel answered, or a cluster
     /// is not `cluster_state:ok`. The message names the nodes and what they said.
     #[error("could not connect to Redis: {0}")]

@@ -118,7 +118,9 @@ impl From<Error> for ApiError {
         let status = match &e {
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
-            Error::NotCancellable { .. } | Error::TopicNotEmpty { .. } => StatusCode::CONFLICT,
+            Error::NotCancellable { .. } | Error::TopicNotEmpty { .. } | Error::Conflict(_) => {
+                StatusCode::CONFLICT
+            }
             // On the master, not confirmed by enough replicas in time: the replicas lag or
             // are down, which is the server side's trouble and passes.
             Error::NotReplicated { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -256,7 +258,14 @@ struct PublishRequest {
     id: Option<String>,
     /// Which partition of a partitioned topic it goes to: messages with the same key go
     /// to the same partition (default: the unique key, else the id, hashed). Ignored on a
-    /// plain topic.
+    /// plain topic. 1-200 bytes (UTF-8) without control characters. On a partitioned topic
+    /// a message with a `unique_key` may not have one too (409): the unique key picks the
+    /// partition.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"
+    )]
     #[serde(default)]
     partition_key: Option<String>,
 }
@@ -364,6 +373,7 @@ fn message_id(id: &str) -> ApiResult<MessageId> {
         (status = 201, description = "Stored", body = Published),
         (status = 200, description = "Duplicate: a message with this id, or holding this unique key, is stored; nothing was written", body = Duplicate),
         (status = 400, description = "Bad topic name, malformed JSON or a bad field", body = ErrorBody),
+        (status = 409, description = "A partition key with a unique key, on a partitioned topic: nothing was written", body = ErrorBody),
         (status = 413, description = "Payload over the limit (1 MiB by default)", body = ErrorBody),
     ))]
 async fn publish(
@@ -423,6 +433,7 @@ async fn publish(
     responses(
         (status = 201, description = "Stored (duplicates excepted), ids in request order", body = BatchPublished),
         (status = 400, description = "Bad topic, malformed JSON, a bad field or more than 10,000 messages: nothing was stored", body = ErrorBody),
+        (status = 409, description = "A partition key with a unique key, on a partitioned topic: nothing was stored", body = ErrorBody),
         (status = 413, description = "A payload over the limit: nothing was stored", body = ErrorBody),
     ))]
 async fn publish_batch(

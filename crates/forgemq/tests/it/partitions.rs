@@ -257,7 +257,7 @@ async fn partition_key_keeps_a_key_on_one_partition() {
         )
         .await
         .unwrap_err();
-    assert!(both.is_invalid_input(), "{both}");
+    assert!(matches!(both, forgemq::Error::Conflict(_)), "{both}");
     assert_eq!(mq.stats(topic).await.unwrap().pending, 401);
     let unique = PublishOptions::new().unique_key("order-9", Duration::from_secs(60));
     let first = mq
