@@ -17,6 +17,8 @@
 //! | `NS:{T}:dead`    | ZSET | id → time it died                         |
 //! | `NS:{T}:cancelled` | HASH | id → tombstones: entries of cancelled ids still listed in pending |
 //! | `NS:{T}:uniq`    | HASH | id → unique key held until a final state  |
+//! | `NS:{T}:ready`   | ZSET | id → when it became ready, for every pending id |
+//! | `NS:{T}:started` | HASH | id → when its delivery started, for every active id |
 //!
 //! An acknowledged message is gone from all of them. A cancelled pending message leaves
 //! its id in the pending list with a tombstone in `cancelled` until a fetch skips it.
@@ -98,8 +100,18 @@ impl Layout {
         self.key("uniq")
     }
 
-    /// All eight keys, e.g. for `DEL` in a test's setup.
-    pub fn all_keys(&self) -> [String; 8] {
+    /// `NS:{T}:ready`, ZSET id → when it became ready to run, for every pending id.
+    pub fn ready(&self) -> String {
+        self.key("ready")
+    }
+
+    /// `NS:{T}:started`, HASH id → when its delivery started, for every active id.
+    pub fn started(&self) -> String {
+        self.key("started")
+    }
+
+    /// All ten keys, e.g. for `DEL` in a test's setup.
+    pub fn all_keys(&self) -> [String; 10] {
         [
             self.pending(),
             self.msg(),
@@ -109,6 +121,8 @@ impl Layout {
             self.dead(),
             self.cancelled(),
             self.uniq(),
+            self.ready(),
+            self.started(),
         ]
     }
 
@@ -256,39 +270,46 @@ pub fn check_invariants(
     layout: &Layout,
     ids: &[String],
 ) -> StateReport {
-    let (pending, delayed, active, dead, bodies, leases, tombstones, held) = redis::pipe()
-        .atomic()
-        .cmd("LRANGE")
-        .arg(layout.pending())
-        .arg(0)
-        .arg(-1)
-        .cmd("ZRANGE")
-        .arg(layout.delayed())
-        .arg(0)
-        .arg(-1)
-        .cmd("ZRANGE")
-        .arg(layout.active())
-        .arg(0)
-        .arg(-1)
-        .cmd("ZRANGE")
-        .arg(layout.dead())
-        .arg(0)
-        .arg(-1)
-        .cmd("HKEYS")
-        .arg(layout.msg())
-        .cmd("HKEYS")
-        .arg(layout.lease())
-        .cmd("HGETALL")
-        .arg(layout.cancelled())
-        .cmd("HKEYS")
-        .arg(layout.uniq())
-        .query(conn)
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot read ForgeMQ keys of topic {:?} (namespace {:?}): {e}",
-                layout.topic, layout.namespace
-            )
-        });
+    let (pending, delayed, active, dead, bodies, leases, tombstones, held, ready, started) =
+        redis::pipe()
+            .atomic()
+            .cmd("LRANGE")
+            .arg(layout.pending())
+            .arg(0)
+            .arg(-1)
+            .cmd("ZRANGE")
+            .arg(layout.delayed())
+            .arg(0)
+            .arg(-1)
+            .cmd("ZRANGE")
+            .arg(layout.active())
+            .arg(0)
+            .arg(-1)
+            .cmd("ZRANGE")
+            .arg(layout.dead())
+            .arg(0)
+            .arg(-1)
+            .cmd("HKEYS")
+            .arg(layout.msg())
+            .cmd("HKEYS")
+            .arg(layout.lease())
+            .cmd("HGETALL")
+            .arg(layout.cancelled())
+            .cmd("HKEYS")
+            .arg(layout.uniq())
+            .cmd("ZRANGE")
+            .arg(layout.ready())
+            .arg(0)
+            .arg(-1)
+            .cmd("HKEYS")
+            .arg(layout.started())
+            .query(conn)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot read ForgeMQ keys of topic {:?} (namespace {:?}): {e}",
+                    layout.topic, layout.namespace
+                )
+            });
     classify(
         layout,
         ids,
@@ -301,6 +322,8 @@ pub fn check_invariants(
             leases,
             tombstones,
             held,
+            ready,
+            started,
         },
     )
 }
@@ -318,6 +341,10 @@ struct Snapshot {
     tombstones: BTreeMap<String, i64>,
     /// Ids in the unique-key index.
     held: Vec<String>,
+    /// Members of the `ready` set.
+    ready: Vec<String>,
+    /// Ids in the `started` hash.
+    started: Vec<String>,
 }
 
 /// The pure part of [`check_invariants`], separate so the rules read as a list.
@@ -401,6 +428,33 @@ fn classify(layout: &Layout, ids: &[String], snapshot: &Snapshot) -> StateReport
             violations.push(format!(
                 "id {id:?} has a lease token in {:?} but is not active",
                 layout.lease()
+            ));
+        }
+    }
+    // Readiness: exactly the pending ids; start times: exactly the active ids.
+    let ready: BTreeSet<&str> = snapshot.ready.iter().map(String::as_str).collect();
+    for id in &ready {
+        if !pending_seen.contains_key(id) {
+            violations.push(format!(
+                "id {id:?} is in {:?} but not pending",
+                layout.ready()
+            ));
+        }
+    }
+    for id in pending_seen.keys() {
+        if !ready.contains(id) {
+            violations.push(format!(
+                "pending id {id:?} has no entry in {:?} (the queue latency would miss it)",
+                layout.ready()
+            ));
+        }
+    }
+    let started: BTreeSet<&str> = snapshot.started.iter().map(String::as_str).collect();
+    for id in &started {
+        if !states.get(id).is_some_and(|s| s.contains(&State::Active)) {
+            violations.push(format!(
+                "id {id:?} has a start time in {:?} but is not active",
+                layout.started()
             ));
         }
     }

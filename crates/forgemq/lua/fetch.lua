@@ -10,6 +10,8 @@
 -- KEYS[9] processed  ZSET  id -> until when a redelivery counts as a duplicate
 -- KEYS[10] cancelled HASH  id -> tombstones: entries of cancelled messages still listed
 -- KEYS[11] uniq      HASH  id -> unique key held until the message's final state
+-- KEYS[12] ready     ZSET  id -> when it became ready to run (ms), for every pending id
+-- KEYS[13] started   HASH  id -> when its current delivery started (ms)
 -- ARGV[1] n             most messages to lease
 -- ARGV[2] lease_ms      lease length
 -- ARGV[3] token         random lease token of this delivery
@@ -32,10 +34,19 @@ local n = tonumber(ARGV[1])
 local lease_ms = tonumber(ARGV[2])
 
 -- Due delayed messages join the tail of pending: a retry waits behind what was already ready.
-local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))
-if #due > 0 then
+-- They became ready at their due time, which is what the queue latency counts from.
+local due_scored = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'WITHSCORES', 'LIMIT', 0,
+  tonumber(ARGV[4]))
+if #due_scored > 0 then
+  local due, since = {}, {}
+  for i = 1, #due_scored, 2 do
+    due[#due + 1] = due_scored[i]
+    since[#since + 1] = due_scored[i + 1]
+    since[#since + 1] = due_scored[i]
+  end
   redis.call('ZREM', KEYS[4], unpack(due))
   redis.call('RPUSH', KEYS[1], unpack(due))
+  redis.call('ZADD', KEYS[12], unpack(since))
 end
 
 local out = {}
@@ -56,33 +67,41 @@ while want > 0 do
   end
   popped = true
   local bodies = redis.call('HMGET', KEYS[5], unpack(ids))
+  local taken = {}
   local again = 0
   for i, id in ipairs(ids) do
     local body = bodies[i]
     if tombstones and redis.call('HEXISTS', KEYS[10], id) == 1 then
       -- The entry of a cancelled message (cancel leaves it in the list rather than search
       -- the list for it). A body here belongs to a later publish of the same id, whose own
-      -- entry comes further down the list.
+      -- entry (and readiness) comes further down the list.
       if redis.call('HINCRBY', KEYS[10], id, -1) <= 0 then
         redis.call('HDEL', KEYS[10], id)
       end
       redis.call('HINCRBY', KEYS[7], 'tombstones', -1)
       again = again + 1
-    elseif not body then
-      -- An id without a body has nothing to run (its body was purged); drop it.
-      orphans = orphans + 1
-      finished[#finished + 1] = id
-    elseif ledger and tonumber(redis.call('ZSCORE', KEYS[9], id) or '0') > now then
-      -- Already processed within the ledger's window: a redelivery, not new work.
-      skipped[#skipped + 1] = id
     else
-      zargs[#zargs + 1] = deadline
-      zargs[#zargs + 1] = id
-      hargs[#hargs + 1] = id
-      hargs[#hargs + 1] = ARGV[3]
-      out[#out + 1] = id
-      out[#out + 1] = body
+      -- No longer waiting to run.
+      taken[#taken + 1] = id
+      if not body then
+        -- An id without a body has nothing to run (its body was purged); drop it.
+        orphans = orphans + 1
+        finished[#finished + 1] = id
+      elseif ledger and tonumber(redis.call('ZSCORE', KEYS[9], id) or '0') > now then
+        -- Already processed within the ledger's window: a redelivery, not new work.
+        skipped[#skipped + 1] = id
+      else
+        zargs[#zargs + 1] = deadline
+        zargs[#zargs + 1] = id
+        hargs[#hargs + 1] = id
+        hargs[#hargs + 1] = ARGV[3]
+        out[#out + 1] = id
+        out[#out + 1] = body
+      end
     end
+  end
+  if #taken > 0 then
+    redis.call('ZREM', KEYS[12], unpack(taken))
   end
   passed = passed + again
   want = math.min(again, 1000 - passed)
@@ -90,6 +109,12 @@ end
 if #zargs > 0 then
   redis.call('ZADD', KEYS[2], unpack(zargs))
   redis.call('HSET', KEYS[3], unpack(hargs))
+  local started, now_text = {}, string.format('%d', now)
+  for i = 2, #hargs, 2 do
+    started[#started + 1] = hargs[i - 1]
+    started[#started + 1] = now_text
+  end
+  redis.call('HSET', KEYS[13], unpack(started))
 end
 if #skipped > 0 then
   redis.call('HDEL', KEYS[5], unpack(skipped))

@@ -5,6 +5,8 @@
 -- KEYS[3] pending  LIST
 -- KEYS[4] wake     LIST
 -- KEYS[5] stats    HASH
+-- KEYS[6] ready    ZSET  id -> when it became ready to run (ms)
+-- KEYS[7] started  HASH  id -> when its delivery started (ms)
 -- ARGV    pairs: token, id
 -- Returns one integer per pair: 1 released, 0 lease lost.
 
@@ -26,6 +28,13 @@ end
 if #back > 0 then
   redis.call('ZREM', KEYS[1], unpack(back))
   redis.call('HDEL', KEYS[2], unpack(back))
+  redis.call('HDEL', KEYS[7], unpack(back))
+  local since, now_text = {}, string.format('%d', now_ms())
+  for _, id in ipairs(back) do
+    since[#since + 1] = now_text
+    since[#since + 1] = id
+  end
+  redis.call('ZADD', KEYS[6], unpack(since))
   -- To the head: these were taken first, so they run first.
   redis.call('LPUSH', KEYS[3], unpack(back))
   redis.call('HINCRBY', KEYS[5], 'released', #back)

@@ -1,5 +1,6 @@
 //! The producer and inspector: publish, look at queues, manage dead letters.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,6 +29,9 @@ type RankedId = (Vec<u8>, Option<f64>);
 /// How deep the pages of a partitioned topic's peek reach (every partition is read
 /// from its head to the end of the page).
 const PARTITIONED_PEEK_DEPTH: usize = 10_000;
+
+/// How many of a partition's oldest dead letters [`Client::dead_letters_matching`] reads.
+const DEAD_LETTER_SCAN: usize = 10_000;
 
 /// Messages per `publish_batch` round trip. Large enough to amortise the round trip,
 /// small enough that one script call does not stall Redis for other clients.
@@ -70,13 +74,13 @@ pub(crate) struct Inner {
     /// Poison limit of the recovery that a manual fetch runs first.
     pub(crate) max_recoveries: u32,
     /// The layout (partitions) of each topic this client used, with when it was read.
-    pub(crate) layouts: std::sync::Mutex<std::collections::HashMap<String, Arc<TopicLayout>>>,
+    pub(crate) layouts: std::sync::Mutex<HashMap<String, Arc<TopicLayout>>>,
     /// Which partition a manual fetch of a partitioned topic starts with next.
     pub(crate) pop_turn: std::sync::atomic::AtomicUsize,
     /// When this client last added each topic to the topic registry (`mq:topics`): the
     /// registry is a namespace-wide key, another slot than the topic's on a cluster, so it
     /// is written on its own, once a minute per topic at most.
-    registered: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    registered: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// How long a topic's registration is trusted before the next publish writes it again
@@ -437,6 +441,22 @@ pub struct QueueStats {
     pub orphans: u64,
     /// Whether the topic is paused (a partitioned one: any of its partitions).
     pub paused: bool,
+    /// The queue latency: how long the message waiting longest has been ready to run
+    /// (since it was published, or since it came due for a delayed or retried one, or since
+    /// it went back to pending), in ms on Redis's clock; `None` with nothing ready. A
+    /// partitioned topic: its oldest partition's.
+    pub oldest_pending_age_ms: Option<u64>,
+    /// How long ago the oldest dead letter died, in ms; `None` without dead letters.
+    pub oldest_dead_age_ms: Option<u64>,
+    /// When the next delayed message (or retry) is due, in ms from now (0: due, being
+    /// moved to pending); `None` with nothing delayed.
+    pub next_due_in_ms: Option<u64>,
+    /// Live workers consuming the topic (see [`Client::workers`]).
+    pub workers: u64,
+    /// Their handler slots for the topic: the sum of their concurrency.
+    pub worker_slots: u64,
+    /// Messages of the topic their handlers were running at their last heartbeats.
+    pub in_flight: u64,
     /// Which partition these figures are of (in [`QueueStats::partitions`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partition: Option<u32>,
@@ -475,6 +495,19 @@ impl QueueStats {
             duplicate_runs: c("duplicate_runs"),
             orphans: c("orphans"),
             paused: raw.paused,
+            // A delayed message past its due time is ready, whether or not a fetch has
+            // moved it to pending yet (nothing does while no worker runs).
+            oldest_pending_age_ms: match (raw.oldest_ready_ms, raw.next_due_ms) {
+                (Some(r), Some(d)) if d < r => Some(d),
+                (None, Some(d)) if d <= raw.now_ms => Some(d),
+                (r, _) => r,
+            }
+            .map(|t| age(raw.now_ms, t)),
+            oldest_dead_age_ms: raw.oldest_dead_ms.map(|t| age(raw.now_ms, t)),
+            next_due_in_ms: raw.next_due_ms.map(|t| age(t, raw.now_ms)),
+            workers: 0,
+            worker_slots: 0,
+            in_flight: 0,
             partition,
             partitions: Vec::new(),
         }
@@ -501,7 +534,25 @@ impl QueueStats {
         self.duplicate_runs += p.duplicate_runs;
         self.orphans += p.orphans;
         self.paused |= p.paused;
+        self.oldest_pending_age_ms = self.oldest_pending_age_ms.max(p.oldest_pending_age_ms);
+        self.oldest_dead_age_ms = self.oldest_dead_age_ms.max(p.oldest_dead_age_ms);
+        self.next_due_in_ms = match (self.next_due_in_ms, p.next_due_in_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
     }
+
+    /// Sets what the topic's workers' heartbeats say.
+    fn set_workers(&mut self, (workers, slots, in_flight): (u64, u64, u64)) {
+        self.workers = workers;
+        self.worker_slots = slots;
+        self.in_flight = in_flight;
+    }
+}
+
+/// `later - earlier` in ms, never below 0 (the two readings may cross by a millisecond).
+fn age(later: i64, earlier: i64) -> u64 {
+    u64::try_from(later.saturating_sub(earlier)).unwrap_or(0)
 }
 
 /// Whether a publish was refused because the topic's layout is not what the client read.
@@ -596,7 +647,56 @@ pub struct MinuteCounts {
     pub failed: u64,
 }
 
-fn rfc3339_ser<S: serde::Serializer>(t: &SystemTime, s: S) -> std::result::Result<S::Ok, S::Error> {
+fn rfc3339_opt_ser<S: serde::Serializer>(
+    t: &Option<SystemTime>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&rfc3339(*t)),
+        None => s.serialize_none(),
+    }
+}
+
+/// A stored body as a [`PeekedMessage`] (without a holder).
+fn peeked(
+    topic: &str,
+    id: &str,
+    state: MessageState,
+    body: &[u8],
+    score: Option<f64>,
+) -> PeekedMessage {
+    let raw = String::from_utf8_lossy(body).into_owned();
+    let (data, retry, error, envelope) = match Envelope::decode(body) {
+        Ok(env) => {
+            let envelope = serde_json::to_value(&env).unwrap_or(Value::Null);
+            (env.data, env.retry, env.last_error, envelope)
+        }
+        Err(e) => (
+            Value::Null,
+            0,
+            Some(format!("undecodable envelope: {e}")),
+            Value::Null,
+        ),
+    };
+    PeekedMessage {
+        id: MessageId::from_stored(id.to_owned()),
+        topic: topic.to_owned(),
+        state,
+        data,
+        retry,
+        error,
+        at: score.map(from_millis),
+        holder: None,
+        started_at: None,
+        envelope,
+        raw,
+    }
+}
+
+pub(crate) fn rfc3339_ser<S: serde::Serializer>(
+    t: &SystemTime,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(&rfc3339(*t))
 }
 
@@ -630,7 +730,7 @@ impl std::str::FromStr for MessageState {
     }
 }
 
-/// A stored message as [`Client::peek`] sees it.
+/// A stored message as [`Client::peek`] and [`Client::message`] see it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct PeekedMessage {
@@ -646,12 +746,33 @@ pub struct PeekedMessage {
     pub retry: u32,
     /// The last error, if it failed before (or why the body does not decode).
     pub error: Option<String>,
-    /// Due time (delayed), lease deadline (active) or time of death (dead); Redis clock.
+    /// Due time (delayed), lease deadline (active) or time of death (dead); for a
+    /// pending one found by [`Client::message`], when it became ready to run. Redis clock.
     pub at: Option<SystemTime>,
+    /// Who runs an active message: the [`WorkerInfo::id`](crate::WorkerInfo::id) of a
+    /// worker, or `{host}-{pid}-pop` for a manual fetch.
+    pub holder: Option<String>,
+    /// When the current run of an active message started (Redis clock).
+    #[serde(serialize_with = "rfc3339_opt_ser")]
+    pub started_at: Option<SystemTime>,
     /// The stored envelope as a JSON object (`null` when it does not decode).
     pub envelope: Value,
     /// The stored envelope as text, exactly as in Redis.
     pub raw: String,
+}
+
+impl From<PeekedMessage> for DeadLetter {
+    fn from(p: PeekedMessage) -> Self {
+        DeadLetter {
+            id: p.id,
+            topic: p.topic,
+            data: p.data,
+            retry: p.retry,
+            error: p.error,
+            died_at: p.at.unwrap_or(SystemTime::UNIX_EPOCH),
+            envelope: p.raw,
+        }
+    }
 }
 
 /// A message in the dead-letter queue.
@@ -971,7 +1092,7 @@ impl Client {
 
     /// Adds the topic to the registry unless this client did so within the last minute.
     async fn register(&self, topic: &str) -> Result<()> {
-        let fresh = |map: &std::collections::HashMap<String, std::time::Instant>| {
+        let fresh = |map: &HashMap<String, std::time::Instant>| {
             map.get(topic)
                 .is_some_and(|at| at.elapsed() < REGISTRATION_REFRESH)
         };
@@ -1016,13 +1137,22 @@ impl Client {
     pub async fn stats(&self, topic: &str) -> Result<QueueStats> {
         let layout = self.layout(topic).await?;
         let store = &self.inner.store;
-        let raws =
-            futures::future::try_join_all(layout.partitions.iter().map(|keys| store.stats(keys)))
-                .await?;
+        let plain = store.ns.topic(topic);
+        let (raws, (consumers, now_ms)) = futures::future::try_join(
+            futures::future::try_join_all(layout.partitions.iter().map(|keys| store.stats(keys))),
+            store.topic_consumers(&plain),
+        )
+        .await?;
+        let workers = crate::registry::consumer_counts(consumers.values(), now_ms);
         let mut parts: Vec<QueueStats> = raws
             .into_iter()
             .zip(&layout.partitions)
-            .map(|(raw, keys)| QueueStats::from_raw(topic, keys.partition, &raw))
+            .map(|(raw, keys)| {
+                let mut p = QueueStats::from_raw(topic, keys.partition, &raw);
+                // Workers consume the whole topic: every partition.
+                p.set_workers(workers);
+                p
+            })
             .collect();
         if parts.len() == 1 {
             let mut only = parts.remove(0);
@@ -1036,6 +1166,7 @@ impl Client {
         for p in &parts {
             total.add(p);
         }
+        total.set_workers(workers);
         total.partitions = parts;
         Ok(total)
     }
@@ -1069,15 +1200,63 @@ impl Client {
             .peek(topic, MessageState::Dead, range)
             .await?
             .into_iter()
-            .map(|p| DeadLetter {
-                id: p.id,
-                topic: p.topic,
-                data: p.data,
-                retry: p.retry,
-                error: p.error,
-                died_at: p.at.unwrap_or(SystemTime::UNIX_EPOCH),
-                envelope: p.raw,
-            })
+            .map(DeadLetter::from)
+            .collect())
+    }
+
+    /// The dead letters of `topic` whose error contains `text` (ignoring case), oldest
+    /// first; `range` pages through the matches (at most 1,000 at a time). Reads the
+    /// oldest 10,000 dead letters of each partition, which is all of them under the
+    /// default retention ([`DEFAULT_DEAD_LETTER_MAX_LEN`]).
+    pub async fn dead_letters_matching(
+        &self,
+        topic: &str,
+        text: &str,
+        range: Range<usize>,
+    ) -> Result<Vec<DeadLetter>> {
+        let layout = self.layout(topic).await?;
+        let end = range.end.min(range.start.saturating_add(MAX_PER_CALL));
+        if range.start >= end {
+            return Ok(Vec::new());
+        }
+        let needle = text.to_lowercase();
+        let store = &self.inner.store;
+        let scans = futures::future::try_join_all(layout.partitions.iter().map(|keys| {
+            let needle = &needle;
+            async move {
+                let mut found = Vec::new();
+                let mut from = 0;
+                while from < DEAD_LETTER_SCAN {
+                    let page = store
+                        .peek(keys, PeekState::Dead, from, from + MAX_PER_CALL - 1)
+                        .await?;
+                    from += MAX_PER_CALL;
+                    let last = page.len() < MAX_PER_CALL;
+                    for (id, score, body) in page {
+                        let Some(body) = body else { continue };
+                        let m = peeked(topic, &id, MessageState::Dead, &body, score);
+                        let hit = m
+                            .error
+                            .as_deref()
+                            .is_some_and(|e| e.to_lowercase().contains(needle.as_str()));
+                        if hit {
+                            found.push(DeadLetter::from(m));
+                        }
+                    }
+                    if last {
+                        break;
+                    }
+                }
+                Ok::<_, Error>(found)
+            }
+        }))
+        .await?;
+        let mut all: Vec<DeadLetter> = scans.into_iter().flatten().collect();
+        all.sort_by(|a, b| a.died_at.cmp(&b.died_at).then_with(|| a.id.cmp(&b.id)));
+        Ok(all
+            .into_iter()
+            .skip(range.start)
+            .take(end - range.start)
             .collect())
     }
 
@@ -1168,45 +1347,92 @@ impl Client {
             page.into_iter()
                 .map(|(p, (id, score))| {
                     let body = bodies[p].next().flatten();
-                    (String::from_utf8_lossy(&id).into_owned(), score, body)
+                    (p, String::from_utf8_lossy(&id).into_owned(), score, body)
                 })
                 .collect()
         } else {
             store
                 .peek(&layout.partitions[0], which, range.start, end - 1)
                 .await?
+                .into_iter()
+                .map(|(id, score, body)| (0, id, score, body))
+                .collect::<Vec<_>>()
         };
+        // Who runs the active ones, and since when.
+        let mut holders: HashMap<(usize, String), (Option<String>, Option<i64>)> = HashMap::new();
+        if state == MessageState::Active {
+            let mut ids: Vec<Vec<String>> = vec![Vec::new(); layout.partitions.len()];
+            for (p, id, _, _) in &rows {
+                ids[*p].push(id.clone());
+            }
+            let found = futures::future::try_join_all(
+                layout
+                    .partitions
+                    .iter()
+                    .zip(&ids)
+                    .map(|(keys, ids)| store.holders(keys, ids)),
+            )
+            .await?;
+            for (p, (ids, found)) in ids.into_iter().zip(found).enumerate() {
+                for (id, h) in ids.into_iter().zip(found) {
+                    holders.insert((p, id), h);
+                }
+            }
+        }
         Ok(rows
-            .into_iter()
-            .filter_map(|(id, score, body)| {
+            .iter()
+            .filter_map(|(p, id, score, body)| {
                 // Gone between the two reads (acked, trimmed): not there any more.
-                let body = body?;
-                let raw = String::from_utf8_lossy(&body).into_owned();
-                let (data, retry, error, envelope) = match Envelope::decode(&body) {
-                    Ok(env) => {
-                        let envelope = serde_json::to_value(&env).unwrap_or(Value::Null);
-                        (env.data, env.retry, env.last_error, envelope)
-                    }
-                    Err(e) => (
-                        Value::Null,
-                        0,
-                        Some(format!("undecodable envelope: {e}")),
-                        Value::Null,
-                    ),
-                };
-                Some(PeekedMessage {
-                    id: MessageId::from_stored(id),
-                    topic: topic.to_owned(),
-                    state,
-                    data,
-                    retry,
-                    error,
-                    at: score.map(from_millis),
-                    envelope,
-                    raw,
-                })
+                let mut m = peeked(topic, id, state, body.as_deref()?, *score);
+                if let Some((token, since)) = holders.remove(&(*p, id.clone())) {
+                    m.holder = token
+                        .as_deref()
+                        .and_then(crate::registry::holder_of)
+                        .map(str::to_owned);
+                    m.started_at = since.map(|ms| from_millis(ms as f64));
+                }
+                Some(m)
             })
             .collect())
+    }
+
+    /// One message by id, in whatever state it is: its envelope, and for an active one who
+    /// runs it and since when. `None` when the topic has no message with that id (it was
+    /// processed and acknowledged, cancelled, purged, or never published). A partitioned
+    /// topic asks every partition at once.
+    pub async fn message(&self, topic: &str, id: &MessageId) -> Result<Option<PeekedMessage>> {
+        let layout = self.layout(topic).await?;
+        let store = &self.inner.store;
+        let found = futures::future::try_join_all(
+            layout
+                .partitions
+                .iter()
+                .map(|keys| store.lookup(keys, id.as_str())),
+        )
+        .await?;
+        let Some(raw) = found.into_iter().find(|r| r.body.is_some()) else {
+            return Ok(None);
+        };
+        let (state, at) = if let Some(at) = raw.active {
+            (MessageState::Active, Some(at))
+        } else if let Some(at) = raw.delayed {
+            (MessageState::Delayed, Some(at))
+        } else if let Some(at) = raw.dead {
+            (MessageState::Dead, Some(at))
+        } else {
+            (MessageState::Pending, raw.ready)
+        };
+        let body = raw.body.unwrap_or_default();
+        let mut m = peeked(topic, id.as_str(), state, &body, at);
+        if state == MessageState::Active {
+            m.holder = raw
+                .lease
+                .as_deref()
+                .and_then(crate::registry::holder_of)
+                .map(str::to_owned);
+            m.started_at = raw.started.map(|ms| from_millis(ms as f64));
+        }
+        Ok(Some(m))
     }
 
     /// Moves one dead letter back to the queue with a fresh set of retries.
@@ -1302,6 +1528,48 @@ impl Client {
             total += here;
         }
         Ok(total)
+    }
+
+    /// Moves these dead letters back to the queue with a fresh set of retries (1,000 ids
+    /// per script call); returns how many were moved. Ids that are not dead letters of
+    /// `topic` (any more) are skipped, not an error: the selection may be a little old.
+    pub async fn reprocess_dead_letters(&self, topic: &str, ids: &[MessageId]) -> Result<u64> {
+        let store = &self.inner.store;
+        let ids: Vec<&str> = ids.iter().map(MessageId::as_str).collect();
+        let ids = &ids;
+        let moved = self
+            .each_partition(topic, |keys| async move {
+                let mut n = 0;
+                for chunk in ids.chunks(MAX_PER_CALL) {
+                    n += store
+                        .reprocess(&keys, chunk)
+                        .await?
+                        .iter()
+                        .filter(|d| **d)
+                        .count();
+                }
+                Ok(n as u64)
+            })
+            .await?;
+        Ok(moved.iter().sum())
+    }
+
+    /// Deletes these dead letters for good (1,000 ids per script call); returns how many
+    /// were deleted. Ids that are not dead letters of `topic` (any more) are skipped.
+    pub async fn delete_dead_letters(&self, topic: &str, ids: &[MessageId]) -> Result<u64> {
+        let store = &self.inner.store;
+        let ids: Vec<&str> = ids.iter().map(MessageId::as_str).collect();
+        let ids = &ids;
+        let gone = self
+            .each_partition(topic, |keys| async move {
+                let mut n = 0;
+                for chunk in ids.chunks(MAX_PER_CALL) {
+                    n += store.drop_dead(&keys, chunk, 0).await?.len();
+                }
+                Ok(n as u64)
+            })
+            .await?;
+        Ok(gone.iter().sum())
     }
 
     fn no_dead_letter(&self, topic: &str, id: &MessageId) -> Error {

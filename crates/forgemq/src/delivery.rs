@@ -202,7 +202,7 @@ impl Client {
         let store = self.store();
         // Without a worker on this topic nobody else returns expired leases.
         store.recover(keys, self.inner.max_recoveries, 1000).await?;
-        let token = crate::worker::random_token();
+        let token = crate::worker::lease_token(&crate::registry::pop_holder());
         let fetched = store.fetch(keys, n, lease, &token, false, false).await?;
         let mut out = Vec::with_capacity(fetched.messages.len());
         for m in fetched.messages {

@@ -143,6 +143,13 @@ impl Namespace {
         self.keys_under(topic, &partition_tags(topic, n)[p as usize], Some(p))
     }
 
+    /// The worker registry, under the tag `{#workers}`, which no topic can have: ZSET
+    /// worker id → when its entry expires (ms), HASH worker id → its last heartbeat and
+    /// description, HASH worker id → its first heartbeat (ms).
+    pub(crate) fn registry(&self) -> [String; 3] {
+        ["heartbeats", "info", "started"].map(|k| format!("{}:{{#workers}}:{k}", self.ns))
+    }
+
     /// The key of a topic's layout (its partition count), in the plain topic's slot.
     pub(crate) fn meta(&self, topic: &str) -> String {
         format!("{}:{{{}}}:meta", self.ns, topic)
@@ -170,6 +177,10 @@ impl Namespace {
             cancelled: k("cancelled"),
             settled: [k("settled:0"), k("settled:1")],
             purged_tokens: k("purged_tokens"),
+            ready: k("ready"),
+            started: k("started"),
+            // One per topic, partitioned or not: workers consume topics, not partitions.
+            workers: format!("{}:{{{}}}:workers", self.ns, topic),
             unique_prefix: k("unique:"),
         }
     }
@@ -220,6 +231,14 @@ pub(crate) struct TopicKeys {
     /// SET of the lease tokens of deliveries whose message was purged under them (kept an
     /// hour): their refused outcomes are not duplicate runs.
     pub(crate) purged_tokens: String,
+    /// ZSET id → when it became ready to run (ms, Redis clock), for every pending id: the
+    /// queue latency is the age of its first entry.
+    pub(crate) ready: String,
+    /// HASH id → when its current delivery started (ms), for every active id.
+    pub(crate) started: String,
+    /// HASH worker id → `concurrency,in_flight,expires_ms` of the workers consuming the
+    /// topic (in the plain topic's slot for a partitioned one).
+    pub(crate) workers: String,
     pub(crate) unique_prefix: String,
 }
 

@@ -30,6 +30,7 @@
 //! - [`worker`]: [`Worker`], subscriptions, the fetch loop, lease renewal, recovery, shutdown.
 //! - [`handler`]: [`HandlerError`] and [`Backoff`], what handlers return and how retries wait.
 //! - [`message`]: [`Message`] and [`MessageId`].
+//! - [`registry`]: [`WorkerInfo`], the live workers as their heartbeats describe them.
 //! - [`error`]: [`Error`], the one error type.
 //! - `keys`: Redis key names (the only place they are built).
 //! - `store`: Redis commands (the only place they are sent); scripts live in `lua/*.lua`.
@@ -41,6 +42,7 @@ pub mod error;
 pub mod handler;
 mod keys;
 pub mod message;
+pub mod registry;
 mod scripts;
 mod store;
 pub mod topic;
@@ -70,6 +72,7 @@ pub use error::{Error, Result};
 pub use handler::{Backoff, HandlerError};
 pub use keys::{validate_topic, MAX_PARTITIONS};
 pub use message::{Message, MessageId};
+pub use registry::{WorkerInfo, WorkerState, WorkerTopic};
 pub use topic::{TopicInfo, TopicOptions};
 pub use worker::{
     BatchOptions, BatchOutcome, Priority, Subscription, Worker, WorkerBuilder, DEFAULT_DEDUP_TTL,

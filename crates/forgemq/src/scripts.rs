@@ -50,11 +50,13 @@ pub(crate) struct Scripts {
     pub(crate) resume: Lua,
     pub(crate) drop_dead: Lua,
     pub(crate) layout: Lua,
+    pub(crate) heartbeat: Lua,
+    pub(crate) consumers: Lua,
 }
 
 impl Scripts {
     /// Every script, for loading them all at connect time.
-    pub(crate) fn all(&self) -> [&Lua; 12] {
+    pub(crate) fn all(&self) -> [&Lua; 14] {
         [
             &self.publish,
             &self.fetch,
@@ -68,6 +70,8 @@ impl Scripts {
             &self.purge,
             &self.drop_dead,
             &self.layout,
+            &self.heartbeat,
+            &self.consumers,
         ]
     }
 
@@ -85,6 +89,8 @@ impl Scripts {
             resume: script!("resume.lua"),
             drop_dead: script!("drop_dead.lua"),
             layout: script!("layout.lua"),
+            heartbeat: script!("heartbeat.lua"),
+            consumers: script!("consumers.lua"),
         }
     }
 }

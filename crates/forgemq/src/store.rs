@@ -166,6 +166,38 @@ pub(crate) struct RawStats {
     pub(crate) dead: u64,
     pub(crate) counters: HashMap<String, u64>,
     pub(crate) paused: bool,
+    /// Redis's clock when read (ms).
+    pub(crate) now_ms: i64,
+    /// When the message waiting longest became ready (ms).
+    pub(crate) oldest_ready_ms: Option<i64>,
+    /// When the oldest dead letter died (ms).
+    pub(crate) oldest_dead_ms: Option<i64>,
+    /// When the next delayed message is due (ms).
+    pub(crate) next_due_ms: Option<i64>,
+}
+
+/// The worker registry as read from Redis.
+#[derive(Debug, Default)]
+pub(crate) struct RawRegistry {
+    pub(crate) now_ms: i64,
+    /// Worker id → when its entry expires (ms).
+    pub(crate) expiries: Vec<(String, i64)>,
+    /// Worker id → `<last heartbeat ms> <description JSON>`.
+    pub(crate) info: HashMap<String, String>,
+    /// Worker id → first heartbeat (ms).
+    pub(crate) started: HashMap<String, i64>,
+}
+
+/// Where one id is, as read from Redis (see [`Store::lookup`]).
+#[derive(Debug, Default)]
+pub(crate) struct RawLookup {
+    pub(crate) ready: Option<f64>,
+    pub(crate) delayed: Option<f64>,
+    pub(crate) active: Option<f64>,
+    pub(crate) dead: Option<f64>,
+    pub(crate) body: Option<Vec<u8>>,
+    pub(crate) lease: Option<String>,
+    pub(crate) started: Option<i64>,
 }
 
 /// A dedicated connection for blocking waits.
@@ -388,6 +420,7 @@ impl Store {
             keys.minutes.clone(),
             keys.uniq.clone(),
             keys.meta.clone(),
+            keys.ready.clone(),
         ];
         // Per message: id, body, options ('' for the common case; see publish.lua).
         let mut options: Vec<String> = Vec::with_capacity(items.len());
@@ -449,6 +482,8 @@ impl Store {
                 &keys.processed,
                 &keys.cancelled,
                 &keys.uniq,
+                &keys.ready,
+                &keys.started,
             ],
         );
         call.arg(n.min(MAX_PER_CALL))
@@ -545,6 +580,8 @@ impl Store {
                 &keys.settled[0],
                 &keys.settled[1],
                 &keys.purged_tokens,
+                &keys.ready,
+                &keys.started,
             ],
         );
         // Acks first, as bare (token, id) pairs; then the other outcomes in groups of 5.
@@ -607,6 +644,8 @@ impl Store {
                 &keys.pending,
                 &keys.wake,
                 &keys.stats,
+                &keys.ready,
+                &keys.started,
             ],
         );
         for (token, id) in deliveries {
@@ -662,6 +701,8 @@ impl Store {
                 &keys.wake,
                 &keys.stats,
                 &keys.uniq,
+                &keys.ready,
+                &keys.started,
             ],
         );
         call.arg(max_recoveries)
@@ -682,6 +723,7 @@ impl Store {
                 &keys.pending,
                 &keys.wake,
                 &keys.stats,
+                &keys.ready,
             ],
         );
         call.arg(ids);
@@ -796,6 +838,8 @@ impl Store {
                 &keys.uniq,
                 &keys.cancelled,
                 &keys.purged_tokens,
+                &keys.ready,
+                &keys.started,
             ],
         );
         self.run(script, &call).await
@@ -814,6 +858,7 @@ impl Store {
                 &keys.stats,
                 &keys.cancelled,
                 &keys.uniq,
+                &keys.ready,
             ],
         );
         call.arg(id);
@@ -854,16 +899,27 @@ impl Store {
             .zcard(&keys.dead)
             .hgetall(&keys.stats)
             .exists(&keys.paused);
-        let (listed, active, delayed, dead, counters, paused): (
+        // The oldest ready, oldest dead and soonest due entries, and Redis's clock: O(log n).
+        for key in [&keys.ready, &keys.dead, &keys.delayed] {
+            pipe.cmd("ZRANGE").arg(key).arg(0).arg(0).arg("WITHSCORES");
+        }
+        pipe.cmd("TIME");
+        #[allow(clippy::type_complexity)]
+        let (listed, active, delayed, dead, counters, paused, ready, died, due, (secs, micros)): (
             u64,
             u64,
             u64,
             u64,
             HashMap<String, u64>,
             bool,
+            Vec<(String, f64)>,
+            Vec<(String, f64)>,
+            Vec<(String, f64)>,
+            (i64, i64),
         ) = self
             .exec(Req::Pipe(&pipe), Route::Key(&keys.stats), None)
             .await?;
+        let first = |v: Vec<(String, f64)>| v.first().map(|(_, s)| *s as i64);
         Ok(RawStats {
             // Entries of cancelled messages stay listed until a fetch skips them.
             pending: listed.saturating_sub(counters.get("tombstones").copied().unwrap_or(0)),
@@ -872,6 +928,144 @@ impl Store {
             dead,
             counters,
             paused,
+            now_ms: secs * 1000 + micros / 1000,
+            oldest_ready_ms: first(ready),
+            oldest_dead_ms: first(died),
+            next_due_ms: first(due),
+        })
+    }
+
+    /// The workers consuming a topic, as their heartbeats left them: worker id →
+    /// `concurrency,in_flight,expires_ms`, and Redis's clock (ms).
+    pub(crate) async fn topic_consumers(
+        &self,
+        keys: &TopicKeys,
+    ) -> Result<(HashMap<String, String>, i64)> {
+        let mut pipe = redis::pipe();
+        pipe.hgetall(&keys.workers).cmd("TIME");
+        let (all, (secs, micros)): (HashMap<String, String>, (i64, i64)) = self
+            .exec(Req::Pipe(&pipe), Route::Key(&keys.workers), None)
+            .await?;
+        Ok((all, secs * 1000 + micros / 1000))
+    }
+
+    /// Writes (or, with `description` `None`, removes) a worker's registry entry, which
+    /// stands for `ttl` without another heartbeat, and removes expired ones; returns
+    /// Redis's clock (ms).
+    pub(crate) async fn heartbeat(
+        &self,
+        worker: &str,
+        description: Option<&str>,
+        ttl: Duration,
+    ) -> Result<i64> {
+        let [beats, info, started] = self.ns.registry();
+        let script = &self.scripts.heartbeat;
+        let mut call = Self::evalsha(script, &[&beats, &info, &started]);
+        call.arg(worker)
+            .arg(description.unwrap_or(""))
+            .arg(millis(ttl));
+        self.run(script, &call).await
+    }
+
+    /// How a worker consumes one topic (or, with `None`, that it stopped), in the topic's
+    /// slot; the entry stands for `ttl` without another heartbeat.
+    pub(crate) async fn consumers(
+        &self,
+        keys: &TopicKeys,
+        worker: &str,
+        counts: Option<(usize, usize)>,
+        ttl: Duration,
+    ) -> Result<()> {
+        let script = &self.scripts.consumers;
+        let mut call = Self::evalsha(script, &[&keys.workers]);
+        call.arg(worker);
+        match counts {
+            Some((concurrency, in_flight)) => call.arg(concurrency).arg(in_flight),
+            None => call.arg("").arg(0),
+        };
+        call.arg(millis(ttl));
+        self.run::<i64>(script, &call).await.map(|_| ())
+    }
+
+    /// The whole worker registry: per worker when its entry expires, its last heartbeat
+    /// and description, and its first heartbeat; and Redis's clock (ms).
+    pub(crate) async fn registry(&self) -> Result<RawRegistry> {
+        let [beats, info, started] = self.ns.registry();
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGE")
+            .arg(&beats)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .hgetall(&info)
+            .hgetall(&started)
+            .cmd("TIME");
+        #[allow(clippy::type_complexity)]
+        let (expiries, info, started, (secs, micros)): (
+            Vec<(String, f64)>,
+            HashMap<String, String>,
+            HashMap<String, i64>,
+            (i64, i64),
+        ) = self
+            .exec(Req::Pipe(&pipe), Route::Key(&beats), None)
+            .await?;
+        Ok(RawRegistry {
+            now_ms: secs * 1000 + micros / 1000,
+            expiries: expiries.into_iter().map(|(id, s)| (id, s as i64)).collect(),
+            info,
+            started,
+        })
+    }
+
+    /// Who holds these active ids (their lease tokens) and since when (ms).
+    pub(crate) async fn holders(
+        &self,
+        keys: &TopicKeys,
+        ids: &[String],
+    ) -> Result<Vec<(Option<String>, Option<i64>)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET").arg(&keys.lease).arg(ids);
+        pipe.cmd("HMGET").arg(&keys.started).arg(ids);
+        let (tokens, since): (Vec<Option<String>>, Vec<Option<i64>>) = self
+            .exec(Req::Pipe(&pipe), Route::Key(&keys.lease), None)
+            .await?;
+        Ok(tokens.into_iter().zip(since).collect())
+    }
+
+    /// Where one id is in a topic (or partition): its scores in the delayed, active and
+    /// dead sets, its body, and for an active one its holder's token and start time.
+    pub(crate) async fn lookup(&self, keys: &TopicKeys, id: &str) -> Result<RawLookup> {
+        let mut pipe = redis::pipe();
+        pipe.zscore(&keys.ready, id)
+            .zscore(&keys.delayed, id)
+            .zscore(&keys.active, id)
+            .zscore(&keys.dead, id)
+            .hget(&keys.msg, id)
+            .hget(&keys.lease, id)
+            .hget(&keys.started, id);
+        #[allow(clippy::type_complexity)]
+        let (ready, delayed, active, dead, body, lease, started): (
+            Option<f64>,
+            Option<f64>,
+            Option<f64>,
+            Option<f64>,
+            Option<Vec<u8>>,
+            Option<String>,
+            Option<i64>,
+        ) = self
+            .exec(Req::Pipe(&pipe), Route::Key(&keys.msg), None)
+            .await?;
+        Ok(RawLookup {
+            ready,
+            delayed,
+            active,
+            dead,
+            body,
+            lease,
+            started,
         })
     }
 

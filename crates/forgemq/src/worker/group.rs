@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use super::runner::{random_token, HandlerKind, RetryDelay, Runner, Tracked};
+use super::runner::{lease_token, HandlerKind, RetryDelay, Runner, Tracked};
 use super::Priority;
 use crate::store::{BlockingConn, FetchResult, Store};
 
@@ -343,7 +343,7 @@ impl Group {
                 break;
             }
             let runner = &self.runners[index];
-            let token: Arc<str> = random_token().into();
+            let token: Arc<str> = lease_token(&runner.settings.presence.id).into();
             asked += 1;
             match self.fetch(runner, want, &token).await {
                 Ok(f) => {
@@ -413,7 +413,7 @@ impl Group {
             while !*stop.borrow() && batch.len() < max_size {
                 let index = owner.unwrap_or(turn % n);
                 let runner = &self.runners[index];
-                let token: Arc<str> = random_token().into();
+                let token: Arc<str> = lease_token(&runner.settings.presence.id).into();
                 match self.fetch(runner, max_size - batch.len(), &token).await {
                     Ok(f) => {
                         backoff.reset();

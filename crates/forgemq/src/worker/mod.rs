@@ -9,6 +9,7 @@
 //! of everything in flight. One recoverer per worker returns expired leases of its topics.
 
 mod group;
+mod presence;
 mod runner;
 
 use std::future::Future;
@@ -27,7 +28,8 @@ use crate::handler::{Backoff, HandlerError};
 use crate::keys::{validate_topic, TopicKeys};
 use crate::message::Message;
 use group::Group;
-pub(crate) use runner::{failure_op, random_token};
+use presence::Presence;
+pub(crate) use runner::{failure_op, lease_token, random_token};
 use runner::{ErasedBatchHandler, ErasedHandler, HandlerKind, RetryDelay, Runner, Verdict};
 
 /// Most messages held leased ahead of free slots: one fetch's worth.
@@ -296,11 +298,15 @@ pub(crate) struct Settings {
     pub(crate) max_recoveries: u32,
     pub(crate) idle_wait: Duration,
     pub(crate) require_safe_redis: bool,
+    pub(crate) heartbeat_interval: Duration,
+    /// This worker in the registry (set by [`WorkerBuilder::build`]).
+    pub(crate) presence: Arc<Presence>,
 }
 
 /// Builds a [`Worker`]; start with [`Worker::builder`].
 pub struct WorkerBuilder {
     client: Client,
+    name: Option<String>,
     subs: Vec<SubSpec>,
     groups: Vec<(Vec<String>, Priority)>,
     settings: Settings,
@@ -538,8 +544,23 @@ impl WorkerBuilder {
         self
     }
 
+    /// How often this worker writes its heartbeat to the worker registry (default 5 s).
+    /// Its entry stands for three intervals: killed without a word, it drops out of
+    /// [`Client::workers`] after at most that (15 s by default).
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.settings.heartbeat_interval = interval;
+        self
+    }
+
+    /// A label shown with this worker in [`Client::workers`], e.g. `gateway` or
+    /// `image-resizer` (at most 100 bytes).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
     /// Checks the settings.
-    pub fn build(self) -> Result<Worker> {
+    pub fn build(mut self) -> Result<Worker> {
         if let Some(e) = self.error {
             return Err(e);
         }
@@ -550,6 +571,14 @@ impl WorkerBuilder {
             return Err(Error::Config(
                 "recover_interval and idle_wait must be above zero".into(),
             ));
+        }
+        if self.settings.heartbeat_interval < Duration::from_millis(100) {
+            return Err(Error::Config(
+                "heartbeat_interval must be at least 100ms".into(),
+            ));
+        }
+        if self.name.as_ref().is_some_and(|n| n.len() > 100) {
+            return Err(Error::Config("a worker name is at most 100 bytes".into()));
         }
         let mut grouped: Vec<&str> = Vec::new();
         for (topics, priority) in &self.groups {
@@ -586,6 +615,14 @@ impl WorkerBuilder {
                 grouped.push(t);
             }
         }
+        self.settings.presence = Arc::new(Presence::new(
+            crate::registry::new_worker_id(),
+            self.name,
+            self.subs
+                .iter()
+                .map(|s| (s.topic.clone(), s.sub.concurrency))
+                .collect(),
+        ));
         Ok(Worker {
             client: self.client,
             subs: self.subs,
@@ -660,6 +697,7 @@ impl Worker {
     pub fn builder(client: Client) -> WorkerBuilder {
         WorkerBuilder {
             client,
+            name: None,
             subs: Vec::new(),
             groups: Vec::new(),
             settings: Settings {
@@ -668,14 +706,25 @@ impl Worker {
                 max_recoveries: 3,
                 idle_wait: Duration::from_secs(5),
                 require_safe_redis: false,
+                heartbeat_interval: Duration::from_secs(5),
+                presence: Arc::default(),
             },
             error: None,
         }
     }
 
+    /// This worker's id in the worker registry ([`Client::workers`]) and in the holder of
+    /// the messages it runs: `{host}-{pid}-{random}`.
+    pub fn id(&self) -> &str {
+        &self.settings.presence.id
+    }
+
     /// Runs until `shutdown` completes, then stops fetching, lets in-flight handlers finish
     /// within the shutdown timeout, returns the unfinished ones to pending at once, and
     /// returns. Redis errors never end it: it logs them and retries with backoff.
+    ///
+    /// While it runs it keeps its entry in the worker registry ([`Client::workers`]):
+    /// `draining` once shutdown begins, removed when it returns.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         match self.client.server_warnings().await {
             Ok(warnings) => {
@@ -708,6 +757,21 @@ impl Worker {
         }
         specs.extend(subs.into_iter().map(|s| (vec![s], Priority::Strict)));
 
+        let presence = Arc::clone(&self.settings.presence);
+        let interval = self.settings.heartbeat_interval;
+        // The first heartbeat before any work, so the worker is listed from its first fetch.
+        if let Err(e) = presence.beat(&self.client, interval).await {
+            tracing::warn!(worker = %presence.id, error = %e, "first heartbeat failed; trying again on the next");
+        }
+        tracing::info!(worker = %presence.id, "worker started");
+        let (beat_stop, beat_stop_rx) = watch::channel(false);
+        let heartbeats = tokio::spawn(presence::heartbeat_loop(
+            self.client.clone(),
+            Arc::clone(&presence),
+            interval,
+            beat_stop_rx,
+        ));
+
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut running = JoinSet::new();
         for (members, priority) in specs {
@@ -721,11 +785,27 @@ impl Worker {
         }
 
         shutdown.await;
-        tracing::info!("shutting down: no new fetches, waiting for in-flight handlers");
+        tracing::info!(worker = %presence.id, "shutting down: no new fetches, waiting for in-flight handlers");
         let _ = stop_tx.send(true);
+        // Say so at once (a Redis that is gone must not hold the shutdown up); the
+        // heartbeats go on while the handlers finish.
+        presence.set_draining();
+        let bound = Duration::from_secs(2);
+        let _ = tokio::time::timeout(bound, presence.beat(&self.client, interval)).await;
         while let Some(done) = running.join_next().await {
             if let Err(e) = done {
                 tracing::error!(error = %e, "a subscription task failed");
+            }
+        }
+        let _ = beat_stop.send(true);
+        let _ = heartbeats.await;
+        match tokio::time::timeout(bound, presence.leave(&self.client)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(worker = %presence.id, error = %e, "could not remove this worker from the registry; it drops out when its heartbeat expires")
+            }
+            Err(_) => {
+                tracing::warn!(worker = %presence.id, "removing this worker from the registry timed out; it drops out when its heartbeat expires")
             }
         }
         Ok(())

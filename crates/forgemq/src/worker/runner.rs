@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::presence::Running;
 use super::{BatchOptions, Settings, Subscription};
 use crate::client::Client;
 use crate::error::Result;
@@ -48,6 +49,8 @@ type InFlightMap = HashMap<(String, Arc<str>), InFlight>;
 /// One in-flight delivery as the worker tracks it.
 struct InFlight {
     lease: Arc<LeaseState>,
+    /// Which run of the message this is (1 for the first), once its envelope decoded.
+    attempt: Arc<AtomicU32>,
     /// Set by the handler task right before it reports its outcome, so shutdown knows
     /// which deliveries to hand back.
     finished: Arc<AtomicBool>,
@@ -59,6 +62,7 @@ pub(crate) struct Tracked {
     token: Arc<str>,
     lease: Arc<LeaseState>,
     finished: Arc<AtomicBool>,
+    attempt: Arc<AtomicU32>,
 }
 
 /// What to do with a delivery.
@@ -100,6 +104,9 @@ impl Verdict {
 struct Outcome {
     id: String,
     token: Arc<str>,
+    /// Which run of the message this was (1 for the first; 0 when its envelope did not
+    /// decode), for the logs.
+    attempt: u32,
     /// The stored body as fetched; failures rewrite it (retry count, last error).
     body: Vec<u8>,
     verdict: Verdict,
@@ -124,6 +131,8 @@ pub(crate) struct Runner {
     /// Running average of how long a slot is taken per message (start to outcome), µs,
     /// as `f64` bits; 0 until the first handler finished. Read by the fetch loop's pace.
     handler_time: Arc<AtomicU64>,
+    /// Handlers of this topic running in this worker (all its runners), for the registry.
+    running: Arc<AtomicUsize>,
 }
 
 impl Runner {
@@ -134,6 +143,7 @@ impl Runner {
         handler: HandlerKind,
         settings: Settings,
     ) -> Arc<Self> {
+        let running = settings.presence.counter(&keys.topic);
         Arc::new(Self {
             client,
             keys,
@@ -143,6 +153,7 @@ impl Runner {
             inflight: Mutex::new(HashMap::new()),
             out_tx: Mutex::new(None),
             handler_time: Arc::new(AtomicU64::new(0)),
+            running,
         })
     }
 
@@ -199,11 +210,13 @@ impl Runner {
     pub(crate) fn track(&self, fetched: Fetched, token: &Arc<str>) -> Tracked {
         let lease = Arc::new(LeaseState::default());
         let finished = Arc::new(AtomicBool::new(false));
+        let attempt = Arc::new(AtomicU32::new(0));
         self.lock_inflight().insert(
             (fetched.id.clone(), Arc::clone(token)),
             InFlight {
                 lease: Arc::clone(&lease),
                 finished: Arc::clone(&finished),
+                attempt: Arc::clone(&attempt),
             },
         );
         Tracked {
@@ -211,6 +224,7 @@ impl Runner {
             token: Arc::clone(token),
             lease,
             finished,
+            attempt,
         }
     }
 
@@ -231,7 +245,12 @@ impl Runner {
                 ),
             });
         }
-        match Envelope::decode(&t.fetched.body) {
+        let decoded = Envelope::decode(&t.fetched.body);
+        if let Ok(envelope) = &decoded {
+            t.attempt
+                .store(envelope.retry.saturating_add(1), Ordering::Relaxed);
+        }
+        match decoded {
             Ok(envelope) => Ok(Message {
                 id: MessageId::from_stored(t.fetched.id.clone()),
                 topic: self.keys.topic.clone(),
@@ -244,7 +263,7 @@ impl Runner {
                 client: self.client.clone(),
             }),
             Err(e) => {
-                tracing::warn!(topic = %self.keys.topic, id = %t.fetched.id, error = %e, "undecodable message; dead-lettering it");
+                tracing::warn!(worker = %self.worker(), topic = %self.keys.topic, id = %t.fetched.id, attempt = 0, error = %e, "undecodable message; dead-lettering it");
                 Err(Verdict::Dead {
                     error: format!("envelope does not decode: {e}"),
                 })
@@ -254,11 +273,17 @@ impl Runner {
 
     fn outcome(t: Tracked, verdict: Verdict) -> Outcome {
         Outcome {
+            attempt: t.attempt.load(Ordering::Relaxed),
             id: t.fetched.id,
             token: t.token,
             body: t.fetched.body,
             verdict,
         }
+    }
+
+    /// This worker's id, for the logs.
+    fn worker(&self) -> &str {
+        &self.settings.presence.id
     }
 
     /// The running average of how long a slot is taken per message, µs (0: not known yet).
@@ -287,6 +312,7 @@ impl Runner {
                 return;
             }
         };
+        let running = Running::new(&self.running, 1);
         let handler = Arc::clone(handler);
         let timeout = self.sub.timeout;
         let Some(out_tx) = self.sender() else { return };
@@ -312,6 +338,7 @@ impl Runner {
             // sent or the delivery unfinished, never half of it.
             t.finished.store(true, Ordering::SeqCst);
             let _ = out_tx.send(vec![Self::outcome(t, verdict)]);
+            drop(running);
             drop(permit);
         });
     }
@@ -350,6 +377,7 @@ impl Runner {
         if held.is_empty() {
             return;
         }
+        let running = Running::new(&self.running, held.len());
         let handler = Arc::clone(handler);
         let timeout = self.sub.timeout;
         let Some(out_tx) = self.sender() else { return };
@@ -380,6 +408,7 @@ impl Runner {
                 })
                 .collect();
             let _ = out_tx.send(outcomes);
+            drop(running);
             drop(permit);
         });
     }
@@ -393,7 +422,7 @@ impl Runner {
         }
         self.lock_inflight()
             .remove(&(t.fetched.id.clone(), Arc::clone(&t.token)));
-        tracing::warn!(topic = %self.keys.topic, id = %t.fetched.id, "not starting a message held ahead: its lease was lost meanwhile");
+        tracing::warn!(worker = %self.worker(), topic = %self.keys.topic, id = %t.fetched.id, attempt = t.attempt.load(Ordering::Relaxed), "not starting a message held ahead: its lease was lost meanwhile");
         true
     }
 
@@ -507,7 +536,7 @@ impl Runner {
                 let (error, fatal, after) = match &o.verdict {
                     Verdict::Ack => return SettleOp::Ack,
                     Verdict::DeadAsIs { error } => {
-                        tracing::warn!(topic = %self.keys.topic, id = %o.id, error = %error, "dead-lettering a stored body unread");
+                        tracing::warn!(worker = %self.worker(), topic = %self.keys.topic, id = %o.id, attempt = o.attempt, error = %error, "dead-lettering a stored body unread");
                         return SettleOp::DeadAsIs {
                             error: error.clone(),
                         };
@@ -515,7 +544,7 @@ impl Runner {
                     Verdict::Retry { error, after } => (error, false, *after),
                     Verdict::Dead { error } => (error, true, None),
                 };
-                tracing::info!(topic = %self.keys.topic, id = %o.id, error = %error, "handler failed");
+                tracing::info!(worker = %self.worker(), topic = %self.keys.topic, id = %o.id, attempt = o.attempt, error = %error, "handler failed");
                 failure_op(
                     &o.body,
                     &self.keys.topic,
@@ -555,9 +584,9 @@ impl Runner {
             if !ok {
                 // Rule 7: a duplicate run is possible only here; say so (the settle script
                 // counts it in `duplicate_runs`).
-                tracing::warn!(topic = %self.keys.topic, id = %o.id, "outcome refused: the lease was taken by another worker (this run was a duplicate)");
+                tracing::warn!(worker = %self.worker(), topic = %self.keys.topic, id = %o.id, attempt = o.attempt, "outcome refused: the lease was taken by another worker (this run was a duplicate)");
             } else if let SettleOp::Dead { .. } = op {
-                tracing::warn!(topic = %self.keys.topic, id = %o.id, "dead-lettered");
+                tracing::warn!(worker = %self.worker(), topic = %self.keys.topic, id = %o.id, attempt = o.attempt, "dead-lettered");
             }
         }
     }
@@ -590,7 +619,7 @@ impl Runner {
                         if !ok {
                             if let Some(f) = map.get(&(id.clone(), Arc::from(token.as_str()))) {
                                 if !f.lease.is_lost() {
-                                    tracing::warn!(topic = %self.keys.topic, id = %id, "lease lost while handling; the handler's outcome will be refused");
+                                    tracing::warn!(worker = %self.worker(), topic = %self.keys.topic, id = %id, attempt = f.attempt.load(Ordering::Relaxed), "lease lost while handling; the handler's outcome will be refused");
                                 }
                                 f.lease.mark_lost();
                             }
@@ -721,4 +750,11 @@ pub(crate) fn random_token() -> String {
     let mut rng = rand::rng();
     let (a, b) = (rng.random::<u128>(), rng.random::<u128>());
     format!("{a:032x}{b:032x}{:08x}", rng.random::<u32>())
+}
+
+/// A lease token that names its holder: `{holder}/{random_token}`. Who runs an active
+/// message is read from it ([`crate::registry::holder_of`]); only the random part keeps
+/// stale workers out.
+pub(crate) fn lease_token(holder: &str) -> String {
+    format!("{holder}/{}", random_token())
 }

@@ -552,7 +552,7 @@ pub mod child {
             .backoff(forgemq::Backoff::fixed(Duration::from_millis(200)));
         let stop_at = Arc::new(Mutex::new(None::<Instant>));
         let s = stop_at.clone();
-        Worker::builder(mq)
+        let worker = Worker::builder(mq)
             .subscribe_with(topic, sub, |msg: Message<Value>| async move {
                 println!(
                     "started {} retry={} recoveries={}",
@@ -576,8 +576,12 @@ pub mod child {
             })
             .recover_interval(env_ms("FORGEMQ_CHILD_RECOVER_MS", 500))
             .shutdown_timeout(env_ms("FORGEMQ_CHILD_SHUTDOWN_MS", 10_000))
+            .heartbeat_interval(env_ms("FORGEMQ_CHILD_HEARTBEAT_MS", 5000))
+            .name("chaos-worker")
             .build()
-            .unwrap()
+            .unwrap();
+        println!("worker {}", worker.id());
+        worker
             .run_until(async move {
                 term.recv().await;
                 *s.lock().unwrap() = Some(Instant::now());

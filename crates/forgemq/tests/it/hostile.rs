@@ -1005,6 +1005,7 @@ const LIBRARY_COMMANDS: &[&str] = &[
     // Called inside the Lua scripts (checked by ACL too).
     "+time",
     "+hset",
+    "+hsetnx",
     "+hdel",
     "+hvals",
     "+hexists",
@@ -1015,6 +1016,7 @@ const LIBRARY_COMMANDS: &[&str] = &[
     "+del",
     "+unlink",
     "+pexpire",
+    "+pttl",
     "+sismember",
     "+zadd",
     "+zrem",

@@ -16,6 +16,7 @@ mod features;
 mod hardening;
 mod hostile;
 mod inspect;
+mod observe;
 mod partitions;
 mod publish;
 mod regressions;
