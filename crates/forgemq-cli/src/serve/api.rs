@@ -710,6 +710,15 @@ async fn list_dead_letters(
     ApiQuery(q): ApiQuery<DeadLetterQuery>,
 ) -> ApiResult<Json<Vec<Value>>> {
     let range = page(q.limit, q.offset);
+    if q.error
+        .as_ref()
+        .is_some_and(|e| e.chars().count() > MAX_ERROR_FILTER)
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("error is at most {MAX_ERROR_FILTER} characters (stored error texts are at most 2 KiB)"),
+        ));
+    }
     let found = match q.error.filter(|e| !e.is_empty()) {
         Some(text) => state.mq.dead_letters_matching(&topic, &text, range).await?,
         None => state.mq.peek(&topic, MessageState::Dead, range).await?,
@@ -769,7 +778,7 @@ async fn delete_dead_letter(
 /// (ids that are not dead letters of the topic are skipped), or every one without a body.
 #[utoipa::path(post, path = "/topics/{topic}/dead-letters/retry", tag = "dead letters",
     params(TopicPath),
-    request_body(content = Option<IdList>, description = "The dead letters to retry; without a body, all of them"),
+    request_body(content = Option<IdList>, description = "The dead letters to retry; without a body (or `null`), all of them"),
     responses((status = 200, description = "How many went back", body = RequeuedCount),
               (status = 400, description = "Bad topic name, malformed body or a bad id", body = ErrorBody),
               (status = 413, description = "Body over the limit", body = ErrorBody)))]
@@ -809,12 +818,16 @@ async fn delete_dead_letters(
     }))
 }
 
+/// Longest `error` filter: error texts are stored up to 2 KiB, so a longer one matches nothing.
+const MAX_ERROR_FILTER: usize = 2048;
+
 /// Most ids one bulk request may name.
 const MAX_IDS: usize = 10_000;
 
-/// The ids of an `{"ids": [...]}` body; `None` for an empty body.
+/// The ids of an `{"ids": [...]}` body; `None` for an empty body or `null`.
 fn id_list(body: &[u8]) -> ApiResult<Option<Vec<MessageId>>> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    let text = body.trim_ascii();
+    if text.is_empty() || text == b"null" {
         return Ok(None);
     }
     let bad = |e: String| {
