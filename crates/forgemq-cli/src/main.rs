@@ -139,6 +139,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Where one message is: its state, and for a running one which worker holds it and
+    /// since when. Exits 1 when the topic holds no message with that id.
+    Status {
+        /// The topic.
+        topic: String,
+        /// The message id.
+        id: String,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The live workers: host, pid, state, topics with running handlers and slots.
+    /// A worker that stops heartbeating drops out after three heartbeat intervals.
+    Workers {
+        /// Only the workers of this topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Look at messages of one state without taking them.
     Peek {
         /// The topic.
@@ -283,27 +304,38 @@ enum Dlq {
         /// How many to show.
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Only those whose error contains TEXT (any case), among the 10,000 oldest.
+        #[arg(long, value_name = "TEXT")]
+        error: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Send one dead letter (or all of them) back to the queue with fresh retries.
+    /// Send dead letters back to the queue with fresh retries: the ids given, those whose
+    /// error contains TEXT, or all of them.
     Retry {
         /// The topic.
         topic: String,
-        /// The message id.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        id: Option<String>,
+        /// Message ids.
+        #[arg(required_unless_present_any = ["all", "error"], conflicts_with_all = ["all", "error"])]
+        ids: Vec<String>,
         /// Every dead letter of the topic.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "error")]
         all: bool,
+        /// Those whose error contains TEXT (any case), among the 10,000 oldest.
+        #[arg(long, value_name = "TEXT")]
+        error: Option<String>,
     },
-    /// Delete one dead letter for good.
+    /// Delete dead letters for good: the ids given, or those whose error contains TEXT.
     Delete {
         /// The topic.
         topic: String,
-        /// The message id.
-        id: String,
+        /// Message ids.
+        #[arg(required_unless_present = "error", conflicts_with = "error")]
+        ids: Vec<String>,
+        /// Those whose error contains TEXT (any case), among the 10,000 oldest.
+        #[arg(long, value_name = "TEXT")]
+        error: Option<String>,
     },
     /// Delete every dead letter of the topic for good. Asks first on a terminal; needs
     /// --yes without one.
@@ -747,8 +779,16 @@ async fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
         }
-        Command::Dlq(Dlq::List { topic, limit, json }) => {
-            let found = mq.peek(&topic, MessageState::Dead, 0..limit).await?;
+        Command::Dlq(Dlq::List {
+            topic,
+            limit,
+            error,
+            json,
+        }) => {
+            let found = match error {
+                Some(text) => mq.dead_letters_matching(&topic, &text, 0..limit).await?,
+                None => mq.peek(&topic, MessageState::Dead, 0..limit).await?,
+            };
             if json {
                 output::print_json(&output::envelopes(&found))
             } else {
@@ -756,20 +796,68 @@ async fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
         }
-        Command::Dlq(Dlq::Retry { topic, id, all }) => {
+        Command::Dlq(Dlq::Retry {
+            topic,
+            ids,
+            all,
+            error,
+        }) => {
             if all {
                 let n = mq.reprocess_all_dead_letters(&topic).await?;
                 eprintln!("requeued {n} dead letters of {topic}");
-            } else if let Some(id) = id {
-                mq.reprocess_dead_letter(&topic, &parse_id(&id)?).await?;
+            } else if let [id] = ids.as_slice() {
+                // One id: a typed "no such dead letter" when it is not one.
+                mq.reprocess_dead_letter(&topic, &parse_id(id)?).await?;
                 eprintln!("requeued {id}");
+            } else {
+                let ids = selection(&mq, &topic, &ids, error.as_deref()).await?;
+                let n = mq.reprocess_dead_letters(&topic, &ids).await?;
+                eprintln!("requeued {n} of {} dead letters of {topic}", ids.len());
             }
             Ok(())
         }
-        Command::Dlq(Dlq::Delete { topic, id }) => {
-            mq.delete_dead_letter(&topic, &parse_id(&id)?).await?;
-            eprintln!("deleted dead letter {id}");
+        Command::Dlq(Dlq::Delete { topic, ids, error }) => {
+            if let [id] = ids.as_slice() {
+                mq.delete_dead_letter(&topic, &parse_id(id)?).await?;
+                eprintln!("deleted dead letter {id}");
+            } else {
+                let ids = selection(&mq, &topic, &ids, error.as_deref()).await?;
+                let n = mq.delete_dead_letters(&topic, &ids).await?;
+                eprintln!("deleted {n} of {} dead letters of {topic}", ids.len());
+            }
             Ok(())
+        }
+        Command::Status { topic, id, json } => {
+            let id = parse_id(&id)?;
+            match mq.message(&topic, &id).await? {
+                Some(m) if json => output::print_json(&output::message(&m)),
+                Some(m) => {
+                    output::message_lines(&m);
+                    Ok(())
+                }
+                None => {
+                    if json {
+                        output::print_json(
+                            &serde_json::json!({"id": id, "topic": topic, "state": "unknown"}),
+                        )?;
+                    }
+                    bail!(
+                        "no message {id} in {topic}: never published, or processed, cancelled or purged since (those are not kept)"
+                    )
+                }
+            }
+        }
+        Command::Workers { topic, json } => {
+            let workers = match topic {
+                Some(t) => mq.topic_workers(&t).await?,
+                None => mq.workers().await?,
+            };
+            if json {
+                output::print_json(&workers)
+            } else {
+                output::workers_table(&workers);
+                Ok(())
+            }
         }
         Command::Dlq(Dlq::Purge { topic, yes }) => {
             if !yes {
@@ -835,6 +923,30 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 /// `topic create`: sets the partition count and says what changed, on stderr.
+/// The dead letters a bulk `dlq retry` or `dlq delete` acts on: the ids given, or those
+/// whose error contains `error`.
+async fn selection(
+    mq: &Client,
+    topic: &str,
+    ids: &[String],
+    error: Option<&str>,
+) -> Result<Vec<MessageId>> {
+    let Some(text) = error else {
+        return ids.iter().map(|id| parse_id(id)).collect();
+    };
+    let mut found = Vec::new();
+    loop {
+        let page = mq
+            .dead_letters_matching(topic, text, found.len()..found.len() + 1000)
+            .await?;
+        let last = page.len() < 1000;
+        found.extend(page.into_iter().map(|m| m.id));
+        if last {
+            return Ok(found);
+        }
+    }
+}
+
 async fn create_topic(mq: &Client, topic: &str, partitions: u32) -> Result<()> {
     // Read first only to say what happened; the library decides and checks.
     let before = mq.topic_info(topic).await?.partitions;

@@ -3,7 +3,7 @@
 use std::time::SystemTime;
 
 use anyhow::Result;
-use forgemq::{Cancelled, MessageState, PeekedMessage, QueueStats, TopicInfo};
+use forgemq::{Cancelled, MessageState, PeekedMessage, QueueStats, TopicInfo, WorkerInfo};
 use serde_json::{json, Value};
 
 /// Prints any value as pretty JSON on stdout.
@@ -13,37 +13,83 @@ pub(crate) fn print_json(value: &impl serde::Serialize) -> Result<()> {
 }
 
 /// The JSON shape of `peek` and `dlq list`: the stored envelope, plus `"error"` and
-/// `"died_at"` for dead letters, `"due_at"` for delayed and `"lease_until"` for active ones.
+/// `"died_at"` for dead letters, `"due_at"` for delayed ones, and `"lease_until"`,
+/// `"holder"` (the worker running it) and `"started_at"` for active ones.
 pub(crate) fn envelopes(found: &[PeekedMessage]) -> Vec<Value> {
-    found
-        .iter()
-        .map(|m| {
-            let mut v = match &m.envelope {
-                Value::Object(_) => m.envelope.clone(),
-                _ => json!({"id": m.id, "topic": m.topic, "data": null, "raw": m.raw}),
-            };
-            if let Value::Object(obj) = &mut v {
-                let at = m.at.map(rfc3339);
-                match m.state {
-                    MessageState::Dead => {
-                        obj.insert("error".into(), json!(m.error));
-                        obj.insert("died_at".into(), json!(at));
-                    }
-                    MessageState::Delayed => {
-                        obj.insert("due_at".into(), json!(at));
-                    }
-                    MessageState::Active => {
-                        obj.insert("lease_until".into(), json!(at));
-                    }
-                    _ => {}
-                }
-            }
-            v
-        })
-        .collect()
+    found.iter().map(envelope).collect()
 }
 
-fn rfc3339(t: SystemTime) -> String {
+/// One message's envelope with the fields of its state (see [`envelopes`]).
+fn envelope(m: &PeekedMessage) -> Value {
+    let mut v = match &m.envelope {
+        Value::Object(_) => m.envelope.clone(),
+        _ => json!({"id": m.id, "topic": m.topic, "data": null, "raw": m.raw}),
+    };
+    if let Value::Object(obj) = &mut v {
+        let at = m.at.map(rfc3339);
+        match m.state {
+            MessageState::Dead => {
+                obj.insert("error".into(), json!(m.error));
+                obj.insert("died_at".into(), json!(at));
+            }
+            MessageState::Delayed => {
+                obj.insert("due_at".into(), json!(at));
+            }
+            MessageState::Active => {
+                obj.insert("lease_until".into(), json!(at));
+                obj.insert("holder".into(), json!(m.holder));
+                obj.insert("started_at".into(), json!(m.started_at.map(rfc3339)));
+            }
+            _ => {}
+        }
+    }
+    v
+}
+
+/// The JSON shape of one message found by id (`status`, `GET .../messages/{id}`): its
+/// envelope with the fields of its state (as [`envelopes`]), plus `"state"` and, for a
+/// pending one, `"ready_since"`: when it became ready to run.
+pub(crate) fn message(m: &PeekedMessage) -> Value {
+    let mut v = envelope(m);
+    if let Value::Object(obj) = &mut v {
+        obj.insert("state".into(), json!(state_name(m.state)));
+        if m.state == MessageState::Pending {
+            obj.insert("ready_since".into(), json!(m.at.map(rfc3339)));
+        }
+    }
+    v
+}
+
+/// The lowercase name of a state, as the API and `--state` spell it.
+pub(crate) fn state_name(state: MessageState) -> &'static str {
+    match state {
+        MessageState::Pending => "pending",
+        MessageState::Delayed => "delayed",
+        MessageState::Active => "active",
+        MessageState::Dead => "dead",
+        _ => "unknown",
+    }
+}
+
+/// A duration for people, without spaces so that a table row splits on them:
+/// `350ms`, `4.2s`, `3m10s`, `2h5m`, `3d4h`.
+pub(crate) fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    match ms {
+        0..=999 => format!("{ms}ms"),
+        1000..=59_999 => format!("{s}.{}s", ms % 1000 / 100),
+        60_000..=3_599_999 => format!("{}m{}s", s / 60, s % 60),
+        3_600_000..=86_399_999 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// Queue latency for a table: the age of the oldest ready message, `-` when none waits.
+fn latency(s: &QueueStats) -> String {
+    s.oldest_pending_age_ms.map_or_else(|| "-".to_owned(), age)
+}
+
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -141,6 +187,9 @@ pub(crate) fn stats_table(stats: &[QueueStats], show: Partitions) {
             s.active.to_string(),
             s.delayed.to_string(),
             s.dead.to_string(),
+            latency(s),
+            s.workers.to_string(),
+            running(s),
             s.processed.to_string(),
             s.failed.to_string(),
             s.retried.to_string(),
@@ -178,6 +227,9 @@ pub(crate) fn stats_table(stats: &[QueueStats], show: Partitions) {
             "ACTIVE",
             "DELAYED",
             "DEAD",
+            "LATENCY",
+            "WORKERS",
+            "RUNNING",
             "PROCESSED",
             "FAILED",
             "RETRIED",
@@ -186,6 +238,15 @@ pub(crate) fn stats_table(stats: &[QueueStats], show: Partitions) {
         ],
         &rows,
     );
+}
+
+/// What the workers of a topic run over their slots, `3/10`; `-` without a worker.
+fn running(s: &QueueStats) -> String {
+    if s.workers == 0 {
+        "-".to_owned()
+    } else {
+        format!("{}/{}", s.in_flight, s.worker_slots)
+    }
 }
 
 /// `topic ls`: every topic and its partition count.
@@ -213,22 +274,121 @@ pub(crate) fn peek_table(found: &[PeekedMessage]) {
             if data.chars().count() > 60 {
                 data = data.chars().take(57).collect::<String>() + "...";
             }
-            vec![
+            let mut row = vec![
                 m.id.to_string(),
                 m.retry.to_string(),
                 m.at.map(rfc3339).unwrap_or_default(),
-                m.error.clone().unwrap_or_default(),
-                data,
+            ];
+            if m.state == MessageState::Active {
+                row.push(m.holder.clone().unwrap_or_else(|| "-".to_owned()));
+                row.push(m.started_at.map_or_else(|| "-".to_owned(), since));
+            }
+            row.extend([m.error.clone().unwrap_or_default(), data]);
+            row
+        })
+        .collect();
+    match found[0].state {
+        MessageState::Active => table(
+            &[
+                "ID",
+                "RETRY",
+                "LEASE UNTIL",
+                "HOLDER",
+                "RUNNING",
+                "ERROR",
+                "DATA",
+            ],
+            &rows,
+        ),
+        state => {
+            let when = match state {
+                MessageState::Delayed => "DUE",
+                MessageState::Dead => "DIED",
+                _ => "",
+            };
+            table(&["ID", "RETRY", when, "ERROR", "DATA"], &rows);
+        }
+    }
+}
+
+/// How long ago `t` was, for people (`4.2 s`); `0 ms` for a time ahead of this clock.
+fn since(t: SystemTime) -> String {
+    age(SystemTime::now()
+        .duration_since(t)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+}
+
+/// `workers`: the live workers, what they consume and how busy they are.
+pub(crate) fn workers_table(workers: &[WorkerInfo]) {
+    if workers.is_empty() {
+        eprintln!("no live workers: none has sent a heartbeat in the last few intervals");
+        return;
+    }
+    let rows: Vec<Vec<String>> = workers
+        .iter()
+        .map(|w| {
+            let topics: Vec<String> = w
+                .topics
+                .iter()
+                .map(|t| format!("{} {}/{}", t.topic, t.in_flight, t.concurrency))
+                .collect();
+            vec![
+                w.id.clone(),
+                w.name.clone().unwrap_or_else(|| "-".to_owned()),
+                w.host.clone(),
+                w.pid.to_string(),
+                format!("{:?}", w.state).to_lowercase(),
+                since(w.started_at),
+                since(w.last_heartbeat),
+                topics.join(", "),
             ]
         })
         .collect();
-    let when = match found[0].state {
-        MessageState::Delayed => "DUE",
-        MessageState::Active => "LEASE UNTIL",
-        MessageState::Dead => "DIED",
-        _ => "",
-    };
-    table(&["ID", "RETRY", when, "ERROR", "DATA"], &rows);
+    table(
+        &[
+            "ID",
+            "NAME",
+            "HOST",
+            "PID",
+            "STATE",
+            "UP",
+            "LAST BEAT",
+            "TOPICS (RUNNING/SLOTS)",
+        ],
+        &rows,
+    );
+}
+
+/// `status`: one message found by id, as label: value lines.
+pub(crate) fn message_lines(m: &PeekedMessage) {
+    let mut lines: Vec<(&str, String)> = vec![
+        ("id", m.id.to_string()),
+        ("topic", m.topic.clone()),
+        ("state", state_name(m.state).to_owned()),
+        ("retry", m.retry.to_string()),
+    ];
+    let at = m.at.map(rfc3339).unwrap_or_else(|| "-".to_owned());
+    match m.state {
+        MessageState::Pending => lines.push(("ready since", at)),
+        MessageState::Delayed => lines.push(("due at", at)),
+        MessageState::Active => {
+            lines.push(("lease until", at));
+            lines.push(("holder", m.holder.clone().unwrap_or_else(|| "-".to_owned())));
+            lines.push((
+                "running for",
+                m.started_at.map_or_else(|| "-".to_owned(), since),
+            ));
+        }
+        MessageState::Dead => lines.push(("died at", at)),
+        _ => {}
+    }
+    if let Some(e) = &m.error {
+        lines.push(("error", e.clone()));
+    }
+    lines.push(("data", m.data.to_string()));
+    for (label, value) in lines {
+        println!("{label:<12} {}", printable(&value));
+    }
 }
 
 pub(crate) fn cancelled(from: Cancelled) -> &'static str {
@@ -241,6 +401,24 @@ pub(crate) fn cancelled(from: Cancelled) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::printable;
+
+    #[test]
+    fn ages_read_like_people_say_them() {
+        let cases = [
+            (0, "0ms"),
+            (999, "999ms"),
+            (1000, "1.0s"),
+            (4_249, "4.2s"),
+            (59_999, "59.9s"),
+            (60_000, "1m0s"),
+            (190_000, "3m10s"),
+            (7_500_000, "2h5m"),
+            (90_000_000, "1d1h"),
+        ];
+        for (ms, text) in cases {
+            assert_eq!(super::age(ms), text, "{ms}");
+        }
+    }
 
     #[test]
     fn printable_escapes_what_steers_a_terminal() {

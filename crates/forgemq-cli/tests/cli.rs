@@ -873,3 +873,206 @@ fn replicas_flag_waits_for_replicas() {
     let stats = json_at(&url, &["--replicas", "1", "stats", "order.paid", "--json"]);
     assert_eq!(stats["pending"], 2);
 }
+
+/// The cell of `column` in the first row of a table.
+fn cell(table: &str, column: &str) -> String {
+    let mut lines = table.lines();
+    // Headers may hold one space ("LEASE UNTIL"); cells are padded with two at least.
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap()
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let at = header
+        .iter()
+        .position(|h| *h == column)
+        .unwrap_or_else(|| panic!("no {column} column: {table}"));
+    row[at].to_owned()
+}
+
+/// `workers` lists a live worker with what it runs; `status` finds a message by id and
+/// names the worker running it; `stats` shows queue latency and workers per topic; `peek
+/// --state active` names the holder.
+#[test]
+fn workers_status_and_latency() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let rt = runtime();
+    let mq = rt.block_on(forgemq::Client::connect(&url)).unwrap();
+    let running = rt
+        .block_on(mq.publish("video.transcode", json!({"file": "a.mp4"})))
+        .unwrap()
+        .to_string();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let worker = forgemq::Worker::builder(mq.clone())
+        .name("transcoder")
+        .heartbeat_interval(Duration::from_millis(200))
+        .subscribe_with(
+            "video.transcode",
+            forgemq::Subscription::new().concurrency(2),
+            move |_m: forgemq::Message<Value>| {
+                let g = g.clone();
+                async move {
+                    let _ = g.acquire().await;
+                    Ok::<(), forgemq::HandlerError>(())
+                }
+            },
+        )
+        .build()
+        .unwrap();
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let s = stop.clone();
+    let handle = rt.spawn(async move { worker.run_until(s.notified()).await });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let workers = loop {
+        let w = json_of(&server, &["workers", "--json"]);
+        if w[0]["topics"][0]["in_flight"] == 1 {
+            break w;
+        }
+        assert!(Instant::now() < deadline, "the worker never ran it: {w}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(workers.as_array().unwrap().len(), 1);
+    let w = &workers[0];
+    for field in [
+        "id",
+        "host",
+        "pid",
+        "version",
+        "state",
+        "started_at",
+        "last_heartbeat",
+        "topics",
+    ] {
+        assert!(w.get(field).is_some(), "workers --json lacks {field}: {w}");
+    }
+    assert_eq!(w["name"], "transcoder");
+    assert_eq!(
+        w["topics"],
+        json!([{"topic": "video.transcode", "concurrency": 2, "in_flight": 1}])
+    );
+    let id = w["id"].as_str().unwrap();
+    let table = ok(&server, &["workers"]);
+    assert_eq!(cell(&table, "ID"), id, "{table}");
+    assert!(table.contains("video.transcode 1/2"), "{table}");
+    assert_eq!(
+        json_of(&server, &["workers", "--topic", "other.topic", "--json"]),
+        json!([])
+    );
+
+    // status: the running one names its holder; a pending one says since when.
+    let st = json_of(&server, &["status", "video.transcode", &running, "--json"]);
+    assert_eq!(
+        (&st["state"], &st["holder"]),
+        (&json!("active"), &json!(id)),
+        "{st}"
+    );
+    let lines = ok(&server, &["status", "video.transcode", &running]);
+    assert!(lines.contains("state        active"), "{lines}");
+    assert!(lines.contains(&format!("holder       {id}")), "{lines}");
+    let peek = ok(&server, &["peek", "video.transcode", "--state", "active"]);
+    assert_eq!(cell(&peek, "HOLDER"), id, "{peek}");
+    let waiting = ok(&server, &["publish", "order.cancel", "{\"order\": 1}"]);
+    let st = json_of(
+        &server,
+        &["status", "order.cancel", waiting.trim(), "--json"],
+    );
+    assert_eq!(st["state"], "pending", "{st}");
+    assert!(st["ready_since"].is_string(), "{st}");
+    let missing = forgemq(&server, &["status", "order.cancel", "no-such-id", "--json"]);
+    assert_eq!(missing.status.code(), Some(1));
+    let shown: Value = serde_json::from_slice(&missing.stdout).unwrap();
+    assert_eq!(shown["state"], "unknown");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no message no-such-id"));
+
+    // stats: latency of the waiting topic, workers of the busy one.
+    std::thread::sleep(Duration::from_millis(1100));
+    let table = ok(&server, &["stats", "order.cancel"]);
+    let latency = cell(&table, "LATENCY");
+    assert!(latency.ends_with('s') && latency != "-", "{table}");
+    assert_eq!(cell(&table, "WORKERS"), "0", "{table}");
+    let s = json_of(&server, &["stats", "order.cancel", "--json"]);
+    assert!(s["oldest_pending_age_ms"].as_u64().unwrap() >= 1000, "{s}");
+    let table = ok(&server, &["stats", "video.transcode"]);
+    assert_eq!(
+        (
+            cell(&table, "WORKERS"),
+            cell(&table, "RUNNING"),
+            cell(&table, "LATENCY")
+        ),
+        ("1".to_owned(), "1/2".to_owned(), "-".to_owned()),
+        "{table}"
+    );
+
+    gate.add_permits(10);
+    stop.notify_one();
+    rt.block_on(handle).unwrap().unwrap();
+    assert_eq!(json_of(&server, &["workers", "--json"]), json!([]));
+}
+
+/// `dlq list --error`, and bulk `dlq retry` / `dlq delete` by ids or by error text.
+#[test]
+fn dlq_filters_by_error_and_acts_in_bulk() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let ids: Vec<String> = runtime().block_on(async {
+        let mq = forgemq::Client::connect(&url).await.unwrap();
+        let mut ids = Vec::new();
+        for error in [
+            "SMTP 550 full",
+            "timeout",
+            "smtp 550 gone",
+            "timeout",
+            "TLS handshake",
+        ] {
+            ids.push(
+                mq.publish("email.send", json!({}))
+                    .await
+                    .unwrap()
+                    .to_string(),
+            );
+            let d = mq.pop_message("email.send").await.unwrap().unwrap();
+            d.dead(error).await.unwrap();
+        }
+        ids
+    });
+    let smtp = json_of(
+        &server,
+        &["dlq", "list", "email.send", "--error", "smtp 550", "--json"],
+    );
+    let found: Vec<&str> = smtp
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(found, [&*ids[0], &*ids[2]]);
+    ok(
+        &server,
+        &["dlq", "retry", "email.send", "--error", "SMTP 550"],
+    );
+    let s = json_of(&server, &["stats", "email.send", "--json"]);
+    assert_eq!(
+        (s["pending"].as_u64(), s["dead"].as_u64()),
+        (Some(2), Some(3))
+    );
+    ok(&server, &["dlq", "delete", "email.send", &ids[1], &ids[3]]);
+    let s = json_of(&server, &["stats", "email.send", "--json"]);
+    assert_eq!(
+        (s["dead"].as_u64(), s["dead_deleted"].as_u64()),
+        (Some(1), Some(2))
+    );
+    // Conflicting selections are refused before anything changes.
+    let both = forgemq(
+        &server,
+        &["dlq", "retry", "email.send", &ids[4], "--error", "tls"],
+    );
+    assert_eq!(both.status.code(), Some(2));
+    ok(&server, &["dlq", "delete", "email.send", "--error", "tls"]);
+    let s = json_of(&server, &["stats", "email.send", "--json"]);
+    assert_eq!(s["dead"].as_u64(), Some(0));
+}

@@ -628,6 +628,11 @@ fn openapi_matches_the_routes() {
         ("/topics/{topic}/resume", "post"),
         ("/topics/{topic}/purge", "post"),
         ("/topics/{topic}/throughput", "get"),
+        ("/topics/{topic}/messages/{id}", "get"),
+        ("/topics/{topic}/dead-letters/delete", "post"),
+        ("/topics/{topic}/workers", "get"),
+        ("/workers", "get"),
+        ("/throughput", "get"),
     ] {
         assert!(
             paths.get(path).and_then(|p| p.get(method)).is_some(),
@@ -1067,7 +1072,7 @@ fn openapi_describes_what_the_server_does() {
             }
         }
     }
-    assert_eq!(operations, 16);
+    assert_eq!(operations, 21);
     let peek = &doc["paths"]["/topics/{topic}/messages"]["get"]["parameters"];
     let state = peek
         .as_array()
@@ -1105,6 +1110,12 @@ fn openapi_describes_what_the_server_does() {
         "dead",
         "duplicate_runs",
         "paused",
+        "oldest_pending_age_ms",
+        "oldest_dead_age_ms",
+        "next_due_in_ms",
+        "workers",
+        "worker_slots",
+        "in_flight",
         "partition",
         "partitions",
     ] {
@@ -1465,4 +1476,316 @@ fn publish_not_confirmed_by_replicas_is_503_naming_the_id() {
     );
     // Reads and health don't wait for replicas.
     assert_eq!(http(p, "GET", "/readyz", None, None).0, 200);
+}
+
+/// Polls `GET path` until `want(body)` holds (20 s), and returns that body.
+fn http_until(port: u16, path: &str, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = http(port, "GET", path, None, None);
+        if status == 200 && want(&body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: last answer {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The operator's view: live workers with what they run, queue latency and worker counts
+/// per topic, a message found by id in any state, and the holder of a running one.
+#[test]
+fn api_shows_workers_latency_and_finds_messages() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mq = rt.block_on(forgemq::Client::connect(&url)).unwrap();
+    let (running, waiting) = rt.block_on(async {
+        let running = mq
+            .publish_batch("email.send", (0..3).map(|i| json!({"i": i})))
+            .await
+            .unwrap();
+        let waiting = mq
+            .publish("order.cancel", json!({"order": 7}))
+            .await
+            .unwrap();
+        (running, waiting)
+    });
+    // A worker whose handlers hold their messages until the test ends.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let worker = forgemq::Worker::builder(mq.clone())
+        .name("mailer")
+        .heartbeat_interval(Duration::from_millis(300))
+        .subscribe_with(
+            "email.send",
+            forgemq::Subscription::new().concurrency(4),
+            move |_m: forgemq::Message<Value>| {
+                let g = g.clone();
+                async move {
+                    let _ = g.acquire().await;
+                    Ok::<(), forgemq::HandlerError>(())
+                }
+            },
+        )
+        .build()
+        .unwrap();
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let s = stop.clone();
+    let handle = rt.spawn(async move { worker.run_until(s.notified()).await });
+    let server = start(&redis, &[]);
+    let port = server.port;
+
+    let workers = http_until(port, "/api/v1/workers", "the worker runs 3", |b| {
+        b[0]["running"].as_array().map(Vec::len) == Some(3) && b[0]["topics"][0]["in_flight"] == 3
+    });
+    let w = &workers[0];
+    assert_eq!(workers.as_array().unwrap().len(), 1, "{workers}");
+    assert_eq!(w["name"], "mailer");
+    assert_eq!(w["state"], "running");
+    assert_eq!(w["pid"], std::process::id());
+    assert_eq!(
+        w["topics"],
+        json!([{"topic": "email.send", "concurrency": 4, "in_flight": 3}])
+    );
+    let holder = w["id"].as_str().unwrap().to_owned();
+    let mut ids: Vec<&str> = w["running"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["topic"], "email.send");
+            assert!(r["started_at"].is_string(), "{r}");
+            r["id"].as_str().unwrap()
+        })
+        .collect();
+    ids.sort_unstable();
+    let mut want: Vec<String> = running.iter().map(ToString::to_string).collect();
+    want.sort_unstable();
+    assert_eq!(ids, want);
+    let (status, of_topic) = http(port, "GET", "/api/v1/topics/email.send/workers", None, None);
+    assert_eq!((status, of_topic[0]["id"].as_str()), (200, Some(&*holder)));
+    let (status, none) = http(
+        port,
+        "GET",
+        "/api/v1/topics/order.cancel/workers",
+        None,
+        None,
+    );
+    assert_eq!((status, none), (200, json!([])));
+
+    // Per topic: workers and queue latency.
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, topics) = http(port, "GET", "/api/v1/topics", None, None);
+    let by_name = |name: &str| {
+        topics
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["topic"] == name)
+            .cloned()
+            .unwrap()
+    };
+    let busy = by_name("email.send");
+    assert_eq!(
+        (&busy["workers"], &busy["worker_slots"], &busy["in_flight"]),
+        (&json!(1), &json!(4), &json!(3)),
+        "{busy}"
+    );
+    assert_eq!(busy["oldest_pending_age_ms"], Value::Null, "{busy}");
+    let idle = by_name("order.cancel");
+    assert_eq!((&idle["workers"], &idle["pending"]), (&json!(0), &json!(1)));
+    let latency = idle["oldest_pending_age_ms"].as_u64().unwrap();
+    assert!(latency >= 300, "waited at least 300 ms: {idle}");
+
+    // A running message by id: its holder; a pending one: since when it is ready.
+    let (status, m) = http(
+        port,
+        "GET",
+        &format!("/api/v1/topics/email.send/messages/{}", running[0]),
+        None,
+        None,
+    );
+    assert_eq!((status, &m["state"]), (200, &json!("active")), "{m}");
+    assert_eq!(m["holder"], holder.as_str());
+    assert!(
+        m["started_at"].is_string() && m["lease_until"].is_string(),
+        "{m}"
+    );
+    assert_eq!(m["data"], json!({"i": 0}));
+    let (status, m) = http(
+        port,
+        "GET",
+        &format!("/api/v1/topics/order.cancel/messages/{waiting}"),
+        None,
+        None,
+    );
+    assert_eq!((status, &m["state"]), (200, &json!("pending")), "{m}");
+    assert!(m["ready_since"].is_string(), "{m}");
+    let (status, m) = http(
+        port,
+        "GET",
+        "/api/v1/topics/order.cancel/messages/no-such-id",
+        None,
+        None,
+    );
+    assert_eq!(status, 404, "{m}");
+    assert!(m["error"].as_str().unwrap().contains("no-such-id"), "{m}");
+    let (status, _) = http(
+        port,
+        "GET",
+        "/api/v1/topics/bad%20topic/messages/x",
+        None,
+        None,
+    );
+    assert_eq!(status, 400);
+    // Peeking the running ones names the holder too.
+    let (_, active) = http(
+        port,
+        "GET",
+        "/api/v1/topics/email.send/messages?state=active",
+        None,
+        None,
+    );
+    assert_eq!(active.as_array().unwrap().len(), 3);
+    assert!(active
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["holder"] == holder.as_str()));
+
+    // Across all topics, per minute: 4 published in this one.
+    let (status, minutes) = http(port, "GET", "/api/v1/throughput", None, None);
+    assert_eq!(status, 200);
+    assert_eq!(minutes.as_array().unwrap().len(), 60);
+    let published: u64 = minutes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["published"].as_u64().unwrap())
+        .sum();
+    assert_eq!(published, 4);
+
+    // A stopped worker leaves the list.
+    gate.add_permits(100);
+    stop.notify_one();
+    rt.block_on(handle).unwrap().unwrap();
+    http_until(port, "/api/v1/workers", "the worker leaves", |b| {
+        b == &json!([])
+    });
+}
+
+/// Dead letters filtered by error text, and a selection retried or deleted in bulk.
+#[test]
+fn api_filters_dead_letters_and_acts_on_a_selection() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let ids: Vec<String> = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mq = forgemq::Client::connect(&url).await.unwrap();
+        let mut ids = Vec::new();
+        for error in [
+            "SMTP 550 mailbox full",
+            "timeout",
+            "smtp 550 no such user",
+            "timeout",
+        ] {
+            ids.push(
+                mq.publish("email.send", json!({}))
+                    .await
+                    .unwrap()
+                    .to_string(),
+            );
+            mq.pop_message("email.send")
+                .await
+                .unwrap()
+                .unwrap()
+                .dead(error)
+                .await
+                .unwrap();
+        }
+        ids
+    });
+    let server = start(&redis, &[]);
+    let port = server.port;
+    let (status, smtp) = http(
+        port,
+        "GET",
+        "/api/v1/topics/email.send/dead-letters?error=SMTP%20550",
+        None,
+        None,
+    );
+    assert_eq!(status, 200);
+    let found: Vec<&str> = smtp
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(found, [&*ids[0], &*ids[2]]);
+    // Bad bodies change nothing.
+    for bad in [
+        r#"{"ids": ["has space"]}"#,
+        r#"{"ids": "x"}"#,
+        r#"{"ids": [], "all": true}"#,
+        r#"[1]"#,
+    ] {
+        for action in ["retry", "delete"] {
+            let (status, body) = http(
+                port,
+                "POST",
+                &format!("/api/v1/topics/email.send/dead-letters/{action}"),
+                None,
+                Some(bad),
+            );
+            assert_eq!(status, 400, "{action} {bad}: {body}");
+        }
+    }
+    let (status, body) = http(
+        port,
+        "POST",
+        "/api/v1/topics/email.send/dead-letters/delete",
+        None,
+        None,
+    );
+    assert_eq!(status, 400, "delete needs ids: {body}");
+    let (_, stats) = http(port, "GET", "/api/v1/topics/email.send", None, None);
+    assert_eq!((&stats["dead"], &stats["pending"]), (&json!(4), &json!(0)));
+    assert!(stats["oldest_dead_age_ms"].is_u64(), "{stats}");
+
+    // Retry the SMTP ones plus an id that is not a dead letter: 2 go back.
+    let body = json!({"ids": [ids[0], ids[2], "not-a-dead-letter"]}).to_string();
+    let (status, r) = http(
+        port,
+        "POST",
+        "/api/v1/topics/email.send/dead-letters/retry",
+        None,
+        Some(&body),
+    );
+    assert_eq!((status, r), (200, json!({"requeued": 2})));
+    let body = json!({"ids": [ids[1]]}).to_string();
+    let (status, r) = http(
+        port,
+        "POST",
+        "/api/v1/topics/email.send/dead-letters/delete",
+        None,
+        Some(&body),
+    );
+    assert_eq!((status, r), (200, json!({"deleted": 1})));
+    let (_, stats) = http(port, "GET", "/api/v1/topics/email.send", None, None);
+    assert_eq!(
+        (&stats["dead"], &stats["pending"], &stats["dead_deleted"]),
+        (&json!(1), &json!(2), &json!(1)),
+        "{stats}"
+    );
+    // Without a body, retry takes all that are left.
+    let (status, r) = http(
+        port,
+        "POST",
+        "/api/v1/topics/email.send/dead-letters/retry",
+        None,
+        None,
+    );
+    assert_eq!((status, r), (200, json!({"requeued": 1})));
 }

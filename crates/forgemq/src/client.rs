@@ -1205,7 +1205,8 @@ impl Client {
     }
 
     /// The dead letters of `topic` whose error contains `text` (ignoring case), oldest
-    /// first; `range` pages through the matches (at most 1,000 at a time). Reads the
+    /// first, as [`Client::peek`] shows them (`DeadLetter::from` turns one into a
+    /// [`DeadLetter`]); `range` pages through the matches (at most 1,000 at a time). Reads the
     /// oldest 10,000 dead letters of each partition, which is all of them under the
     /// default retention ([`DEFAULT_DEAD_LETTER_MAX_LEN`]).
     pub async fn dead_letters_matching(
@@ -1213,7 +1214,7 @@ impl Client {
         topic: &str,
         text: &str,
         range: Range<usize>,
-    ) -> Result<Vec<DeadLetter>> {
+    ) -> Result<Vec<PeekedMessage>> {
         let layout = self.layout(topic).await?;
         let end = range.end.min(range.start.saturating_add(MAX_PER_CALL));
         if range.start >= end {
@@ -1240,7 +1241,7 @@ impl Client {
                             .as_deref()
                             .is_some_and(|e| e.to_lowercase().contains(needle.as_str()));
                         if hit {
-                            found.push(DeadLetter::from(m));
+                            found.push(m);
                         }
                     }
                     if last {
@@ -1251,8 +1252,8 @@ impl Client {
             }
         }))
         .await?;
-        let mut all: Vec<DeadLetter> = scans.into_iter().flatten().collect();
-        all.sort_by(|a, b| a.died_at.cmp(&b.died_at).then_with(|| a.id.cmp(&b.id)));
+        let mut all: Vec<PeekedMessage> = scans.into_iter().flatten().collect();
+        all.sort_by(|a, b| a.at.cmp(&b.at).then_with(|| a.id.cmp(&b.id)));
         Ok(all
             .into_iter()
             .skip(range.start)

@@ -23,8 +23,9 @@ use utoipa_axum::routes;
 
 use super::schema::{
     self, BatchPublished, Cancelled, CancelledFrom, DeletedCount, DeletedId, Duplicate, Envelope,
-    ErrorBody, MinuteCounts, Paused, Published, PurgeResult, RequeuedCount, RequeuedId, Resumed,
-    TopicLayout, TopicStats,
+    ErrorBody, IdList, MessageStatus, MinuteCounts, Paused, Published, PurgeResult, RequeuedCount,
+    RequeuedId, Resumed, RunningMessage, TopicLayout, TopicStats, WorkerEntry, WorkerStateField,
+    WorkerTopicEntry,
 };
 use super::AppState;
 use crate::output;
@@ -64,11 +65,15 @@ pub(super) fn router(state: AppState) -> Router<AppState> {
         .routes(routes!(list_topics, create_topic))
         .routes(routes!(topic_stats))
         .routes(routes!(peek))
-        .routes(routes!(cancel))
+        .routes(routes!(get_message, cancel))
         .routes(routes!(list_dead_letters, purge_dead_letters))
         .routes(routes!(retry_dead_letter))
         .routes(routes!(delete_dead_letter))
-        .routes(routes!(retry_all_dead_letters))
+        .routes(routes!(retry_dead_letters))
+        .routes(routes!(delete_dead_letters))
+        .routes(routes!(list_workers))
+        .routes(routes!(topic_workers))
+        .routes(routes!(throughput_all))
         .routes(routes!(pause))
         .routes(routes!(resume))
         .routes(routes!(purge))
@@ -605,7 +610,12 @@ struct PeekQuery {
 /// Which dead letters to look at.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-struct PageQuery {
+struct DeadLetterQuery {
+    /// Only those whose error contains this text, ignoring case (among the 10,000 oldest
+    /// of each partition).
+    #[serde(default)]
+    #[param(nullable = false, max_length = 2048)]
+    error: Option<String>,
     /// How many (default 20; at most 1,000 are returned).
     #[serde(default, deserialize_with = "schema::query_u64")]
     #[param(nullable = false, minimum = 0, maximum = 9007199254740991_u64)]
@@ -647,6 +657,29 @@ async fn peek(
     Ok(Json(output::envelopes(&found)))
 }
 
+/// One message by id: where it is (`state`) and its envelope, with the fields of its
+/// state (`ready_since` pending, `due_at` delayed, `lease_until`, `holder` and
+/// `started_at` active, `error` and `died_at` dead).
+#[utoipa::path(get, path = "/topics/{topic}/messages/{id}", tag = "messages",
+    params(MessagePath),
+    responses((status = 200, description = "Where it is, and its envelope", body = MessageStatus),
+              (status = 400, description = "Bad topic or id", body = ErrorBody),
+              (status = 404, description = "No such message: never published, or processed, cancelled or purged since", body = ErrorBody)))]
+async fn get_message(
+    State(state): State<AppState>,
+    ApiPath(MessagePath { topic, id }): ApiPath<MessagePath>,
+) -> ApiResult<Json<Value>> {
+    match state.mq.message(&topic, &message_id(&id)?).await? {
+        Some(m) => Ok(Json(output::message(&m))),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no message {id} in {topic}: never published, or processed, cancelled or purged since (those are not kept)"
+            ),
+        )),
+    }
+}
+
 /// Cancel a delayed or pending message.
 #[utoipa::path(delete, path = "/topics/{topic}/messages/{id}", tag = "messages",
     params(MessagePath),
@@ -665,20 +698,22 @@ async fn cancel(
     Ok(Json(Cancelled { cancelled: id, was }))
 }
 
-/// The dead-letter queue, oldest first, with the error that killed each message.
+/// The dead-letter queue, oldest first, with the error that killed each; with `error`,
+/// only those whose error contains that text.
 #[utoipa::path(get, path = "/topics/{topic}/dead-letters", tag = "dead letters",
-    params(TopicPath, PageQuery),
+    params(TopicPath, DeadLetterQuery),
     responses((status = 200, description = "Dead letters: envelopes with `error` and `died_at`", body = Vec<Envelope>),
               (status = 400, description = "Bad topic or query string", body = ErrorBody)))]
 async fn list_dead_letters(
     State(state): State<AppState>,
     ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
-    ApiQuery(q): ApiQuery<PageQuery>,
+    ApiQuery(q): ApiQuery<DeadLetterQuery>,
 ) -> ApiResult<Json<Vec<Value>>> {
-    let found = state
-        .mq
-        .peek(&topic, MessageState::Dead, page(q.limit, q.offset))
-        .await?;
+    let range = page(q.limit, q.offset);
+    let found = match q.error.filter(|e| !e.is_empty()) {
+        Some(text) => state.mq.dead_letters_matching(&topic, &text, range).await?,
+        None => state.mq.peek(&topic, MessageState::Dead, range).await?,
+    };
     Ok(Json(output::envelopes(&found)))
 }
 
@@ -730,18 +765,160 @@ async fn delete_dead_letter(
     Ok(Json(DeletedId { deleted: id }))
 }
 
-/// Send every dead letter of the topic back to the queue.
+/// Send dead letters back to the queue with fresh retries: those of `{"ids": [...]}`
+/// (ids that are not dead letters of the topic are skipped), or every one without a body.
 #[utoipa::path(post, path = "/topics/{topic}/dead-letters/retry", tag = "dead letters",
     params(TopicPath),
+    request_body(content = Option<IdList>, description = "The dead letters to retry; without a body, all of them"),
     responses((status = 200, description = "How many went back", body = RequeuedCount),
-              (status = 400, description = "Bad topic name", body = ErrorBody)))]
-async fn retry_all_dead_letters(
+              (status = 400, description = "Bad topic name, malformed body or a bad id", body = ErrorBody),
+              (status = 413, description = "Body over the limit", body = ErrorBody)))]
+async fn retry_dead_letters(
     State(state): State<AppState>,
     ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+    body: axum::body::Bytes,
 ) -> ApiResult<Json<RequeuedCount>> {
-    Ok(Json(RequeuedCount {
-        requeued: state.mq.reprocess_all_dead_letters(&topic).await?,
+    let requeued = match id_list(&body)? {
+        None => state.mq.reprocess_all_dead_letters(&topic).await?,
+        Some(ids) => state.mq.reprocess_dead_letters(&topic, &ids).await?,
+    };
+    Ok(Json(RequeuedCount { requeued }))
+}
+
+/// Delete the dead letters of `{"ids": [...]}` for good (ids that are not dead letters of
+/// the topic are skipped).
+#[utoipa::path(post, path = "/topics/{topic}/dead-letters/delete", tag = "dead letters",
+    params(TopicPath),
+    request_body = IdList,
+    responses((status = 200, description = "How many were deleted", body = DeletedCount),
+              (status = 400, description = "Bad topic name, malformed body or a bad id", body = ErrorBody),
+              (status = 413, description = "Body over the limit", body = ErrorBody)))]
+async fn delete_dead_letters(
+    State(state): State<AppState>,
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<DeletedCount>> {
+    let Some(ids) = id_list(&body)? else {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "give the dead letters to delete as {\"ids\": [...]}; DELETE .../dead-letters deletes all".to_owned(),
+        ));
+    };
+    Ok(Json(DeletedCount {
+        deleted: state.mq.delete_dead_letters(&topic, &ids).await?,
     }))
+}
+
+/// Most ids one bulk request may name.
+const MAX_IDS: usize = 10_000;
+
+/// The ids of an `{"ids": [...]}` body; `None` for an empty body.
+fn id_list(body: &[u8]) -> ApiResult<Option<Vec<MessageId>>> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let bad = |e: String| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("malformed request body: {e}"),
+        )
+    };
+    let Object(list) =
+        serde_json::from_slice::<Object<IdList>>(body).map_err(|e| bad(e.to_string()))?;
+    if list.ids.len() > MAX_IDS {
+        return Err(bad(format!(
+            "{} ids; one request takes at most {MAX_IDS}",
+            list.ids.len()
+        )));
+    }
+    list.ids
+        .into_iter()
+        .map(|id| message_id(&id.0))
+        .collect::<ApiResult<Vec<_>>>()
+        .map(Some)
+}
+
+/// The live workers, oldest first: who they are, what they consume, how busy they are
+/// and which messages they are running. A worker that stops heartbeating drops out three
+/// heartbeat intervals (15 s by default) after its last one.
+#[utoipa::path(get, path = "/workers", tag = "workers",
+    responses((status = 200, description = "Live workers", body = Vec<WorkerEntry>)))]
+async fn list_workers(State(state): State<AppState>) -> ApiResult<Json<Vec<WorkerEntry>>> {
+    let workers = state.mq.workers().await?;
+    Ok(Json(worker_entries(&state.mq, workers).await?))
+}
+
+/// The live workers that consume one topic (see `GET /workers`).
+#[utoipa::path(get, path = "/topics/{topic}/workers", tag = "workers",
+    params(TopicPath),
+    responses((status = 200, description = "Live workers of the topic", body = Vec<WorkerEntry>),
+              (status = 400, description = "Bad topic name", body = ErrorBody)))]
+async fn topic_workers(
+    State(state): State<AppState>,
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+) -> ApiResult<Json<Vec<WorkerEntry>>> {
+    let workers = state.mq.topic_workers(&topic).await?;
+    Ok(Json(worker_entries(&state.mq, workers).await?))
+}
+
+/// The API's worker entries: the registry's, with the messages each one runs (read from
+/// the active messages of their topics: one peek per topic).
+async fn worker_entries(
+    mq: &forgemq::Client,
+    workers: Vec<forgemq::WorkerInfo>,
+) -> ApiResult<Vec<WorkerEntry>> {
+    let mut topics: Vec<&str> = workers
+        .iter()
+        .flat_map(|w| w.topics.iter().map(|t| t.topic.as_str()))
+        .collect();
+    topics.sort_unstable();
+    topics.dedup();
+    let active = futures::future::try_join_all(
+        topics
+            .iter()
+            .map(|t| mq.peek(t, MessageState::Active, 0..MAX_PAGE as usize)),
+    )
+    .await?;
+    let mut running: std::collections::HashMap<&str, Vec<RunningMessage>> = Default::default();
+    for m in active.iter().flatten() {
+        if let Some(holder) = m.holder.as_deref() {
+            running.entry(holder).or_default().push(RunningMessage {
+                topic: m.topic.clone(),
+                id: m.id.to_string(),
+                started_at: m.started_at.map(output::rfc3339),
+            });
+        }
+    }
+    Ok(workers
+        .into_iter()
+        .map(|w| {
+            let mut runs = running.remove(w.id.as_str()).unwrap_or_default();
+            runs.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+            WorkerEntry {
+                state: match w.state {
+                    forgemq::WorkerState::Draining => WorkerStateField::Draining,
+                    _ => WorkerStateField::Running,
+                },
+                started_at: output::rfc3339(w.started_at),
+                last_heartbeat: output::rfc3339(w.last_heartbeat),
+                topics: w
+                    .topics
+                    .iter()
+                    .map(|t| WorkerTopicEntry {
+                        topic: t.topic.clone(),
+                        concurrency: t.concurrency as u64,
+                        in_flight: t.in_flight as u64,
+                    })
+                    .collect(),
+                running: runs,
+                id: w.id,
+                name: w.name,
+                host: w.host,
+                pid: w.pid,
+                version: w.version,
+            }
+        })
+        .collect())
 }
 
 /// Pause a topic: workers everywhere stop taking its messages; publishing still works.
@@ -797,6 +974,37 @@ async fn throughput(
     ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
 ) -> ApiResult<Json<Vec<forgemq::MinuteCounts>>> {
     Ok(Json(state.mq.throughput(&topic).await?))
+}
+
+/// Published, processed and failed per minute over the last hour across all topics,
+/// oldest first.
+#[utoipa::path(get, path = "/throughput", tag = "topics",
+    responses((status = 200, description = "60 minutes, oldest first", body = Vec<MinuteCounts>)))]
+async fn throughput_all(
+    State(state): State<AppState>,
+) -> ApiResult<Json<Vec<forgemq::MinuteCounts>>> {
+    let topics = state.mq.topics().await?;
+    let each = futures::future::try_join_all(topics.iter().map(|t| state.mq.throughput(t))).await?;
+    let mut sum: Vec<forgemq::MinuteCounts> = Vec::new();
+    for minutes in each {
+        if sum.is_empty() {
+            sum = minutes;
+            continue;
+        }
+        // Matched by minute: each topic's figures were read at a slightly different time.
+        for m in minutes {
+            if let Some(total) = sum.iter_mut().find(|t| t.minute == m.minute) {
+                total.published += m.published;
+                total.processed += m.processed;
+                total.failed += m.failed;
+            }
+        }
+    }
+    if sum.is_empty() {
+        // No topic yet: the same 60 minutes, all zero (a topic that was never used).
+        sum = state.mq.throughput("forgemq.none").await?;
+    }
+    Ok(Json(sum))
 }
 
 #[cfg(test)]

@@ -178,6 +178,24 @@ pub(super) struct TopicStats {
     pub(super) orphans: u64,
     /// Whether the topic is paused (a partitioned one: any of its partitions).
     pub(super) paused: bool,
+    /// Queue latency: how long the oldest ready message has waited since it became ready
+    /// (its publish, or its due time for delayed and retried ones), in milliseconds on
+    /// Redis's clock; null when none waits.
+    #[schema(minimum = 0, required = true)]
+    pub(super) oldest_pending_age_ms: Option<u64>,
+    /// How long ago the oldest dead letter died, in milliseconds; null when there is none.
+    #[schema(minimum = 0, required = true)]
+    pub(super) oldest_dead_age_ms: Option<u64>,
+    /// When the next delayed message is due, in milliseconds from now (0: due already);
+    /// null when none is delayed.
+    #[schema(minimum = 0, required = true)]
+    pub(super) next_due_in_ms: Option<u64>,
+    /// Live workers consuming the topic.
+    pub(super) workers: u64,
+    /// Their handlers for the topic (concurrency) added up.
+    pub(super) worker_slots: u64,
+    /// Messages of the topic their handlers were running at their last heartbeats.
+    pub(super) in_flight: u64,
     /// Which partition these figures are of: only in `partitions`.
     #[schema(nullable = false, minimum = 0, maximum = 1023)]
     pub(super) partition: Option<u32>,
@@ -254,8 +272,119 @@ pub(super) struct Envelope {
     pub(super) due_at: Option<String>,
     /// Active messages: when its lease ends, RFC 3339.
     pub(super) lease_until: Option<String>,
+    /// Active messages: the worker running it (its id in `/workers`), or
+    /// `{host}-{pid}-pop` for a manual fetch.
+    pub(super) holder: Option<String>,
+    /// Active messages: when the current run started, RFC 3339 (Redis clock).
+    pub(super) started_at: Option<String>,
     /// A body that does not decode, as stored.
     pub(super) raw: Option<String>,
+}
+
+/// A message found by id: its envelope with the fields of its state, the state, and for
+/// a pending one since when it is ready (the schema of what `output::message` writes).
+#[allow(dead_code)]
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct MessageStatus {
+    /// Where it is.
+    pub(super) state: MessageStateField,
+    /// Pending messages: when it became ready to run, RFC 3339 (Redis clock).
+    pub(super) ready_since: Option<String>,
+    /// The envelope and the fields of its state.
+    #[serde(flatten)]
+    pub(super) envelope: Envelope,
+}
+
+/// The states a stored message can be in.
+#[allow(dead_code)] // the schema of what `output::message` writes
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum MessageStateField {
+    /// Waiting to run.
+    Pending,
+    /// Waiting for its due time.
+    Delayed,
+    /// Being handled under a lease.
+    Active,
+    /// In the dead-letter queue.
+    Dead,
+}
+
+/// Dead letters to act on.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct IdList {
+    /// Message ids (1-200 bytes (UTF-8) each, without whitespace or control characters);
+    /// those that are not dead letters of the topic are skipped.
+    #[schema(max_items = 10000, inline)]
+    pub(super) ids: Vec<IdField>,
+}
+
+/// A message id: 1-200 bytes (UTF-8) without whitespace or control characters.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[schema(
+    min_length = 1,
+    max_length = 200,
+    pattern = "^[^\\x00-\\x20\\x7f-\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]{1,200}$"
+)]
+pub(super) struct IdField(pub(super) String);
+
+/// Whether a worker is taking work.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum WorkerStateField {
+    /// Fetching and handling messages.
+    Running,
+    /// Shutting down: no new fetches, running handlers finishing.
+    Draining,
+}
+
+/// How a worker consumes one topic.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct WorkerTopicEntry {
+    /// The topic.
+    pub(super) topic: String,
+    /// Handlers of the topic it runs at once at most.
+    pub(super) concurrency: u64,
+    /// Messages of the topic its handlers were running at its last heartbeat.
+    pub(super) in_flight: u64,
+}
+
+/// A message a worker is running.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct RunningMessage {
+    /// Its topic.
+    pub(super) topic: String,
+    /// Its id.
+    pub(super) id: String,
+    /// When this run started, RFC 3339 (Redis clock).
+    pub(super) started_at: Option<String>,
+}
+
+/// A live worker, as its last heartbeat described it.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct WorkerEntry {
+    /// Its id, `{host}-{pid}-{random}`: the `holder` of the messages it runs.
+    pub(super) id: String,
+    /// The label it was given (e.g. `gateway`).
+    pub(super) name: Option<String>,
+    /// The host it runs on.
+    pub(super) host: String,
+    /// Its process id on that host.
+    pub(super) pid: u32,
+    /// The ForgeMQ library version it runs.
+    pub(super) version: String,
+    /// Running or draining.
+    pub(super) state: WorkerStateField,
+    /// Its first heartbeat, RFC 3339 (Redis clock).
+    pub(super) started_at: String,
+    /// Its last heartbeat, RFC 3339 (Redis clock); it drops out of the list three
+    /// heartbeat intervals after it.
+    pub(super) last_heartbeat: String,
+    /// What it consumes.
+    pub(super) topics: Vec<WorkerTopicEntry>,
+    /// The messages it is running now, oldest run first (up to 1,000 per topic).
+    pub(super) running: Vec<RunningMessage>,
 }
 
 /// An optional whole number of a JSON body: `5` and `5.0` are both 5 (JSON Schema's
