@@ -455,12 +455,15 @@ async fn dashboard_shows_workers_what_they_run_and_finds_messages() {
     })
     .await;
 
-    // Let the handlers finish: the page counts them, then the worker leaves the registry.
+    // Let the handlers finish: the rate goes up (it holds until the next poll, 2 s on),
+    // the page counts them, then the worker leaves the registry.
     gate.add_permits(100);
     page.click("nav.tabs button[data-tab='overview']").await;
+    page.wait_text("#rate-processed", |t| {
+        t.parse::<f64>().is_ok_and(|r| r > 0.0)
+    })
+    .await;
     page.wait_text("tr[data-topic='image.resize'] td.processed", |t| t == "3")
-        .await;
-    page.wait_text("#rate-processed", |t| t.parse::<f64>().is_ok())
         .await;
     stop.send(()).unwrap();
     running.await.unwrap().unwrap();
