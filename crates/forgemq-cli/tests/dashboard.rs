@@ -503,6 +503,7 @@ async fn dashboard_filters_dead_letters_and_retries_or_deletes_a_selection() {
     let page = Dashboard::open(&redis, Some("s3cret-token")).await;
     // The page asks for the token, then shows the queues.
     page.wait_text("#status", |t| t.contains("token")).await;
+    page.screenshot("dashboard-token.png").await;
     page.type_into("#token", "s3cret-token").await;
     page.click("#token-save").await;
     page.wait_text("tr[data-topic='mail.out'] td.dead", |t| t == "4")
