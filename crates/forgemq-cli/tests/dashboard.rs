@@ -561,6 +561,15 @@ async fn dashboard_filters_dead_letters_and_retries_or_deletes_a_selection() {
     page.wait_count("#dead-letters tbody tr", 1).await;
     page.wait_text(&format!("#dead-letters tr[data-id='{dan}']"), |_| true)
         .await;
+
+    // Looked up from the topic: dead, with its error as text.
+    page.type_into("#detail-lookup-id", &dan).await;
+    page.click("#detail-lookup button").await;
+    page.wait_text("#lookup-state", |t| t == "dead").await;
+    page.wait_text("#lookup-result tr[data-field='error'] td", |t| {
+        t == "connection <b>reset</b>"
+    })
+    .await;
     page.c.close().await.unwrap();
 
     let stats = mq.stats("mail.out").await.unwrap();
