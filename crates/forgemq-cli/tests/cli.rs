@@ -873,3 +873,40 @@ fn replicas_flag_waits_for_replicas() {
     let stats = json_at(&url, &["--replicas", "1", "stats", "order.paid", "--json"]);
     assert_eq!(stats["pending"], 2);
 }
+
+/// `--log-format json` (or `FORGEMQ_LOG_FORMAT=json`) is taken by every command: even a
+/// one-shot command's final error is then one JSON log object; an unknown format is a
+/// usage error.
+#[test]
+fn log_format_json_applies_to_every_command() {
+    for (flag, env) in [(Some("json"), None), (None, Some("json"))] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_forgemq"));
+        cmd.args(["--redis", "redis://127.0.0.1:1", "queues"])
+            .env_remove("FORGEMQ_LOG_FORMAT");
+        if let Some(flag) = flag {
+            cmd.args(["--log-format", flag]);
+        }
+        if let Some(env) = env {
+            cmd.env("FORGEMQ_LOG_FORMAT", env);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        let event: Value = serde_json::from_str(err.trim()).unwrap();
+        assert_eq!(event["level"], "ERROR", "{event}");
+        assert!(event["timestamp"].is_string(), "{event}");
+        assert!(
+            event["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("could not connect")),
+            "{event}"
+        );
+    }
+    let bad = fails_fast(
+        &["--log-format", "xml", "queues"],
+        2,
+        Duration::from_secs(10),
+    );
+    assert!(bad.contains("--log-format"), "{bad}");
+}
