@@ -18,6 +18,7 @@ fn forgemq_at(url: &str, args: &[&str]) -> Output {
         .env("REDIS_URL", url)
         .env_remove("FORGEMQ_REPLICAS")
         .env_remove("FORGEMQ_REPLICAS_TIMEOUT")
+        .env_remove("FORGEMQ_LOG_FORMAT")
         .output()
         .unwrap()
 }
@@ -53,6 +54,7 @@ fn fails_fast(args: &[&str], code: i32, limit: Duration) -> String {
         .env_remove("REDIS_URL")
         .env_remove("FORGEMQ_REPLICAS")
         .env_remove("FORGEMQ_REPLICAS_TIMEOUT")
+        .env_remove("FORGEMQ_LOG_FORMAT")
         .env_remove("FORGEMQ_TOKEN")
         .stdin(Stdio::null())
         .output()

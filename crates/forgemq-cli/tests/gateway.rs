@@ -203,6 +203,7 @@ fn start_gateway_at(url: &str, config: &str, env: &[(&str, &str)]) -> Gateway {
         .env("REDIS_URL", url)
         .env_remove("FORGEMQ_REPLICAS")
         .env_remove("FORGEMQ_REPLICAS_TIMEOUT")
+        .env_remove("FORGEMQ_LOG_FORMAT")
         .env("RUST_LOG", "info")
         .envs(env.iter().copied())
         .stdout(Stdio::null())

@@ -41,6 +41,7 @@ fn start_at(url: &str, ip: &str, extra: &[&str]) -> Server {
         .env("REDIS_URL", url)
         .env_remove("FORGEMQ_REPLICAS")
         .env_remove("FORGEMQ_REPLICAS_TIMEOUT")
+        .env_remove("FORGEMQ_LOG_FORMAT")
         .env_remove("FORGEMQ_TOKEN")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
