@@ -160,9 +160,9 @@ fn start_private_redis() -> Result<(String, PrivateRedis)> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!(
+    crate::logging::say(&format!(
         "forgemq dev: started a private redis-server on port {port} (AOF always, data in {})",
         dir.display()
-    );
+    ));
     Ok((format!("redis://127.0.0.1:{port}/"), guard))
 }

@@ -14,9 +14,13 @@
 //! - `dev.rs`: `forgemq dev`, a private redis-server (its data folder locked) plus `serve`,
 //!   with no configuration.
 //! - `gateway/`: `forgemq gateway`, delivery of messages to HTTP endpoints and commands.
+//! - `exposition.rs`: `/metrics` as OpenMetrics or the Prometheus text format, as asked.
+//! - `logging.rs`: log lines on stderr, as text or JSON (`--log-format`).
 
 mod dev;
+mod exposition;
 mod gateway;
+mod logging;
 mod output;
 mod serve;
 
@@ -77,6 +81,17 @@ struct Cli {
         value_name = "DUR"
     )]
     replicas_timeout: Duration,
+    /// How log lines on stderr are written: `text`, or `json` (one object per line, for
+    /// log pipelines; the status lines and the final error too). `RUST_LOG` sets levels.
+    #[arg(
+        long,
+        global = true,
+        env = "FORGEMQ_LOG_FORMAT",
+        value_enum,
+        default_value_t = logging::LogFormat::Text,
+        value_name = "FORMAT"
+    )]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -392,6 +407,7 @@ fn main() -> ExitCode {
         cli.command,
         Command::Gateway { .. } | Command::Serve { .. } | Command::Dev { .. }
     );
+    logging::init(cli.log_format, long_running);
     let mut builder = if long_running {
         tokio::runtime::Builder::new_multi_thread()
     } else {
@@ -400,7 +416,7 @@ fn main() -> ExitCode {
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: could not start the async runtime: {e}");
+            logging::fatal(&format!("could not start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -417,10 +433,7 @@ fn main() -> ExitCode {
                 .map(str::trim)
                 .filter(|l| !l.is_empty())
                 .collect();
-            eprintln!(
-                "error: {}",
-                hide_sentinel_password(&one_line.join(" "), &url)
-            );
+            logging::fatal(&hide_sentinel_password(&one_line.join(" "), &url));
             // A config file that cannot be used is a usage error, like a bad flag.
             if e.downcast_ref::<gateway::ConfigError>().is_some()
                 || e.downcast_ref::<UsageError>().is_some()
@@ -472,21 +485,6 @@ fn confirm(what: &str, topic: &str) -> Result<()> {
     } else {
         bail!("not confirmed ({answer:?} is not {topic:?}); nothing was deleted")
     }
-}
-
-/// Log lines on stderr for the long-running gateway (`RUST_LOG` overrides the level). The
-/// gateway logs each failed delivery itself, so the library's own line for it is left out.
-/// redis-rs's warnings (a cluster seed that refused a connection, say) repeat in its words
-/// what the error line or ForgeMQ's own logs say: only its errors are shown by default.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,forgemq::worker::runner=warn,redis=error")
-    });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
 }
 
 /// The data of `publish`: JSON from the argument, or from stdin for `-`.
@@ -621,7 +619,6 @@ async fn run(cli: Cli) -> Result<()> {
         _ => None,
     };
     if let Command::Gateway { config, listen } = &cli.command {
-        init_logging();
         return gateway::run(
             cli.redis.as_deref().unwrap_or(DEFAULT_REDIS),
             &cli.connect_options(),
@@ -668,7 +665,7 @@ async fn run(cli: Cli) -> Result<()> {
     let mq = connect(&cli).await?;
     if let Some((bind, options)) = serving {
         let listener = serve::bind(bind).await?;
-        eprintln!("forgemq serve: API at http://{bind}/api/v1 (OpenAPI: /api/v1/openapi.json), dashboard at /, metrics at /metrics, health at /healthz and /readyz");
+        logging::say(&format!("forgemq serve: API at http://{bind}/api/v1 (OpenAPI: /api/v1/openapi.json), dashboard at /, metrics at /metrics, health at /healthz and /readyz"));
         return serve::serve(mq, listener, options).await;
     }
     match cli.command {

@@ -18,6 +18,7 @@ fn forgemq_at(url: &str, args: &[&str]) -> Output {
         .env("REDIS_URL", url)
         .env_remove("FORGEMQ_REPLICAS")
         .env_remove("FORGEMQ_REPLICAS_TIMEOUT")
+        .env_remove("FORGEMQ_LOG_FORMAT")
         .output()
         .unwrap()
 }
@@ -53,6 +54,7 @@ fn fails_fast(args: &[&str], code: i32, limit: Duration) -> String {
         .env_remove("REDIS_URL")
         .env_remove("FORGEMQ_REPLICAS")
         .env_remove("FORGEMQ_REPLICAS_TIMEOUT")
+        .env_remove("FORGEMQ_LOG_FORMAT")
         .env_remove("FORGEMQ_TOKEN")
         .stdin(Stdio::null())
         .output()
@@ -1075,4 +1077,41 @@ fn dlq_filters_by_error_and_acts_in_bulk() {
     ok(&server, &["dlq", "delete", "email.send", "--error", "tls"]);
     let s = json_of(&server, &["stats", "email.send", "--json"]);
     assert_eq!(s["dead"].as_u64(), Some(0));
+}
+
+/// `--log-format json` (or `FORGEMQ_LOG_FORMAT=json`) is taken by every command: even a
+/// one-shot command's final error is then one JSON log object; an unknown format is a
+/// usage error.
+#[test]
+fn log_format_json_applies_to_every_command() {
+    for (flag, env) in [(Some("json"), None), (None, Some("json"))] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_forgemq"));
+        cmd.args(["--redis", "redis://127.0.0.1:1", "queues"])
+            .env_remove("FORGEMQ_LOG_FORMAT");
+        if let Some(flag) = flag {
+            cmd.args(["--log-format", flag]);
+        }
+        if let Some(env) = env {
+            cmd.env("FORGEMQ_LOG_FORMAT", env);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        let event: Value = serde_json::from_str(err.trim()).unwrap();
+        assert_eq!(event["level"], "ERROR", "{event}");
+        assert!(event["timestamp"].is_string(), "{event}");
+        assert!(
+            event["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("could not connect")),
+            "{event}"
+        );
+    }
+    let bad = fails_fast(
+        &["--log-format", "xml", "queues"],
+        2,
+        Duration::from_secs(10),
+    );
+    assert!(bad.contains("--log-format"), "{bad}");
 }

@@ -203,6 +203,7 @@ fn start_gateway_at(url: &str, config: &str, env: &[(&str, &str)]) -> Gateway {
         .env("REDIS_URL", url)
         .env_remove("FORGEMQ_REPLICAS")
         .env_remove("FORGEMQ_REPLICAS_TIMEOUT")
+        .env_remove("FORGEMQ_LOG_FORMAT")
         .env("RUST_LOG", "info")
         .envs(env.iter().copied())
         .stdout(Stdio::null())
@@ -489,8 +490,31 @@ http = "{base}/ok"
         text.contains(r#"forgemq_gateway_consumers{route="p.*"} 1"#),
         "{text}"
     );
+    // Series exist at zero from the consumer's start: a failure rate is 0, not missing.
+    for zero in [
+        r#"forgemq_gateway_failures_total{route="t.ok",topic="t.ok"} 0"#,
+        r#"forgemq_gateway_deliveries_total{route="t.ok",topic="t.ok",outcome="failed"} 0"#,
+        r#"forgemq_gateway_deliveries_total{route="t.slow",topic="t.slow",outcome="ok"} 0"#,
+    ] {
+        assert!(text.lines().any(|l| l == zero), "missing {zero}:\n{text}");
+    }
     let (status, body) = gw.get("/ready");
     assert_eq!(status, 200, "{body}");
+    assert_eq!(gw.get("/readyz").0, 200, "/readyz is /ready");
+    // Each consumed topic is a worker named `gateway` in the registry.
+    let workers = mq.workers().await.unwrap();
+    assert!(
+        !workers.is_empty() && workers.iter().all(|w| w.name.as_deref() == Some("gateway")),
+        "{workers:?}"
+    );
+    let consumed: HashSet<&str> = workers
+        .iter()
+        .flat_map(|w| w.topics.iter().map(|t| t.topic.as_str()))
+        .collect();
+    assert!(
+        consumed.contains("t.ok") && consumed.contains("p.one"),
+        "{consumed:?}"
+    );
 
     for (topic, ids, acked) in [
         ("t.ok", &ok, true),

@@ -3,8 +3,10 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use forgemq::{HandlerError, Message, Subscription, Worker};
 use forgemq_test_support::{free_port, RedisServer, TestCluster};
 use serde_json::{json, Value};
 
@@ -39,6 +41,7 @@ fn start_at(url: &str, ip: &str, extra: &[&str]) -> Server {
         .env("REDIS_URL", url)
         .env_remove("FORGEMQ_REPLICAS")
         .env_remove("FORGEMQ_REPLICAS_TIMEOUT")
+        .env_remove("FORGEMQ_LOG_FORMAT")
         .env_remove("FORGEMQ_TOKEN")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -584,10 +587,35 @@ fn metrics_report_depth_and_totals_per_topic() {
             "bad line {l}"
         );
     }
+    // Without an `Accept` asking for OpenMetrics (curl, promtool): the Prometheus text
+    // format, where a counter family is named like its samples.
+    assert!(!text.contains("# EOF"), "{text}");
     assert!(
-        text.trim_end().ends_with("# EOF"),
+        text.lines()
+            .any(|l| l == "# TYPE forgemq_published_total counter"),
+        "{text}"
+    );
+    // Prometheus asks for OpenMetrics, and gets it, with the same series.
+    let open = request(
+        p,
+        "GET",
+        "/metrics",
+        &[(
+            "Accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )],
+        None,
+    );
+    assert_eq!(
+        open.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    let open = open.body.as_str().unwrap().to_owned();
+    assert!(
+        open.trim_end().ends_with("# EOF"),
         "OpenMetrics text ends with # EOF"
     );
+    assert!(open.contains("\nforgemq_published_total{topic=\"user.welcome\"} 3\n"));
     for line in [
         r#"forgemq_messages{topic="user.welcome",state="pending"} 3"#,
         r#"forgemq_messages{topic="order.reminder",state="delayed"} 1"#,
@@ -602,6 +630,188 @@ fn metrics_report_depth_and_totals_per_topic() {
             "missing {line} in:\n{text}"
         );
     }
+}
+
+/// `/metrics` as text, and the value of the sample named `series` in it (`None` when
+/// there is no such sample).
+fn metrics_text(port: u16) -> String {
+    let (status, body) = http(port, "GET", "/metrics", None, None);
+    assert_eq!(status, 200, "{body}");
+    body.as_str().unwrap().to_owned()
+}
+
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `/metrics` shows who consumes a topic and how far behind it is: live workers, their
+/// slots, what they run now, and the queue latency (the oldest pending message's age).
+#[test]
+fn metrics_show_workers_in_flight_and_queue_latency() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &[]);
+    let p = server.port;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mq = rt.block_on(forgemq::Client::connect(&redis.url())).unwrap();
+    for n in 0..5 {
+        rt.block_on(mq.publish("user.welcome", json!(n))).unwrap();
+    }
+    let text = metrics_text(p);
+    assert_eq!(
+        sample(&text, r#"forgemq_workers{topic="user.welcome"}"#),
+        Some(0.0)
+    );
+    assert!(
+        sample(
+            &text,
+            r#"forgemq_oldest_pending_age_seconds{topic="user.welcome"}"#
+        )
+        .is_some_and(|age| age >= 0.0),
+        "{text}"
+    );
+    // Handlers that hold their message until released: two at a time.
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let worker = Worker::builder(mq.clone())
+        .name("welcomer")
+        .subscribe_with("user.welcome", Subscription::new().concurrency(2), {
+            let release = Arc::clone(&release);
+            move |_msg: Message<Value>| {
+                let release = Arc::clone(&release);
+                async move {
+                    release.acquire().await.unwrap().forget();
+                    Ok::<(), HandlerError>(())
+                }
+            }
+        })
+        .heartbeat_interval(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = rt.spawn(worker.run_until(async {
+        let _ = stopped.await;
+    }));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = metrics_text(p);
+        if sample(&text, r#"forgemq_in_flight{topic="user.welcome"}"#) == Some(2.0) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "never 2 in flight:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        sample(&text, r#"forgemq_workers{topic="user.welcome"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, r#"forgemq_worker_slots{topic="user.welcome"}"#),
+        Some(2.0)
+    );
+    // Some are still waiting (the worker may hold a few fetched ahead, as active), and
+    // they have waited since they were published, before the worker started.
+    let pending = sample(
+        &text,
+        r#"forgemq_messages{topic="user.welcome",state="pending"}"#,
+    );
+    assert!(pending.is_some_and(|n| n >= 1.0), "{text}");
+    let age = sample(
+        &text,
+        r#"forgemq_oldest_pending_age_seconds{topic="user.welcome"}"#,
+    );
+    assert!(age.is_some_and(|a| a > 0.0 && a < 60.0), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            r#"forgemq_oldest_dead_age_seconds{topic="user.welcome"}"#
+        ),
+        Some(0.0),
+        "no dead letters: 0"
+    );
+    // All done and the worker stopped: nothing pending, nobody consuming.
+    release.add_permits(5);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sample(
+        &metrics_text(p),
+        r#"forgemq_processed_total{topic="user.welcome"}"#,
+    ) != Some(5.0)
+    {
+        assert!(Instant::now() < deadline, "not all processed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.send(()).unwrap();
+    rt.block_on(running).unwrap().unwrap();
+    let text = metrics_text(p);
+    for (series, value) in [
+        (r#"forgemq_workers{topic="user.welcome"}"#, 0.0),
+        (r#"forgemq_worker_slots{topic="user.welcome"}"#, 0.0),
+        (r#"forgemq_in_flight{topic="user.welcome"}"#, 0.0),
+        (
+            r#"forgemq_oldest_pending_age_seconds{topic="user.welcome"}"#,
+            0.0,
+        ),
+    ] {
+        assert_eq!(sample(&text, series), Some(value), "{series}:\n{text}");
+    }
+}
+
+/// With Redis gone, a scrape still succeeds (200) and says so with `forgemq_redis_up 0`,
+/// rather than failing the scrape; `--log-format json` writes every stderr line as a JSON
+/// object, the start-up line and the warning about that scrape included.
+#[test]
+fn metrics_say_redis_is_down_and_logs_are_json() {
+    let mut redis = RedisServer::start();
+    let mut server = start(&redis, &["--log-format", "json"]);
+    let p = server.port;
+    http(
+        p,
+        "POST",
+        "/api/v1/topics/user.welcome/messages",
+        None,
+        Some(r#"{"data":1}"#),
+    );
+    let text = metrics_text(p);
+    assert_eq!(sample(&text, "forgemq_redis_up"), Some(1.0), "{text}");
+    redis.kill9();
+    let text = metrics_text(p);
+    assert_eq!(sample(&text, "forgemq_redis_up"), Some(0.0), "{text}");
+    assert!(
+        !text.contains("forgemq_messages{"),
+        "no stale per-topic series: {text}"
+    );
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let mut err = String::new();
+    server
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let events: Vec<Value> = err
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let message = |e: &Value| {
+        e["fields"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        events
+            .iter()
+            .any(|e| e["level"] == "INFO" && message(e).starts_with("forgemq serve: API at")),
+        "{err}"
+    );
+    assert!(
+        events.iter().any(|e| e["level"] == "WARN"
+            && message(e).contains("/metrics")
+            && e["timestamp"].is_string()),
+        "{err}"
+    );
 }
 
 /// The OpenAPI document lists every route the server has.
@@ -1514,25 +1724,25 @@ fn api_shows_workers_latency_and_finds_messages() {
         (running, waiting)
     });
     // A worker whose handlers hold their messages until the test ends.
-    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let g = gate.clone();
-    let worker = forgemq::Worker::builder(mq.clone())
+    let worker = Worker::builder(mq.clone())
         .name("mailer")
         .heartbeat_interval(Duration::from_millis(300))
         .subscribe_with(
             "email.send",
-            forgemq::Subscription::new().concurrency(4),
-            move |_m: forgemq::Message<Value>| {
+            Subscription::new().concurrency(4),
+            move |_m: Message<Value>| {
                 let g = g.clone();
                 async move {
                     let _ = g.acquire().await;
-                    Ok::<(), forgemq::HandlerError>(())
+                    Ok::<(), HandlerError>(())
                 }
             },
         )
         .build()
         .unwrap();
-    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let stop = Arc::new(tokio::sync::Notify::new());
     let s = stop.clone();
     let handle = rt.spawn(async move { worker.run_until(s.notified()).await });
     let server = start(&redis, &[]);

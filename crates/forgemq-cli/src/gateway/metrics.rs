@@ -46,6 +46,20 @@ impl Drop for InFlight {
 }
 
 impl Metrics {
+    /// Creates the series of `route` consuming `topic` at zero (a no-op for those that
+    /// exist): a counter that appears only at its first increment hides that increment
+    /// from `rate()` and `increase()`.
+    pub(crate) fn register(&self, route: &str, topic: &str) {
+        for outcome in ["ok", "failed"] {
+            let _ = self
+                .deliveries
+                .get_or_create(&delivery_labels(route, topic, outcome));
+        }
+        let _ = self.failures.get_or_create(&topic_labels(route, topic));
+        let _ = self.latency.get_or_create(&route_labels(route));
+        let _ = self.in_flight.get_or_create(&route_labels(route));
+    }
+
     pub(crate) fn start(&self, route: &str) -> InFlight {
         let gauge = self.in_flight.get_or_create(&route_labels(route)).clone();
         gauge.inc();
@@ -53,18 +67,13 @@ impl Metrics {
     }
 
     pub(crate) fn finish(&self, route: &str, topic: &str, ok: bool, took: Duration) {
-        let labels = vec![
-            ("route", route.to_owned()),
-            ("topic", topic.to_owned()),
-            ("outcome", if ok { "ok" } else { "failed" }.to_owned()),
-        ];
-        self.deliveries.get_or_create(&labels).inc();
+        let outcome = if ok { "ok" } else { "failed" };
+        self.deliveries
+            .get_or_create(&delivery_labels(route, topic, outcome))
+            .inc();
         if !ok {
             self.failures
-                .get_or_create(&vec![
-                    ("route", route.to_owned()),
-                    ("topic", topic.to_owned()),
-                ])
+                .get_or_create(&topic_labels(route, topic))
                 .inc();
         }
         self.latency
@@ -72,7 +81,7 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Prometheus text, with the number of running consumers per route.
+    /// OpenMetrics text, with the number of running consumers per route.
     pub(crate) fn encode(
         &self,
         consumers: &HashMap<String, i64>,
@@ -115,4 +124,16 @@ impl Metrics {
 
 fn route_labels(route: &str) -> Labels {
     vec![("route", route.to_owned())]
+}
+
+fn topic_labels(route: &str, topic: &str) -> Labels {
+    vec![("route", route.to_owned()), ("topic", topic.to_owned())]
+}
+
+fn delivery_labels(route: &str, topic: &str, outcome: &str) -> Labels {
+    vec![
+        ("route", route.to_owned()),
+        ("topic", topic.to_owned()),
+        ("outcome", outcome.to_owned()),
+    ]
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -84,11 +84,11 @@ pub(crate) async fn run(
         let app = router(Arc::clone(&shared));
         tokio::spawn(async move { axum::serve(listener, app).await })
     };
-    eprintln!(
-        "forgemq gateway: {} route(s) from {}; health at http://{listen}/healthz, readiness at /ready, metrics at /metrics",
+    crate::logging::say(&format!(
+        "forgemq gateway: {} route(s) from {}; health at http://{listen}/healthz, readiness at /ready (or /readyz), metrics at /metrics",
         config.routes.len(),
         config_path.display()
-    );
+    ));
     let result = supervise(&shared, config, config_path, signals).await;
     server.abort();
     result
@@ -141,19 +141,19 @@ async fn supervise(
                         }
                         config = new;
                         tracing::info!(routes = config.routes.len(), "config reloaded");
-                        eprintln!("forgemq gateway: reloaded {} ({} route(s))", path.display(), config.routes.len());
+                        crate::logging::say(&format!("forgemq gateway: reloaded {} ({} route(s))", path.display(), config.routes.len()));
                         reconcile(shared, &config).await;
                     }
                     Err(e) => {
                         tracing::error!("config not reloaded, the running one stays: {e}");
-                        eprintln!("forgemq gateway: config not reloaded, the running one stays: {e}");
+                        crate::logging::say_error(&format!("forgemq gateway: config not reloaded, the running one stays: {e}"));
                     }
                 },
                 Signal::Stop => break,
             },
         }
     }
-    eprintln!("forgemq gateway: stopping; in-flight deliveries get their route's timeout, the rest go back to pending");
+    crate::logging::say("forgemq gateway: stopping; in-flight deliveries get their route's timeout, the rest go back to pending");
     let all: Vec<(String, Consumer)> = shared.lock().drain().collect();
     stop_all(all).await;
     Ok(())
@@ -254,6 +254,9 @@ async fn consume(
     running: Arc<AtomicBool>,
 ) {
     let route = Arc::new(route);
+    // Its series exist from the start, at zero: a rate over them, or an alert on
+    // failures, works before the first delivery.
+    shared.metrics.register(&route.topic, &topic);
     let mut delay = Duration::from_secs(1);
     loop {
         let worker = match build_worker(&shared, &topic, &route) {
@@ -303,6 +306,8 @@ fn build_worker(shared: &Arc<Shared>, topic: &str, route: &Arc<Route>) -> forgem
         }
     };
     Worker::builder(shared.mq.clone())
+        // How operators tell the gateway from other workers in `forgemq workers`.
+        .name("gateway")
         .subscribe_with(topic, sub, handler)
         // SIGTERM and reloads drain within the route's timeout, then hand the rest back.
         .shutdown_timeout(route.timeout + Duration::from_secs(1))
@@ -326,6 +331,8 @@ fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
+        // The name `forgemq serve` and Kubernetes habits use; the same check.
+        .route("/readyz", get(ready))
         .route("/metrics", get(metrics_text))
         .with_state(shared)
 }
@@ -364,7 +371,7 @@ async fn ready(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
+async fn metrics_text(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     let running = shared
         .lock()
         .values()
@@ -374,15 +381,8 @@ async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
             m
         });
     match shared.metrics.encode(&running) {
-        Ok(text) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Ok(text) => crate::exposition::respond(&headers, text),
+        Err(e) => crate::exposition::failed(&e),
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
@@ -208,41 +208,108 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Prometheus text format, read from Redis at each scrape: the counters live in Redis
-/// (kept by the Lua scripts), so every ForgeMQ process reports the same totals. A
-/// partitioned topic is one `topic` (the sums of its partitions).
-async fn metrics(State(state): State<AppState>) -> Response {
+/// Longest a scrape waits for Redis before it answers with `forgemq_redis_up 0`: well
+/// inside Prometheus's default 10 s scrape timeout, so that the scrape itself succeeds and
+/// says what is wrong.
+const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `/metrics`, read from Redis at each scrape: the counters live in Redis (kept by the Lua
+/// scripts), so every ForgeMQ process reports the same totals. A partitioned topic is one
+/// `topic` (the sums of its partitions). With Redis unreachable the scrape still answers,
+/// with `forgemq_redis_up 0` and no per-topic series.
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let topics = match tokio::time::timeout(METRICS_TIMEOUT, state.mq.get_all_queues()).await {
+        Ok(Ok(t)) => Some(t),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "/metrics: could not read the queues from redis");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                "/metrics: redis did not answer within {}",
+                humantime::format_duration(METRICS_TIMEOUT)
+            );
+            None
+        }
+    };
+    match encode_metrics(topics.as_deref()) {
+        Ok(text) => crate::exposition::respond(&headers, text),
+        Err(e) => crate::exposition::failed(&e),
+    }
+}
+
+/// OpenMetrics text for `topics` (`None`: Redis could not be read).
+fn encode_metrics(topics: Option<&[forgemq::QueueStats]>) -> Result<String, std::fmt::Error> {
+    use std::sync::atomic::AtomicU64;
+
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
     use prometheus_client::metrics::gauge::Gauge;
     type Labels = Vec<(&'static str, String)>;
+    type Seconds = Gauge<f64, AtomicU64>;
 
-    let topics = match state.mq.get_all_queues().await {
-        Ok(t) => t,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
     let mut registry = prometheus_client::registry::Registry::default();
-    let depth = Family::<Labels, Gauge>::default();
-    let paused = Family::<Labels, Gauge>::default();
+    let up = Gauge::<i64>::default();
     registry.register(
+        "forgemq_redis_up",
+        "1 when this scrape could read the queues from Redis, 0 when not (then no per-topic series follow)",
+        up.clone(),
+    );
+    up.set(i64::from(topics.is_some()));
+    let gauge = |registry: &mut prometheus_client::registry::Registry, name, help| {
+        let family = Family::<Labels, Gauge>::default();
+        registry.register(name, help, family.clone());
+        family
+    };
+    let seconds = |registry: &mut prometheus_client::registry::Registry, name, help| {
+        let family = Family::<Labels, Seconds>::default();
+        registry.register(name, help, family.clone());
+        family
+    };
+    let depth = gauge(
+        &mut registry,
         "forgemq_messages",
         "Messages per topic and state",
-        depth.clone(),
     );
-    registry.register(
+    let paused = gauge(
+        &mut registry,
         "forgemq_paused",
         "1 while the topic is paused",
-        paused.clone(),
     );
     // A partitioned topic is reported as one topic (its sums); its partition count says
     // how far its work can spread.
-    let partitions = Family::<Labels, Gauge>::default();
-    registry.register(
+    let partitions = gauge(
+        &mut registry,
         "forgemq_partitions",
         "Partitions of the topic (1: a plain topic)",
-        partitions.clone(),
     );
-    let counters: Vec<(&str, &str, Family<Labels, Counter>)> = [
+    // The worker registry: who consumes the topic now, as of their last heartbeats.
+    let workers = gauge(
+        &mut registry,
+        "forgemq_workers",
+        "Live workers consuming the topic (a worker killed without a word drops out within three heartbeats, 15 s by default)",
+    );
+    let slots = gauge(
+        &mut registry,
+        "forgemq_worker_slots",
+        "Handler slots of those workers for the topic: the sum of their concurrency",
+    );
+    let in_flight = gauge(
+        &mut registry,
+        "forgemq_in_flight",
+        "Messages of the topic being handled by those workers, at their last heartbeats",
+    );
+    let oldest_pending = seconds(
+        &mut registry,
+        "forgemq_oldest_pending_age_seconds",
+        "Queue latency: how long the message waiting longest has been ready to run (0: nothing pending)",
+    );
+    let oldest_dead = seconds(
+        &mut registry,
+        "forgemq_oldest_dead_age_seconds",
+        "How long ago the oldest dead letter died (0: no dead letters)",
+    );
+    let counters: Vec<Family<Labels, Counter>> = [
         ("forgemq_published", "Messages published"),
         (
             "forgemq_processed",
@@ -268,10 +335,13 @@ async fn metrics(State(state): State<AppState>) -> Response {
     .map(|(name, help)| {
         let family = Family::<Labels, Counter>::default();
         registry.register(name, help, family.clone());
-        (name, help, family)
+        family
     })
     .collect();
-    for s in &topics {
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    // Milliseconds are exact in an f64 for far longer than any queue lives.
+    let age = |ms: Option<u64>| ms.map_or(0.0, |ms| ms as f64 / 1000.0);
+    for s in topics.unwrap_or_default() {
         let topic = || vec![("topic", s.topic.clone())];
         for (name, value) in [
             ("pending", s.pending),
@@ -281,14 +351,21 @@ async fn metrics(State(state): State<AppState>) -> Response {
         ] {
             let mut labels = topic();
             labels.push(("state", name.to_owned()));
-            depth
-                .get_or_create(&labels)
-                .set(i64::try_from(value).unwrap_or(i64::MAX));
+            depth.get_or_create(&labels).set(count(value));
         }
         paused.get_or_create(&topic()).set(i64::from(s.paused));
-        partitions
+        partitions.get_or_create(&topic()).set(count(
+            u64::try_from(s.partitions.len().max(1)).unwrap_or(u64::MAX),
+        ));
+        workers.get_or_create(&topic()).set(count(s.workers));
+        slots.get_or_create(&topic()).set(count(s.worker_slots));
+        in_flight.get_or_create(&topic()).set(count(s.in_flight));
+        oldest_pending
             .get_or_create(&topic())
-            .set(i64::try_from(s.partitions.len().max(1)).unwrap_or(i64::MAX));
+            .set(age(s.oldest_pending_age_ms));
+        oldest_dead
+            .get_or_create(&topic())
+            .set(age(s.oldest_dead_age_ms));
         let totals = [
             s.published,
             s.processed,
@@ -299,20 +376,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
             s.deduplicated,
             s.duplicate_runs,
         ];
-        for ((_, _, family), value) in counters.iter().zip(totals) {
+        for (family, value) in counters.iter().zip(totals) {
             family.get_or_create(&topic()).inc_by(value);
         }
     }
     let mut text = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
-        return ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
-    }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    Ok(text)
 }
