@@ -48,7 +48,9 @@ fn envelope(m: &PeekedMessage) -> Value {
 
 /// The JSON shape of one message found by id (`status`, `GET .../messages/{id}`): its
 /// envelope with the fields of its state (as [`envelopes`]), plus `"state"` and, for a
-/// pending one, `"ready_since"`: when it became ready to run.
+/// pending one, `"ready_since"`: when it became ready to run, for one that went back to
+/// the head of the queue (recovered or released); else null, and `timestamp` says when it
+/// was published.
 pub(crate) fn message(m: &PeekedMessage) -> Value {
     let mut v = envelope(m);
     if let Value::Object(obj) = &mut v {

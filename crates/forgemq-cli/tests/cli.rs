@@ -984,7 +984,7 @@ fn workers_status_and_latency() {
         &["status", "order.cancel", waiting.trim(), "--json"],
     );
     assert_eq!(st["state"], "pending", "{st}");
-    assert!(st["ready_since"].is_string(), "{st}");
+    assert!(st["timestamp"].is_string(), "{st}");
     let missing = forgemq(&server, &["status", "order.cancel", "no-such-id", "--json"]);
     assert_eq!(missing.status.code(), Some(1));
     let shown: Value = serde_json::from_slice(&missing.stdout).unwrap();

@@ -1833,7 +1833,7 @@ fn api_shows_workers_latency_and_finds_messages() {
         None,
     );
     assert_eq!((status, &m["state"]), (200, &json!("pending")), "{m}");
-    assert!(m["ready_since"].is_string(), "{m}");
+    assert!(m["timestamp"].is_string(), "{m}");
     let (status, m) = http(
         port,
         "GET",

@@ -17,8 +17,8 @@
 //! | `NS:{T}:dead`    | ZSET | id → time it died                         |
 //! | `NS:{T}:cancelled` | HASH | id → tombstones: entries of cancelled ids still listed in pending |
 //! | `NS:{T}:uniq`    | HASH | id → unique key held until a final state  |
-//! | `NS:{T}:ready`   | ZSET | id → when it became ready, for every pending id |
-//! | `NS:{T}:started` | HASH | id → when its delivery started, for every active id |
+//! | `NS:{T}:ready`   | ZSET | id → when it became ready, for entries pushed at the head |
+//! | `NS:{T}:runs`    | LIST | `"<count> <ms>"`: the other entries, by when they became ready |
 //!
 //! An acknowledged message is gone from all of them. A cancelled pending message leaves
 //! its id in the pending list with a tombstone in `cancelled` until a fetch skips it.
@@ -100,14 +100,16 @@ impl Layout {
         self.key("uniq")
     }
 
-    /// `NS:{T}:ready`, ZSET id → when it became ready to run, for every pending id.
+    /// `NS:{T}:ready`, ZSET id → when it became ready to run, for the pending entries
+    /// pushed at the head (recovered, released).
     pub fn ready(&self) -> String {
         self.key("ready")
     }
 
-    /// `NS:{T}:started`, HASH id → when its delivery started, for every active id.
-    pub fn started(&self) -> String {
-        self.key("started")
+    /// `NS:{T}:runs`, LIST of `"<count> <ms>"`: the other pending entries, in runs by
+    /// when they became ready.
+    pub fn runs(&self) -> String {
+        self.key("runs")
     }
 
     /// All ten keys, e.g. for `DEL` in a test's setup.
@@ -122,7 +124,7 @@ impl Layout {
             self.cancelled(),
             self.uniq(),
             self.ready(),
-            self.started(),
+            self.runs(),
         ]
     }
 
@@ -270,7 +272,7 @@ pub fn check_invariants(
     layout: &Layout,
     ids: &[String],
 ) -> StateReport {
-    let (pending, delayed, active, dead, bodies, leases, tombstones, held, ready, started) =
+    let (pending, delayed, active, dead, bodies, leases, tombstones, held, ready, runs) =
         redis::pipe()
             .atomic()
             .cmd("LRANGE")
@@ -301,8 +303,10 @@ pub fn check_invariants(
             .arg(layout.ready())
             .arg(0)
             .arg(-1)
-            .cmd("HKEYS")
-            .arg(layout.started())
+            .cmd("LRANGE")
+            .arg(layout.runs())
+            .arg(0)
+            .arg(-1)
             .query(conn)
             .unwrap_or_else(|e| {
                 panic!(
@@ -323,7 +327,7 @@ pub fn check_invariants(
             tombstones,
             held,
             ready,
-            started,
+            runs,
         },
     )
 }
@@ -343,8 +347,8 @@ struct Snapshot {
     held: Vec<String>,
     /// Members of the `ready` set.
     ready: Vec<String>,
-    /// Ids in the `started` hash.
-    started: Vec<String>,
+    /// The `runs` list.
+    runs: Vec<String>,
 }
 
 /// The pure part of [`check_invariants`], separate so the rules read as a list.
@@ -431,32 +435,38 @@ fn classify(layout: &Layout, ids: &[String], snapshot: &Snapshot) -> StateReport
             ));
         }
     }
-    // Readiness: exactly the pending ids; start times: exactly the active ids.
-    let ready: BTreeSet<&str> = snapshot.ready.iter().map(String::as_str).collect();
-    for id in &ready {
-        if !pending_seen.contains_key(id) {
+    // Readiness: every listed entry (tombstones included: they count until a fetch passes
+    // them) is either in `ready` or in a run.
+    let listed: BTreeSet<&str> = snapshot.pending.iter().map(String::as_str).collect();
+    for id in &snapshot.ready {
+        if !listed.contains(id.as_str()) {
             violations.push(format!(
-                "id {id:?} is in {:?} but not pending",
+                "id {id:?} is in {:?} but not in the pending list",
                 layout.ready()
             ));
         }
     }
-    for id in pending_seen.keys() {
-        if !ready.contains(id) {
-            violations.push(format!(
-                "pending id {id:?} has no entry in {:?} (the queue latency would miss it)",
-                layout.ready()
-            ));
+    let mut in_runs = 0usize;
+    for run in &snapshot.runs {
+        match run
+            .split_once(' ')
+            .map(|(n, ms)| (n.parse::<usize>(), ms.parse::<u64>()))
+        {
+            Some((Ok(n), Ok(_))) if n > 0 => in_runs += n,
+            _ => violations.push(format!(
+                "{:?} holds {run:?}, not \"<count> <ms>\"",
+                layout.runs()
+            )),
         }
     }
-    let started: BTreeSet<&str> = snapshot.started.iter().map(String::as_str).collect();
-    for id in &started {
-        if !states.get(id).is_some_and(|s| s.contains(&State::Active)) {
-            violations.push(format!(
-                "id {id:?} has a start time in {:?} but is not active",
-                layout.started()
-            ));
-        }
+    if in_runs + snapshot.ready.len() != snapshot.pending.len() {
+        violations.push(format!(
+            "{} pending entries, but {in_runs} in the runs of {:?} and {} in {:?} (the queue latency would be off)",
+            snapshot.pending.len(),
+            layout.runs(),
+            snapshot.ready.len(),
+            layout.ready()
+        ));
     }
     for id in &snapshot.held {
         match states.get(id.as_str()) {

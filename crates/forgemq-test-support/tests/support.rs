@@ -188,6 +188,12 @@ fn build_states(conn: &mut redis::Connection, layout: &Layout) {
         .arg("p")
         .exec(conn)
         .unwrap();
+    // One tail entry, ready since 90 ms after the epoch.
+    redis::cmd("RPUSH")
+        .arg(layout.runs())
+        .arg("1 90")
+        .exec(conn)
+        .unwrap();
     redis::cmd("ZADD")
         .arg(layout.delayed())
         .arg(100)
@@ -270,7 +276,7 @@ fn invariants_detect_corruption() {
     let mut conn = server.conn();
     let all = ids(&["p", "d", "a", "x", "g"]);
     type Plant = fn(&mut redis::Connection, &Layout);
-    let cases: [(&str, Plant, &str); 8] = [
+    let cases: [(&str, Plant, &str); 10] = [
         (
             "double_state",
             |c, l| {
@@ -360,6 +366,25 @@ fn invariants_detect_corruption() {
                     .unwrap();
             },
             "unknown message: id \"u\"",
+        ),
+        (
+            "latency_misses_an_entry",
+            |c, l| {
+                redis::cmd("DEL").arg(l.runs()).exec(c).unwrap();
+            },
+            "1 pending entries, but 0 in the runs",
+        ),
+        (
+            "ready_but_not_listed",
+            |c, l| {
+                redis::cmd("ZADD")
+                    .arg(l.ready())
+                    .arg(5)
+                    .arg("d")
+                    .exec(c)
+                    .unwrap();
+            },
+            "\"d\" is in \"mq:{ready_but_not_listed}:ready\" but not in the pending list",
         ),
     ];
     for (name, plant, expected) in cases {

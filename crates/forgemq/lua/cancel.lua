@@ -10,7 +10,7 @@
 -- KEYS[6] stats      HASH
 -- KEYS[7] cancelled  HASH  id -> tombstones: entries of cancelled messages still listed
 -- KEYS[8] uniq       HASH  id -> unique key held until the message's final state
--- KEYS[9] ready      ZSET  id -> when it became ready to run (ms)
+-- KEYS[9] ready      ZSET  id -> when it became ready (ms), for entries pushed at the head
 -- ARGV[1] id
 -- Returns the state it was in: 'delayed' or 'pending' (removed), 'active' or 'dead' (not
 -- removed: a running message can't be cancelled, a dead one is deleted through the
@@ -38,7 +38,8 @@ else
   -- has two entries to skip.
   redis.call('HINCRBY', KEYS[7], id, 1)
   redis.call('HINCRBY', KEYS[6], 'tombstones', 1)
-  redis.call('ZREM', KEYS[9], id)
+  -- Its entry stays listed, so it stays counted in the queue latency (in `ready` or in the
+  -- runs) until a fetch passes it: the fetch counts entries, tombstones included.
 end
 redis.call('HDEL', KEYS[5], id)
 redis.call('HINCRBY', KEYS[6], 'cancelled', 1)

@@ -10,11 +10,14 @@
 -- KEYS[9] processed  ZSET  id -> until when a redelivery counts as a duplicate
 -- KEYS[10] cancelled HASH  id -> tombstones: entries of cancelled messages still listed
 -- KEYS[11] uniq      HASH  id -> unique key held until the message's final state
--- KEYS[12] ready     ZSET  id -> when it became ready to run (ms), for every pending id
--- KEYS[13] started   HASH  id -> when its current delivery started (ms)
+-- KEYS[12] ready     ZSET  id -> when it became ready (ms), for entries pushed at the head
+-- KEYS[13] runs      LIST  "<count> <ms>": runs of tail entries by when they became ready
 -- ARGV[1] n             most messages to lease
 -- ARGV[2] lease_ms      lease length
--- ARGV[3] token         random lease token of this delivery
+-- ARGV[3] token         lease token of this delivery: `{holder}/{random}`; the lease hash
+--                       stores `{token}@{now}` (now: the first value returned), which
+--                       is the token the caller settles and renews with, and says when
+--                       the delivery started
 -- ARGV[4] promote_limit most due delayed messages to promote in this call
 -- ARGV[5] dedup         1: skip (delete and count) ids found in the processed ledger
 -- ARGV[6] will_wait     1: the caller blocks on the wake list if this fetch finds nothing
@@ -38,15 +41,13 @@ local lease_ms = tonumber(ARGV[2])
 local due_scored = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'WITHSCORES', 'LIMIT', 0,
   tonumber(ARGV[4]))
 if #due_scored > 0 then
-  local due, since = {}, {}
+  local due = {}
   for i = 1, #due_scored, 2 do
     due[#due + 1] = due_scored[i]
-    since[#since + 1] = due_scored[i + 1]
-    since[#since + 1] = due_scored[i]
   end
   redis.call('ZREM', KEYS[4], unpack(due))
   redis.call('RPUSH', KEYS[1], unpack(due))
-  redis.call('ZADD', KEYS[12], unpack(since))
+  runs_push(KEYS[13], #due, tonumber(due_scored[2]))
 end
 
 local out = {}
@@ -54,6 +55,7 @@ local ledger = ARGV[5] == '1' and redis.call('EXISTS', KEYS[9]) == 1
 local tombstones = redis.call('EXISTS', KEYS[10]) == 1
 -- As a string once: Redis would otherwise format the number for every id.
 local deadline = string.format('%d', now + lease_ms)
+local token = ARGV[3] .. '@' .. string.format('%d', now)
 local zargs, hargs, skipped, finished = {}, {}, {}, {}
 local orphans = 0
 -- The entries of cancelled messages (tombstones) are skipped without counting against n:
@@ -67,7 +69,10 @@ while want > 0 do
   end
   popped = true
   local bodies = redis.call('HMGET', KEYS[5], unpack(ids))
-  local taken = {}
+  -- Every popped entry leaves pending: those pushed at the head are in `ready`, the rest
+  -- are the oldest of the runs.
+  local from_head = redis.call('ZREM', KEYS[12], unpack(ids))
+  runs_take(KEYS[13], #ids - from_head)
   local again = 0
   for i, id in ipairs(ids) do
     local body = bodies[i]
@@ -81,8 +86,6 @@ while want > 0 do
       redis.call('HINCRBY', KEYS[7], 'tombstones', -1)
       again = again + 1
     else
-      -- No longer waiting to run.
-      taken[#taken + 1] = id
       if not body then
         -- An id without a body has nothing to run (its body was purged); drop it.
         orphans = orphans + 1
@@ -94,14 +97,11 @@ while want > 0 do
         zargs[#zargs + 1] = deadline
         zargs[#zargs + 1] = id
         hargs[#hargs + 1] = id
-        hargs[#hargs + 1] = ARGV[3]
+        hargs[#hargs + 1] = token
         out[#out + 1] = id
         out[#out + 1] = body
       end
     end
-  end
-  if #taken > 0 then
-    redis.call('ZREM', KEYS[12], unpack(taken))
   end
   passed = passed + again
   want = math.min(again, 1000 - passed)
@@ -109,12 +109,6 @@ end
 if #zargs > 0 then
   redis.call('ZADD', KEYS[2], unpack(zargs))
   redis.call('HSET', KEYS[3], unpack(hargs))
-  local started, now_text = {}, string.format('%d', now)
-  for i = 2, #hargs, 2 do
-    started[#started + 1] = hargs[i - 1]
-    started[#started + 1] = now_text
-  end
-  redis.call('HSET', KEYS[13], unpack(started))
 end
 if #skipped > 0 then
   redis.call('HDEL', KEYS[5], unpack(skipped))
@@ -128,8 +122,13 @@ if orphans > 0 then
   redis.call('HINCRBY', KEYS[7], 'orphans', orphans)
 end
 -- More work is waiting: pass the wake-up on to another blocked worker.
-if popped and redis.call('LLEN', KEYS[1]) > 0 then
-  wake(KEYS[6])
+if popped then
+  if redis.call('LLEN', KEYS[1]) > 0 then
+    wake(KEYS[6])
+  else
+    -- Nothing is ready: whatever the latency records still hold is stale.
+    redis.call('DEL', KEYS[12], KEYS[13])
+  end
 end
 
 local next_due = -1

@@ -112,3 +112,47 @@ local function release_unique(uniq_key, ids)
     redis.call('HDEL', uniq_key, unpack(gone))
   end
 end
+
+-- Queue latency, cheaply. Entries pushed at the tail of pending (publish, promotion of due
+-- delayed messages, a retry without delay, reprocess) become ready in time order, so they
+-- are kept as runs: the LIST `runs` holds "<count> <ms>" items, oldest first, meaning
+-- "the next <count> tail entries of pending became ready at <ms>". One item per call, not
+-- per message. Entries pushed at the head (recovered and released messages) are out of
+-- order; they go to the ZSET `ready` (id -> ms). The oldest ready message is then the older
+-- of the first run and the first `ready` member.
+
+-- count more tail entries became ready at ms. A time not after the last run's joins that
+-- run (a promoted message whose due time is older than the last publish is counted from
+-- that publish: off by the promotion's delay at most).
+local function runs_push(key, count, ms)
+  if count <= 0 then
+    return
+  end
+  local last = redis.call('LINDEX', key, -1)
+  if last then
+    local n, at = string.match(last, '^(%d+) (%d+)$')
+    if at and ms <= tonumber(at) then
+      redis.call('LSET', key, -1, string.format('%d %s', tonumber(n) + count, at))
+      return
+    end
+  end
+  redis.call('RPUSH', key, string.format('%d %d', count, ms))
+end
+
+-- count tail entries left pending (taken by a fetch, tombstones included).
+local function runs_take(key, count)
+  while count > 0 do
+    local head = redis.call('LINDEX', key, 0)
+    if not head then
+      return
+    end
+    local n, at = string.match(head, '^(%d+) (%d+)$')
+    n = tonumber(n) or 0
+    if n > count then
+      redis.call('LSET', key, 0, string.format('%d %s', n - count, at))
+      return
+    end
+    redis.call('LPOP', key)
+    count = count - n
+  end
+end

@@ -8,8 +8,9 @@
 -- KEYS[7] minutes    HASH  per-minute counters (see count_minute)
 -- KEYS[8] uniq       HASH  id -> unique key it holds until its final state
 -- KEYS[9] meta       HASH  the topic's layout: partitions (absent = 1), frozen (until when)
--- KEYS[10] ready     ZSET  id -> when it became ready to run (ms), for every pending id
--- KEYS[11..] unique-key STRINGs (id of the message that holds the key), as referenced below
+-- KEYS[10] ready     ZSET  id -> when it became ready (ms), for entries pushed at the head
+-- KEYS[11] runs      LIST  "<count> <ms>": runs of tail entries by when they became ready
+-- KEYS[12..] unique-key STRINGs (id of the message that holds the key), as referenced below
 -- ARGV[1] the number of partitions the caller believes the topic has (1: a plain topic).
 --         Another number in meta means the caller's layout is out of date: nothing is
 --         written and the reply is the error `PARTITIONED <n>` (the caller re-reads it);
@@ -82,8 +83,7 @@ for k = 1, count do
 end
 
 -- Then the writes, one command per structure for the whole call.
-local bodies, ready, later, held, since = {}, {}, {}, {}, {}
-local now_text = string.format('%d', now)
+local bodies, ready, later, held = {}, {}, {}, {}
 for k = 1, count do
   if results[k] == 1 then
     local id = ids[k]
@@ -94,8 +94,6 @@ for k = 1, count do
       later[#later + 1] = id
     else
       ready[#ready + 1] = id
-      since[#since + 1] = now_text
-      since[#since + 1] = id
     end
     if uks[k] > 0 then
       redis.call('SET', KEYS[uks[k]], id, 'PX', ttls[k])
@@ -112,7 +110,7 @@ if written > 0 then
   redis.call('HSET', KEYS[1], unpack(bodies))
   if #ready > 0 then
     redis.call('RPUSH', KEYS[2], unpack(ready))
-    redis.call('ZADD', KEYS[10], unpack(since))
+    runs_push(KEYS[11], #ready, now)
   end
   if #later > 0 then
     redis.call('ZADD', KEYS[3], unpack(later))

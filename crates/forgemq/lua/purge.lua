@@ -6,7 +6,7 @@
 -- KEYS[6] dead  KEYS[7] wake  KEYS[8] stats  KEYS[9] processed  KEYS[10] uniq
 -- KEYS[11] cancelled  KEYS[12] purged_tokens (SET, kept an hour: the lease tokens of the
 -- deliveries running now, whose refused outcomes are then not counted as duplicate runs)
--- KEYS[13] ready  KEYS[14] started
+-- KEYS[13] ready  KEYS[14] runs
 -- Returns the number of messages deleted per state: {pending, active, delayed, dead}.
 
 local tombstones = tonumber(redis.call('HGET', KEYS[8], 'tombstones') or '0')

@@ -10,7 +10,6 @@
 -- KEYS[7] stats    HASH
 -- KEYS[8] uniq     HASH  id -> unique key held until the message's final state
 -- KEYS[9] ready    ZSET  id -> when it became ready to run (ms)
--- KEYS[10] started HASH  id -> when its delivery started (ms)
 -- ARGV[1] max_recoveries
 -- ARGV[2] limit    most expired leases handled per call
 -- ARGV[3] dead_max_len, ARGV[4] dead_max_age: dead-letter retention (see settle.lua)
@@ -29,7 +28,6 @@ local recovered, dead, orphans = 0, 0, 0
 local died = {}
 redis.call('ZREM', KEYS[1], unpack(expired))
 redis.call('HDEL', KEYS[2], unpack(expired))
-redis.call('HDEL', KEYS[10], unpack(expired))
 local now_text = string.format('%d', now)
 for i, id in ipairs(expired) do
   local body = bodies[i]

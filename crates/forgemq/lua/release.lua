@@ -6,7 +6,6 @@
 -- KEYS[4] wake     LIST
 -- KEYS[5] stats    HASH
 -- KEYS[6] ready    ZSET  id -> when it became ready to run (ms)
--- KEYS[7] started  HASH  id -> when its delivery started (ms)
 -- ARGV    pairs: token, id
 -- Returns one integer per pair: 1 released, 0 lease lost.
 
@@ -28,7 +27,6 @@ end
 if #back > 0 then
   redis.call('ZREM', KEYS[1], unpack(back))
   redis.call('HDEL', KEYS[2], unpack(back))
-  redis.call('HDEL', KEYS[7], unpack(back))
   local since, now_text = {}, string.format('%d', now_ms())
   for _, id in ipairs(back) do
     since[#since + 1] = now_text

@@ -4,7 +4,7 @@
 -- KEYS[3] pending  LIST
 -- KEYS[4] wake     LIST
 -- KEYS[5] stats    HASH
--- KEYS[6] ready    ZSET  id -> when it became ready to run (ms)
+-- KEYS[6] runs     LIST  "<count> <ms>": runs of tail entries by when they became ready
 -- ARGV    ids (at most 1,000)
 -- Returns one integer per id: 1 requeued, 0 no dead letter has that id.
 
@@ -21,18 +21,17 @@ for i, id in ipairs(ARGV) do
 end
 
 local n = 0
-local now_text = string.format('%d', now_ms())
 for i, id in ipairs(ARGV) do
   if results[i] == 1 then
     local body = set_field(set_field(bodies[id], 'retry', 0), 'recoveries', 0)
     redis.call('ZREM', KEYS[1], id)
     redis.call('HSET', KEYS[2], id, body)
     redis.call('RPUSH', KEYS[3], id)
-    redis.call('ZADD', KEYS[6], now_text, id)
     n = n + 1
   end
 end
 if n > 0 then
+  runs_push(KEYS[6], n, now_ms())
   redis.call('HINCRBY', KEYS[5], 'reprocessed', n)
   wake(KEYS[4])
 end

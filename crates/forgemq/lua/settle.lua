@@ -15,8 +15,8 @@
 -- KEYS[12], KEYS[13] settled:0, settled:1  HASH  call id -> this script's answers, kept for
 --                    30-60 s (two alternating 30 s generations)
 -- KEYS[14] purged_tokens SET  lease tokens of deliveries whose message was purged
--- KEYS[15] ready     ZSET  id -> when it became ready to run (ms), for every pending id
--- KEYS[16] started   HASH  id -> when its current delivery started (ms)
+-- KEYS[15] ready     ZSET  id -> when it became ready (ms), for entries pushed at the head
+-- KEYS[16] runs      LIST  "<count> <ms>": runs of tail entries by when they became ready
 -- ARGV[1] dead_max_len   dead letters kept; older ones are deleted (0 = no cap)
 -- ARGV[2] dead_max_age   ms a dead letter is kept (0 = forever)
 -- ARGV[3] dedup_ttl      ms an acked id stays in the processed ledger (0 = no ledger)
@@ -106,7 +106,7 @@ for i = acks + 1, n do
         redis.call('ZADD', KEYS[4], now_up + delay, id)
       else
         redis.call('RPUSH', KEYS[5], id)
-        redis.call('ZADD', KEYS[15], now, id)
+        runs_push(KEYS[16], 1, now)
       end
       retried = retried + 1
     elseif op == 'dead_as_is' then
@@ -135,7 +135,6 @@ end
 if #settled > 0 then
   redis.call('ZREM', KEYS[1], unpack(settled))
   redis.call('HDEL', KEYS[2], unpack(settled))
-  redis.call('HDEL', KEYS[16], unpack(settled))
 end
 if #acked > 0 then
   redis.call('HDEL', KEYS[3], unpack(acked))

@@ -747,7 +747,9 @@ pub struct PeekedMessage {
     /// The last error, if it failed before (or why the body does not decode).
     pub error: Option<String>,
     /// Due time (delayed), lease deadline (active) or time of death (dead); for a
-    /// pending one found by [`Client::message`], when it became ready to run. Redis clock.
+    /// pending one found by [`Client::message`], when it became ready to run if it went
+    /// back to the head of the queue (recovered or released), else `None` (the envelope's
+    /// `timestamp` says when it was published). Redis clock.
     pub at: Option<SystemTime>,
     /// Who runs an active message: the [`WorkerInfo::id`](crate::WorkerInfo::id) of a
     /// worker, or `{host}-{pid}-pop` for a manual fetch.

@@ -204,6 +204,8 @@ impl Client {
         store.recover(keys, self.inner.max_recoveries, 1000).await?;
         let token = crate::worker::lease_token(&crate::registry::pop_holder());
         let fetched = store.fetch(keys, n, lease, &token, false, false).await?;
+        // The token the script stored: the given one and when it ran.
+        let token = fetched.token;
         let mut out = Vec::with_capacity(fetched.messages.len());
         for m in fetched.messages {
             let limit = crate::message::stored_limit(self.max_payload());

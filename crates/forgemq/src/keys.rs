@@ -178,7 +178,7 @@ impl Namespace {
             settled: [k("settled:0"), k("settled:1")],
             purged_tokens: k("purged_tokens"),
             ready: k("ready"),
-            started: k("started"),
+            runs: k("runs"),
             // One per topic, partitioned or not: workers consume topics, not partitions.
             workers: format!("{}:{{{}}}:workers", self.ns, topic),
             unique_prefix: k("unique:"),
@@ -231,11 +231,13 @@ pub(crate) struct TopicKeys {
     /// SET of the lease tokens of deliveries whose message was purged under them (kept an
     /// hour): their refused outcomes are not duplicate runs.
     pub(crate) purged_tokens: String,
-    /// ZSET id → when it became ready to run (ms, Redis clock), for every pending id: the
-    /// queue latency is the age of its first entry.
+    /// ZSET id → when it became ready to run (ms, Redis clock), for the pending entries
+    /// pushed at the head of the list (recovered and released messages).
     pub(crate) ready: String,
-    /// HASH id → when its current delivery started (ms), for every active id.
-    pub(crate) started: String,
+    /// LIST of `"<count> <ms>"` runs: the tail entries of pending by when they became ready,
+    /// oldest first (see prelude.lua). The queue latency is the age of the older of the
+    /// first run and the first `ready` member.
+    pub(crate) runs: String,
     /// HASH worker id → `concurrency,in_flight,expires_ms` of the workers consuming the
     /// topic (in the plain topic's slot for a partitioned one).
     pub(crate) workers: String,

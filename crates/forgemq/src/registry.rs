@@ -130,10 +130,16 @@ pub(crate) fn new_worker_id() -> String {
     )
 }
 
-/// Who holds a delivery, from its lease token (`{holder}/{random}`): a worker id, or
-/// `{host}-{pid}-pop` for a manual fetch.
+/// Who holds a delivery, from its lease token (`{holder}/{random}@{start ms}`): a worker
+/// id, or `{host}-{pid}-pop` for a manual fetch.
 pub(crate) fn holder_of(token: &str) -> Option<&str> {
     token.rsplit_once('/').map(|(holder, _)| holder)
+}
+
+/// When a delivery started (ms, Redis clock), from its lease token: the fetch script
+/// appends `@{now}` to the token it was given.
+pub(crate) fn started_of(token: &str) -> Option<i64> {
+    token.rsplit_once('@').and_then(|(_, ms)| ms.parse().ok())
 }
 
 /// The holder named in the lease tokens of manual fetches (`pop_message`) of this process.
@@ -213,6 +219,10 @@ mod tests {
     fn holder_is_what_comes_before_the_last_slash() {
         assert_eq!(holder_of("web-1-0a1b2c3d/ffee"), Some("web-1-0a1b2c3d"));
         assert_eq!(holder_of("ffee"), None);
+        let token = "web-1-0a1b2c3d/ffee@1764758400123";
+        assert_eq!(holder_of(token), Some("web-1-0a1b2c3d"));
+        assert_eq!(started_of(token), Some(1_764_758_400_123));
+        assert_eq!(started_of("web-1-0a1b2c3d/ffee"), None);
     }
 
     #[test]

@@ -148,6 +148,9 @@ pub(crate) struct Fetched {
 /// What a fetch returned.
 #[derive(Debug)]
 pub(crate) struct FetchResult {
+    /// The lease token of the fetched messages, to settle and renew them with: the one
+    /// given, with `@{now_ms}` appended by the script (when the deliveries started).
+    pub(crate) token: String,
     /// Redis time of the fetch, ms.
     pub(crate) now_ms: i64,
     /// Due time of the earliest delayed message, when nothing was leased.
@@ -421,6 +424,7 @@ impl Store {
             keys.uniq.clone(),
             keys.meta.clone(),
             keys.ready.clone(),
+            keys.runs.clone(),
         ];
         // Per message: id, body, options ('' for the common case; see publish.lua).
         let mut options: Vec<String> = Vec::with_capacity(items.len());
@@ -483,7 +487,7 @@ impl Store {
                 &keys.cancelled,
                 &keys.uniq,
                 &keys.ready,
-                &keys.started,
+                &keys.runs,
             ],
         );
         call.arg(n.min(MAX_PER_CALL))
@@ -496,6 +500,8 @@ impl Store {
             .arg(u8::from(will_wait));
         let (now_ms, next_due, flat, paused): (i64, i64, Vec<Value>, i64) =
             self.run(script, &call).await?;
+        let token = format!("{token}@{now_ms}");
+        let token_ref = token.as_str();
         let mut messages = Vec::with_capacity(flat.len() / 2);
         let mut unreadable = Vec::new();
         let mut it = flat.into_iter();
@@ -515,12 +521,13 @@ impl Store {
             };
             let outcomes: Vec<(&str, &[u8], &SettleOp)> = unreadable
                 .iter()
-                .map(|id| (token, id.as_slice(), &op))
+                .map(|id| (token_ref, id.as_slice(), &op))
                 .collect();
             self.settle(keys, &outcomes, Duration::ZERO, &SettleCall::new())
                 .await?;
         }
         Ok(FetchResult {
+            token,
             now_ms,
             next_due_ms: (next_due >= 0).then_some(next_due),
             messages,
@@ -581,7 +588,7 @@ impl Store {
                 &keys.settled[1],
                 &keys.purged_tokens,
                 &keys.ready,
-                &keys.started,
+                &keys.runs,
             ],
         );
         // Acks first, as bare (token, id) pairs; then the other outcomes in groups of 5.
@@ -645,7 +652,6 @@ impl Store {
                 &keys.wake,
                 &keys.stats,
                 &keys.ready,
-                &keys.started,
             ],
         );
         for (token, id) in deliveries {
@@ -702,7 +708,6 @@ impl Store {
                 &keys.stats,
                 &keys.uniq,
                 &keys.ready,
-                &keys.started,
             ],
         );
         call.arg(max_recoveries)
@@ -723,7 +728,7 @@ impl Store {
                 &keys.pending,
                 &keys.wake,
                 &keys.stats,
-                &keys.ready,
+                &keys.runs,
             ],
         );
         call.arg(ids);
@@ -839,7 +844,7 @@ impl Store {
                 &keys.cancelled,
                 &keys.purged_tokens,
                 &keys.ready,
-                &keys.started,
+                &keys.runs,
             ],
         );
         self.run(script, &call).await
@@ -903,9 +908,21 @@ impl Store {
         for key in [&keys.ready, &keys.dead, &keys.delayed] {
             pipe.cmd("ZRANGE").arg(key).arg(0).arg(0).arg("WITHSCORES");
         }
-        pipe.cmd("TIME");
+        pipe.cmd("TIME").cmd("LINDEX").arg(&keys.runs).arg(0);
         #[allow(clippy::type_complexity)]
-        let (listed, active, delayed, dead, counters, paused, ready, died, due, (secs, micros)): (
+        let (
+            listed,
+            active,
+            delayed,
+            dead,
+            counters,
+            paused,
+            ready,
+            died,
+            due,
+            (secs, micros),
+            run,
+        ): (
             u64,
             u64,
             u64,
@@ -916,10 +933,20 @@ impl Store {
             Vec<(String, f64)>,
             Vec<(String, f64)>,
             (i64, i64),
+            Option<String>,
         ) = self
             .exec(Req::Pipe(&pipe), Route::Key(&keys.stats), None)
             .await?;
         let first = |v: Vec<(String, f64)>| v.first().map(|(_, s)| *s as i64);
+        // The first run: "<count> <ms>".
+        let run_ms = run
+            .as_deref()
+            .and_then(|r| r.split_once(' '))
+            .and_then(|(_, ms)| ms.parse::<i64>().ok());
+        let oldest_ready_ms = match (first(ready), run_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         Ok(RawStats {
             // Entries of cancelled messages stay listed until a fetch skips them.
             pending: listed.saturating_sub(counters.get("tombstones").copied().unwrap_or(0)),
@@ -929,7 +956,7 @@ impl Store {
             counters,
             paused,
             now_ms: secs * 1000 + micros / 1000,
-            oldest_ready_ms: first(ready),
+            oldest_ready_ms,
             oldest_dead_ms: first(died),
             next_due_ms: first(due),
         })
@@ -1028,11 +1055,16 @@ impl Store {
         }
         let mut pipe = redis::pipe();
         pipe.cmd("HMGET").arg(&keys.lease).arg(ids);
-        pipe.cmd("HMGET").arg(&keys.started).arg(ids);
-        let (tokens, since): (Vec<Option<String>>, Vec<Option<i64>>) = self
+        let (tokens,): (Vec<Option<String>>,) = self
             .exec(Req::Pipe(&pipe), Route::Key(&keys.lease), None)
             .await?;
-        Ok(tokens.into_iter().zip(since).collect())
+        Ok(tokens
+            .into_iter()
+            .map(|t| {
+                let since = t.as_deref().and_then(crate::registry::started_of);
+                (t, since)
+            })
+            .collect())
     }
 
     /// Where one id is in a topic (or partition): its scores in the delayed, active and
@@ -1044,17 +1076,15 @@ impl Store {
             .zscore(&keys.active, id)
             .zscore(&keys.dead, id)
             .hget(&keys.msg, id)
-            .hget(&keys.lease, id)
-            .hget(&keys.started, id);
+            .hget(&keys.lease, id);
         #[allow(clippy::type_complexity)]
-        let (ready, delayed, active, dead, body, lease, started): (
+        let (ready, delayed, active, dead, body, lease): (
             Option<f64>,
             Option<f64>,
             Option<f64>,
             Option<f64>,
             Option<Vec<u8>>,
             Option<String>,
-            Option<i64>,
         ) = self
             .exec(Req::Pipe(&pipe), Route::Key(&keys.msg), None)
             .await?;
@@ -1064,8 +1094,8 @@ impl Store {
             active,
             dead,
             body,
+            started: lease.as_deref().and_then(crate::registry::started_of),
             lease,
-            started,
         })
     }
 

@@ -288,7 +288,9 @@ pub(super) struct Envelope {
 pub(super) struct MessageStatus {
     /// Where it is.
     pub(super) state: MessageStateField,
-    /// Pending messages: when it became ready to run, RFC 3339 (Redis clock).
+    /// Pending messages that went back to the head of the queue (recovered, released):
+    /// when, RFC 3339 (Redis clock); null for the others (`timestamp` says when they were
+    /// published).
     pub(super) ready_since: Option<String>,
     /// The envelope and the fields of its state.
     #[serde(flatten)]

@@ -353,6 +353,8 @@ impl Group {
                         round.due_at = Some(round.due_at.map_or(at, |d| d.min(at)));
                     }
                     want = want.saturating_sub(f.messages.len());
+                    // The token the script stored: the given one and when it ran.
+                    let token: Arc<str> = f.token.as_str().into();
                     round.got.extend(
                         f.messages
                             .into_iter()
@@ -432,6 +434,7 @@ impl Group {
                             first_at.get_or_insert_with(Instant::now);
                         }
                         // Tracked at once: their leases are renewed while the batch fills.
+                        let token: Arc<str> = f.token.as_str().into();
                         batch.extend(f.messages.into_iter().map(|m| runner.track(m, &token)));
                         if batch.len() >= max_size {
                             break;

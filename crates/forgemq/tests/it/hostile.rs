@@ -1002,6 +1002,7 @@ const LIBRARY_COMMANDS: &[&str] = &[
     "+blpop",
     "+client|id",
     "+client|unblock",
+    "+lindex",
     // Called inside the Lua scripts (checked by ACL too).
     "+time",
     "+hset",
@@ -1013,6 +1014,7 @@ const LIBRARY_COMMANDS: &[&str] = &[
     "+rpush",
     "+lpush",
     "+lpop",
+    "+lset",
     "+del",
     "+unlink",
     "+pexpire",
