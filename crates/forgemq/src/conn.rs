@@ -543,7 +543,8 @@ impl Backend {
     fn after_error(&self, e: &redis::RedisError) {
         if let Kind::Master(link) = &self.kind {
             if let Some(watch) = &link.sentinel {
-                if e.code() == Some("READONLY")
+                // Redis 6.2 wraps a READONLY raised inside a script in an `ERR`.
+                if crate::error::server_codes(e).iter().any(|c| c == "READONLY")
                     || e.is_io_error()
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
