@@ -976,6 +976,106 @@ async fn startup_config_checks() {
     assert_no_library_panic_since(panic_mark);
 }
 
+/// One command of a RESP request at the start of `buf`, and the bytes it took; `None`
+/// until all of it has arrived.
+fn parse_resp_command(buf: &[u8]) -> Option<(Vec<String>, usize)> {
+    fn line(buf: &[u8], at: usize) -> Option<(&str, usize)> {
+        let end = at + buf.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        Some((std::str::from_utf8(&buf[at..end]).ok()?, end + 2))
+    }
+    let (head, mut at) = line(buf, 0)?;
+    let n: usize = head.strip_prefix('*')?.parse().ok()?;
+    let mut args = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (len, next) = line(buf, at)?;
+        let len: usize = len.strip_prefix('$')?.parse().ok()?;
+        let arg = buf.get(next..next + len)?;
+        args.push(String::from_utf8_lossy(arg).into_owned());
+        at = next + len + 2;
+        if buf.len() < at {
+            return None;
+        }
+    }
+    Some((args, at))
+}
+
+/// A stand-in for an old Redis on a free port: `INFO` says `redis_version:<version>`,
+/// `PING` answers `PONG`, anything else `OK`.
+async fn fake_redis(version: &'static str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = socket.read(&mut chunk).await {
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some((args, used)) = parse_resp_command(&buf) {
+                        buf.drain(..used);
+                        let reply = match args.first().map(|c| c.to_ascii_uppercase()) {
+                            Some(c) if c == "INFO" => {
+                                let info = format!("# Server\r\nredis_version:{version}\r\nredis_mode:standalone\r\n");
+                                format!("${}\r\n{info}\r\n", info.len())
+                            }
+                            Some(c) if c == "PING" => "+PONG\r\n".to_owned(),
+                            _ => "+OK\r\n".to_owned(),
+                        };
+                        if socket.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A Redis older than 6.2 is refused at connect with an error naming its version and the
+/// minimum, instead of failing at the first fetch; a user denied `INFO` still connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_older_than_6_2_is_refused_at_connect() {
+    single_server_only!();
+    init_tracing();
+    for old in ["6.0.9", "5.0.14"] {
+        let port = fake_redis(old).await;
+        let err = Client::connect(&format!("redis://127.0.0.1:{port}/"))
+            .await
+            .map(|_| ())
+            .expect_err(&format!("Redis {old} was accepted"));
+        let text = err.to_string();
+        assert!(matches!(err, Error::Config(_)), "{err:?}");
+        assert!(
+            text.contains(&format!("Redis {old} is too old")) && text.contains("6.2 or newer"),
+            "{text}"
+        );
+    }
+    // The same stand-in saying 6.2.0 is accepted: the check is what refused the others.
+    let port = fake_redis("6.2.0").await;
+    Client::connect(&format!("redis://127.0.0.1:{port}/"))
+        .await
+        .expect("Redis 6.2.0 is new enough");
+
+    // A real server and a user that may not run INFO: the check is skipped, nothing fails.
+    let server = RedisServer::start();
+    server.acl_setuser("noinfo", &["reset", "on", ">pw", "~mq:*", "+@all", "-info"]);
+    let mq = Client::connect(&server.url_as("noinfo", "pw"))
+        .await
+        .expect("a user denied INFO connects");
+    let id = mq
+        .publish("hostile.version", json!({"x": 1}))
+        .await
+        .unwrap();
+    let got = mq.pop_message("hostile.version").await.unwrap().unwrap();
+    assert_eq!(got.id(), &id);
+    got.ack().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // 5. Least-privilege ACL user over TLS
 // ---------------------------------------------------------------------------------------
@@ -1002,6 +1102,9 @@ const LIBRARY_COMMANDS: &[&str] = &[
     "+blpop",
     "+client|id",
     "+client|unblock",
+    // The version check at connect (skipped when refused). A first-argument rule: only
+    // `INFO server`, not the other sections.
+    "+info|server",
     // Called inside the Lua scripts (checked by ACL too).
     "+time",
     "+hset",
@@ -1390,10 +1493,16 @@ async fn acl_and_tls() {
         .iter()
         .map(|c| c.trim_start_matches('+'))
         .collect();
+    // `script|load` counts as used when `script|load` ran, or `script` on Redis 6.2 (whose
+    // command statistics have no subcommands); `info|server` (a first-argument rule) as
+    // `info`.
     let unused: Vec<&&str> = {
         let mut u: Vec<&&str> = allowed
             .iter()
-            .filter(|c| !used.iter().any(|x| x == **c))
+            .filter(|c| {
+                let container = c.split('|').next().unwrap_or(c);
+                !used.iter().any(|x| x == **c || x == container)
+            })
             .collect();
         u.sort();
         u
