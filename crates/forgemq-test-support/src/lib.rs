@@ -15,7 +15,8 @@
 //!   [`Layout`]) and do not depend on the `forgemq` crate, which uses this
 //!   crate as a dev-dependency.
 //!
-//! `redis-server` (6.2 or 7.x) must be on `PATH`.
+//! `redis-server` (6.2 or 7.x) must be on `PATH`, or named by `$REDIS_SERVER`
+//! ([`redis_server_binary`]).
 //!
 //! ```
 //! use forgemq_test_support::{check_invariants, Aof, Layout, RedisOptions, RedisServer, State};
@@ -25,6 +26,8 @@
 //! let layout = Layout::new("mq", "emails");
 //! redis::cmd("HSET").arg(layout.msg()).arg("m1").arg("{}").exec(&mut conn).unwrap();
 //! redis::cmd("RPUSH").arg(layout.pending()).arg("m1").exec(&mut conn).unwrap();
+//! // One pending entry, ready since 1,000 ms after the epoch (see `Layout::runs`).
+//! redis::cmd("RPUSH").arg(layout.runs()).arg("1 1000").exec(&mut conn).unwrap();
 //!
 //! // A crash keeps everything that was fsynced.
 //! server.kill9();
@@ -44,5 +47,8 @@ pub use invariants::{
     assert_none_lost, check_invariants, Layout, State, StateReport, DEFAULT_NAMESPACE,
 };
 pub use sentinel::{TestSentinel, MASTER_NAME};
-pub use server::{free_cluster_port, free_port, Aof, RedisOptions, RedisServer, TlsFiles};
+pub use server::{
+    free_cluster_port, free_port, redis_server_binary, server_supports_tls, Aof, RedisOptions,
+    RedisServer, TlsFiles, REDIS_SERVER_ENV,
+};
 pub use wait::eventually;

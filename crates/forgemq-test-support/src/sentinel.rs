@@ -54,9 +54,11 @@ impl TestSentinel {
         let mut nodes = vec![master];
         let master_port = nodes[0].port();
         for _ in 0..replicas {
+            // Host and port as two arguments: Redis 6.2 refuses `--replicaof "host port"`.
             nodes.push(RedisServer::start_with(options.clone().args([
                 "--replicaof".to_owned(),
-                format!("127.0.0.1 {master_port}"),
+                "127.0.0.1".to_owned(),
+                master_port.to_string(),
             ])));
         }
         let sentinels = (0..3)
@@ -231,7 +233,7 @@ impl SentinelProcess {
             ),
         )
         .expect("cannot write sentinel.conf");
-        let child = Command::new("redis-server")
+        let child = Command::new(crate::server::redis_server_binary())
             .arg(&conf)
             .arg("--sentinel")
             .stdin(Stdio::null())

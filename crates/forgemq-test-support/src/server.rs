@@ -35,6 +35,41 @@ const LOG_FILE: &str = "redis.log";
 /// there before the log file is opened.
 const STDIO_FILE: &str = "redis.stdio.log";
 
+/// The environment variable that names the `redis-server` binary to test against (e.g.
+/// a Redis 6.2 build from `scripts/redis62.sh`); without it `redis-server` is looked up
+/// on `PATH`.
+pub const REDIS_SERVER_ENV: &str = "REDIS_SERVER";
+
+/// The `redis-server` binary tests start: `$REDIS_SERVER` when set, else the one on `PATH`.
+/// Sentinels are started from the same binary (`--sentinel`).
+pub fn redis_server_binary() -> PathBuf {
+    std::env::var_os(REDIS_SERVER_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from("redis-server"), PathBuf::from)
+}
+
+/// Whether [`redis_server_binary`] was built with TLS (Debian's is; the Redis 6.2 of
+/// `scripts/redis62.sh` is not). Asked once per process: the binary is started with
+/// `--tls-port 0` followed by an invalid `--loglevel`, so it exits at once either way,
+/// complaining about `tls-port` only when it does not know the directive.
+pub fn server_supports_tls() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        let binary = redis_server_binary();
+        let output = Command::new(&binary)
+            .args(["--tls-port", "0", "--loglevel", "not-a-level"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {} (is it on PATH?): {e}", binary.display()));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        !text.contains("tls-port")
+    })
+}
+
 /// Append-only-file persistence mode of a [`RedisServer`].
 ///
 /// Crash tests need `Always` to know that everything acknowledged before a
@@ -133,7 +168,8 @@ impl RedisOptions {
     /// [`RedisServer::tls_url`]) besides the plain one, which stays open for
     /// the readiness check and for test setup (ACL users, `INFO`).
     ///
-    /// `redis-server` must be built with TLS support (Debian's is).
+    /// `redis-server` must be built with TLS support (Debian's is; ask
+    /// [`server_supports_tls`]).
     #[must_use]
     pub fn tls(mut self, files: TlsFiles) -> Self {
         self.tls = Some(files);
@@ -544,7 +580,8 @@ fn spawn(dir: &Path, port: u16, tls_port: Option<u16>, options: &RedisOptions) -
     let stderr = stdio
         .try_clone()
         .expect("cannot duplicate redis-server stdio file");
-    Command::new("redis-server")
+    let binary = redis_server_binary();
+    Command::new(&binary)
         .arg("--port")
         .arg(port.to_string())
         .args(["--bind", "127.0.0.1"])
@@ -558,7 +595,12 @@ fn spawn(dir: &Path, port: u16, tls_port: Option<u16>, options: &RedisOptions) -
         .stdout(stdio)
         .stderr(stderr)
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot spawn redis-server (is it on PATH?): {e}"))
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot spawn {} (is it on PATH, or is ${REDIS_SERVER_ENV} right?): {e}",
+                binary.display()
+            )
+        })
 }
 
 /// Polls until the server answers PING, has finished loading, and is really

@@ -439,6 +439,13 @@ fn write_test_pki(dir: &std::path::Path) -> String {
 
 #[test]
 fn tls_port_serves_tls_and_survives_restart() {
+    if !forgemq_test_support::server_supports_tls() {
+        eprintln!(
+            "skipped: {} was built without TLS (`tls-port` is an unknown directive)",
+            forgemq_test_support::redis_server_binary().display()
+        );
+        return;
+    }
     // The redis crate's rustls needs a crypto provider; ignored if one is installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let pki = tempfile::tempdir().unwrap();

@@ -216,7 +216,9 @@ impl ClientBuilder {
     }
 
     /// Connects. Fails when Redis can't be reached, so a misconfigured producer finds out
-    /// at start-up rather than by losing messages.
+    /// at start-up rather than by losing messages; and with [`Error::Config`] naming the
+    /// version when Redis (a master of a cluster) is older than 6.2, the oldest ForgeMQ
+    /// runs on. A user that may not run `INFO server` skips that check.
     pub async fn build(self) -> Result<Client> {
         let ns = Namespace::new(&self.namespace)?;
         if self.max_payload == 0 {

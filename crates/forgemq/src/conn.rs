@@ -23,6 +23,24 @@ use crate::error::{Error, Result};
 use crate::scripts::Lua;
 use crate::store::ConnSettings;
 
+/// The oldest Redis ForgeMQ runs on, in every mode: the fetch script takes a batch with
+/// `LPOP key count` (Redis 6.2). Cluster and Sentinel mode need nothing newer (no sharded
+/// pub/sub, no Redis Functions, no `CLUSTER SHARDS`).
+pub(crate) const MIN_VERSION: (u32, u32, u32) = (6, 2, 0);
+
+/// `major.minor.patch` of a `redis_version` (`7.0.15`, `6.2.14`, `7.4.0-rc1`); `None` when
+/// it does not start with a number.
+pub(crate) fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = text.split('.').map(|p| {
+        let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u32>().ok()
+    });
+    let major = parts.next()??;
+    let minor = parts.next().flatten().unwrap_or(0);
+    let patch = parts.next().flatten().unwrap_or(0);
+    Some((major, minor, patch))
+}
+
 /// Number of hash slots of a Redis Cluster.
 pub(crate) const SLOTS: u16 = 16384;
 
@@ -438,8 +456,9 @@ impl Backend {
             kind,
             replicated: Mutex::new(HashMap::new()),
         };
-        if let Kind::Cluster(_) = backend.kind {
-            backend.check_cluster().await?;
+        match backend.kind {
+            Kind::Cluster(_) => backend.check_cluster().await?,
+            Kind::Master(_) => backend.check_version(Route::Key("")).await?,
         }
         Ok(backend)
     }
@@ -449,10 +468,11 @@ impl Backend {
         matches!(self.kind, Kind::Cluster(_))
     }
 
-    /// Every master answers and says `cluster_state:ok`.
+    /// Every master answers, says `cluster_state:ok` and runs a Redis recent enough.
     async fn check_cluster(&self) -> Result<()> {
         let masters = self.masters().await?;
         for node in &masters {
+            self.check_version(Route::Node(node)).await?;
             let info = redis::cmd("CLUSTER").arg("INFO").to_owned();
             let text: String = self.exec(Req::Cmd(&info), Route::Node(node), None).await?;
             let state = text
@@ -467,6 +487,43 @@ impl Backend {
             }
         }
         Ok(())
+    }
+
+    /// Refuses a server older than [`MIN_VERSION`], read from `INFO server` on the node
+    /// `route` names, with an error that names both versions: otherwise the first fetch
+    /// fails, much later, as "wrong number of arguments for 'lpop'". A server that refuses
+    /// `INFO` (an ACL user without `+info|server`, a managed service that renames it) or
+    /// does not say its version is not checked.
+    async fn check_version(&self, route: Route<'_>) -> Result<()> {
+        let info = redis::cmd("INFO").arg("server").to_owned();
+        let text: String = match self.exec(Req::Cmd(&info), route, None).await {
+            Ok(text) => text,
+            Err(Error::Redis(e)) if e.code().is_some() => {
+                tracing::debug!(error = %e, "INFO server refused; the Redis version is not checked");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(version) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .map(str::trim)
+        else {
+            return Ok(());
+        };
+        match parse_version(version) {
+            Some(found) if found < MIN_VERSION => {
+                let on = match route {
+                    Route::Node(node) => format!(" (node {node})"),
+                    Route::Key(_) => String::new(),
+                };
+                Err(Error::Config(format!(
+                    "Redis {version}{on} is too old: ForgeMQ needs {}.{} or newer (LPOP with a count)",
+                    MIN_VERSION.0, MIN_VERSION.1
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Sends a request where `route` says and turns the reply into `T`. On `NOSCRIPT` (a
@@ -543,7 +600,10 @@ impl Backend {
     fn after_error(&self, e: &redis::RedisError) {
         if let Kind::Master(link) = &self.kind {
             if let Some(watch) = &link.sentinel {
-                if e.code() == Some("READONLY")
+                // Redis 6.2 wraps a READONLY raised inside a script in an `ERR`.
+                if crate::error::server_codes(e)
+                    .iter()
+                    .any(|c| c == "READONLY")
                     || e.is_io_error()
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
@@ -1284,6 +1344,19 @@ mod tests {
         assert_eq!(slot(b"mq:{order.paid}:pending"), slot(b"order.paid"));
         assert_eq!(slot(b"a{}b"), crc16(b"a{}b") % SLOTS);
         assert_eq!(crc16(b"123456789"), 0x31C3);
+    }
+
+    #[test]
+    fn redis_versions_parse_and_compare() {
+        assert_eq!(parse_version("7.0.15"), Some((7, 0, 15)));
+        assert_eq!(parse_version("6.2.14"), Some((6, 2, 14)));
+        assert_eq!(parse_version("7.4.0-rc1"), Some((7, 4, 0)));
+        assert_eq!(parse_version("8"), Some((8, 0, 0)));
+        assert_eq!(parse_version("unknown"), None);
+        assert!(parse_version("6.0.9").unwrap() < MIN_VERSION);
+        assert!(parse_version("5.0.14").unwrap() < MIN_VERSION);
+        assert!(parse_version("6.2.0").unwrap() >= MIN_VERSION);
+        assert!(parse_version("10.0.0").unwrap() >= MIN_VERSION);
     }
 
     #[test]

@@ -205,24 +205,35 @@ impl Error {
 }
 
 /// The error codes (`OOM`, `LOADING`, ...) of a Redis error, also those of the commands of
-/// a failed pipeline (a publish is one: the topic registration and its script).
+/// a failed pipeline (a publish is one: the topic registration and its script), and those
+/// wrapped inside a script error.
 pub(crate) fn server_codes(e: &redis::RedisError) -> Vec<String> {
     let mut codes: Vec<String> = e.code().map(str::to_owned).into_iter().collect();
     if let Some(errors) = e.clone().into_server_errors() {
         codes.extend(errors.iter().map(|(_, se)| se.code().to_owned()));
     }
-    // Redis 6.2 wraps an error raised inside a script: `ERR Error running script (call to
-    // f_…): @user_script:…: -OOM command not allowed …`. The code inside is what counts.
+    // Redis 7 keeps the code of an error raised inside a script (`OOM command not allowed
+    // … script: …`), but Redis 6.2 wraps it: `ERR Error running script (call to f_…):
+    // @user_script:1: @user_script: 1: -OOM command not allowed …`. The code inside is
+    // what counts. The text of a pipeline failure holds each command's error the same way.
     let text = e.to_string();
     for code in WRAPPED_CODES {
-        if text.contains(&format!("-{code} ")) {
+        if text.contains(&format!(": -{code} ")) {
             codes.push((*code).to_owned());
         }
+    }
+    // An ACL refusal inside a script has no code on 6.2 or 7.0 (7.2 says NOPERM): `ERR The
+    // user executing the script can't run this command or subcommand` (or "can't access
+    // at least one of the keys"), wrapped as above on 6.2.
+    if text.contains("The user executing the script can't") {
+        codes.push("NOPERM".to_owned());
     }
     codes
 }
 
-/// The error codes looked for inside a wrapped script error.
+/// The error codes looked for inside a wrapped script error: those of the errors Redis
+/// raises itself inside a script (`OOM`, `READONLY`, ...), the library's own
+/// (`PARTITIONED`), and every class [`Error`]'s predicates ask about.
 const WRAPPED_CODES: &[&str] = &[
     "PARTITIONED",
     "OOM",
@@ -240,3 +251,164 @@ const WRAPPED_CODES: &[&str] = &[
 
 /// `Result` with ForgeMQ's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error Redis answers with this text (after the `-`).
+    fn reply(text: &str) -> redis::RedisError {
+        let value = redis::parse_redis_value(format!("-{text}\r\n").as_bytes()).unwrap();
+        value.extract_error().unwrap_err()
+    }
+
+    /// A connection that answers every pipeline with these replies (`Err` for an error).
+    struct Canned(Vec<redis::Value>);
+
+    impl redis::ConnectionLike for Canned {
+        fn req_packed_command(&mut self, _: &[u8]) -> redis::RedisResult<redis::Value> {
+            Ok(self.0.remove(0))
+        }
+        fn req_packed_commands(
+            &mut self,
+            _: &[u8],
+            _: usize,
+            count: usize,
+        ) -> redis::RedisResult<Vec<redis::Value>> {
+            Ok(self.0.drain(..count).collect())
+        }
+        fn get_db(&self) -> i64 {
+            0
+        }
+        fn check_connection(&mut self) -> bool {
+            true
+        }
+        fn is_open(&self) -> bool {
+            true
+        }
+    }
+
+    /// A publish-like pipeline (`SADD`, then `EVALSHA`) whose script fails with `text`.
+    fn pipeline_failure(text: &str) -> redis::RedisError {
+        let script_reply = redis::parse_redis_value(format!("-{text}\r\n").as_bytes()).unwrap();
+        let mut conn = Canned(vec![redis::Value::Int(1), script_reply]);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SADD").arg("mq:topics").arg("t");
+        pipe.cmd("EVALSHA").arg("0").arg(0);
+        pipe.query::<redis::Value>(&mut conn).unwrap_err()
+    }
+
+    /// The same refusal as Redis 7.x, Redis 6.2 and a pipeline report it, for one code.
+    fn every_wrapping(code: &str, message: &str) -> Vec<(String, Error)> {
+        let sha = "f5a1b0c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8";
+        let v7 = format!("{code} {message} script: {sha}, on @user_script:12.");
+        let v62 = format!(
+            "ERR Error running script (call to f_{sha}): @user_script:12: @user_script: 12: -{code} {message}"
+        );
+        vec![
+            (
+                "plain".into(),
+                Error::Redis(reply(&format!("{code} {message}"))),
+            ),
+            (format!("7.x: {v7}"), Error::Redis(reply(&v7))),
+            (format!("6.2: {v62}"), Error::Redis(reply(&v62))),
+            (
+                format!("7.x pipeline: {v7}"),
+                Error::Redis(pipeline_failure(&v7)),
+            ),
+            (
+                format!("6.2 pipeline: {v62}"),
+                Error::Redis(pipeline_failure(&v62)),
+            ),
+        ]
+    }
+
+    fn has_code(e: &Error, code: &str) -> bool {
+        matches!(e, Error::Redis(r) if server_codes(r).iter().any(|c| c == code))
+    }
+
+    #[test]
+    fn out_of_memory_is_recognised_in_every_wrapping() {
+        for (how, e) in every_wrapping("OOM", "command not allowed when used memory > 'maxmemory'.")
+        {
+            assert!(e.is_out_of_memory(), "{how}: {e}");
+            assert!(!e.is_transient(), "{how}: {e}");
+            assert!(!e.is_read_only() && !e.is_no_permission(), "{how}: {e}");
+        }
+    }
+
+    #[test]
+    fn read_only_is_recognised_in_every_wrapping() {
+        for (how, e) in every_wrapping("READONLY", "You can't write against a read only replica.") {
+            assert!(e.is_read_only(), "{how}: {e}");
+            assert!(e.is_transient(), "{how}: {e}");
+            assert!(!e.is_out_of_memory(), "{how}: {e}");
+        }
+    }
+
+    #[test]
+    fn no_permission_is_recognised_in_every_wrapping() {
+        for (how, e) in every_wrapping(
+            "NOPERM",
+            "this user has no permissions to access one of the keys used as arguments",
+        ) {
+            assert!(e.is_no_permission(), "{how}: {e}");
+            assert!(!e.is_transient(), "{how}: {e}");
+        }
+        // Inside a script, Redis 6.2 and 7.0 refuse without a code (as seen on 6.2.14 and
+        // 7.0.15); 7.2 says NOPERM.
+        let sha = "f5a1b0c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8";
+        for text in [
+            format!("ERR Error running script (call to f_{sha}): @user_script:1: @user_script: 1: The user executing the script can't access at least one of the keys mentioned in the command arguments"),
+            format!("ERR Error running script (call to f_{sha}): @user_script:1: @user_script: 1: The user executing the script can't run this command or subcommand"),
+            format!("ERR The user executing the script can't run this command or subcommand script: {sha}, on @user_script:1."),
+            format!("ERR The user executing the script can't access at least one of the keys mentioned in the command arguments script: {sha}, on @user_script:1."),
+        ] {
+            assert!(Error::Redis(reply(&text)).is_no_permission(), "{text}");
+            assert!(Error::Redis(pipeline_failure(&text)).is_no_permission(), "pipeline: {text}");
+        }
+    }
+
+    #[test]
+    fn transient_classes_are_recognised_in_every_wrapping() {
+        for (code, message) in [
+            ("LOADING", "Redis is loading the dataset in memory"),
+            ("TRYAGAIN", "Multiple keys request during rehashing of slot"),
+            (
+                "MASTERDOWN",
+                "Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            ),
+            (
+                "BUSY",
+                "Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.",
+            ),
+        ] {
+            for (how, e) in every_wrapping(code, message) {
+                assert!(has_code(&e, code), "{how}: {e}");
+                assert!(e.is_transient(), "{how}: {e}");
+                assert!(!e.is_out_of_memory() && !e.is_no_permission(), "{how}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn noscript_is_recognised_in_every_wrapping() {
+        for (how, e) in every_wrapping("NOSCRIPT", "No matching script. Please use EVAL.") {
+            assert!(has_code(&e, "NOSCRIPT"), "{how}: {e}");
+            assert!(!e.is_transient(), "{how}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_code_named_in_ordinary_text_is_not_a_code() {
+        let sha = "f5a1b0c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8";
+        for text in [
+            format!("ERR Error running script (call to f_{sha}): @user_script:3: user_script:3: topic OOM-BUSY is not READONLY"),
+            "WRONGTYPE Operation against a key holding the wrong kind of value".to_owned(),
+        ] {
+            let e = Error::Redis(reply(&text));
+            assert!(!e.is_out_of_memory() && !e.is_read_only() && !e.is_no_permission(), "{e}");
+            assert!(!e.is_transient(), "{e}");
+        }
+    }
+}

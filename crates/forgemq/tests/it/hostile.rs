@@ -10,7 +10,8 @@ use forgemq::{
     Subscription, WarningKind, Worker,
 };
 use forgemq_test_support::{
-    assert_none_lost, check_invariants, Layout, RedisOptions, RedisServer, State, TlsFiles,
+    assert_none_lost, check_invariants, redis_server_binary, server_supports_tls, Layout,
+    RedisOptions, RedisServer, State, TlsFiles,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -852,6 +853,28 @@ fn noop_worker(mq: &Client, topic: &str, runs: &Runs, strict: bool) -> Worker {
         .unwrap()
 }
 
+/// Sets a configuration parameter and checks that the server took it, so that what a test
+/// asserts on does not depend on the version's defaults.
+fn set_config(server: &RedisServer, name: &str, value: &str) {
+    let mut conn = server.conn();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(name)
+        .arg(value)
+        .exec(&mut conn)
+        .unwrap_or_else(|e| panic!("CONFIG SET {name} {value:?}: {e}"));
+    let got: HashMap<String, String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(name)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(
+        got.get(name).map(String::as_str),
+        Some(value),
+        "CONFIG GET {name}"
+    );
+}
+
 /// Eviction and missing persistence are warned about, require_safe_redis refuses them at once, and a user denied CONFIG gets one Unverified warning while its worker still runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_config_checks() {
@@ -919,12 +942,11 @@ async fn startup_config_checks() {
         kinds(&mq2.server_warnings().await.unwrap()),
         [WarningKind::PersistenceOff]
     );
-    // RDB snapshots only: AOF off.
-    let snapshots = RedisServer::start_with(
-        RedisOptions::new()
-            .maxmemory_policy("noeviction")
-            .args(["--save", "900 1"]),
-    );
+    // RDB snapshots only: AOF off. Set with CONFIG SET, which reads `save` the same way on
+    // every version (Redis 6.2 ignores a one-argument `--save "900 1"` on the command line).
+    let snapshots = RedisServer::start_with(RedisOptions::new().maxmemory_policy("noeviction"));
+    set_config(&snapshots, "save", "900 1");
+    set_config(&snapshots, "appendonly", "no");
     let mq3 = Client::connect(&snapshots.url()).await.unwrap();
     assert_eq!(
         kinds(&mq3.server_warnings().await.unwrap()),
@@ -976,6 +998,106 @@ async fn startup_config_checks() {
     assert_no_library_panic_since(panic_mark);
 }
 
+/// One command of a RESP request at the start of `buf`, and the bytes it took; `None`
+/// until all of it has arrived.
+fn parse_resp_command(buf: &[u8]) -> Option<(Vec<String>, usize)> {
+    fn line(buf: &[u8], at: usize) -> Option<(&str, usize)> {
+        let end = at + buf.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        Some((std::str::from_utf8(&buf[at..end]).ok()?, end + 2))
+    }
+    let (head, mut at) = line(buf, 0)?;
+    let n: usize = head.strip_prefix('*')?.parse().ok()?;
+    let mut args = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (len, next) = line(buf, at)?;
+        let len: usize = len.strip_prefix('$')?.parse().ok()?;
+        let arg = buf.get(next..next + len)?;
+        args.push(String::from_utf8_lossy(arg).into_owned());
+        at = next + len + 2;
+        if buf.len() < at {
+            return None;
+        }
+    }
+    Some((args, at))
+}
+
+/// A stand-in for an old Redis on a free port: `INFO` says `redis_version:<version>`,
+/// `PING` answers `PONG`, anything else `OK`.
+async fn fake_redis(version: &'static str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = socket.read(&mut chunk).await {
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some((args, used)) = parse_resp_command(&buf) {
+                        buf.drain(..used);
+                        let reply = match args.first().map(|c| c.to_ascii_uppercase()) {
+                            Some(c) if c == "INFO" => {
+                                let info = format!("# Server\r\nredis_version:{version}\r\nredis_mode:standalone\r\n");
+                                format!("${}\r\n{info}\r\n", info.len())
+                            }
+                            Some(c) if c == "PING" => "+PONG\r\n".to_owned(),
+                            _ => "+OK\r\n".to_owned(),
+                        };
+                        if socket.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A Redis older than 6.2 is refused at connect with an error naming its version and the
+/// minimum, instead of failing at the first fetch; a user denied `INFO` still connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_older_than_6_2_is_refused_at_connect() {
+    single_server_only!();
+    init_tracing();
+    for old in ["6.0.9", "5.0.14"] {
+        let port = fake_redis(old).await;
+        let err = Client::connect(&format!("redis://127.0.0.1:{port}/"))
+            .await
+            .map(|_| ())
+            .expect_err(&format!("Redis {old} was accepted"));
+        let text = err.to_string();
+        assert!(matches!(err, Error::Config(_)), "{err:?}");
+        assert!(
+            text.contains(&format!("Redis {old} is too old")) && text.contains("6.2 or newer"),
+            "{text}"
+        );
+    }
+    // The same stand-in saying 6.2.0 is accepted: the check is what refused the others.
+    let port = fake_redis("6.2.0").await;
+    Client::connect(&format!("redis://127.0.0.1:{port}/"))
+        .await
+        .expect("Redis 6.2.0 is new enough");
+
+    // A real server and a user that may not run INFO: the check is skipped, nothing fails.
+    let server = RedisServer::start();
+    server.acl_setuser("noinfo", &["reset", "on", ">pw", "~mq:*", "+@all", "-info"]);
+    let mq = Client::connect(&server.url_as("noinfo", "pw"))
+        .await
+        .expect("a user denied INFO connects");
+    let id = mq
+        .publish("hostile.version", json!({"x": 1}))
+        .await
+        .unwrap();
+    let got = mq.pop_message("hostile.version").await.unwrap().unwrap();
+    assert_eq!(got.id(), &id);
+    got.ack().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // 5. Least-privilege ACL user over TLS
 // ---------------------------------------------------------------------------------------
@@ -1003,6 +1125,9 @@ const LIBRARY_COMMANDS: &[&str] = &[
     "+client|id",
     "+client|unblock",
     "+lindex",
+    // The version check at connect (skipped when refused). A first-argument rule: only
+    // `INFO server`, not the other sections.
+    "+info|server",
     // Called inside the Lua scripts (checked by ACL too).
     "+time",
     "+hset",
@@ -1149,12 +1274,36 @@ async fn acl_and_tls() {
     // one (see SECURITY.md). Ignored if another test installed it first.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
+    // The ACL half runs on every server; the TLS half only where redis-server was built
+    // with TLS (the Redis 6.2 of scripts/redis62.sh is not): there the same suite runs on
+    // the plain port.
+    let tls = server_supports_tls();
+    if !tls {
+        eprintln!(
+            "acl_and_tls: {} has no TLS support (`tls-port` is an unknown directive): the TLS half (verified TLS, wrong CA, mutual TLS) is skipped; the ACL half runs on the plain port",
+            redis_server_binary().display()
+        );
+    }
     let pki = Pki::new();
-    let server = RedisServer::start_with(RedisOptions::new().tls(pki.server_files()));
+    let server = if tls {
+        RedisServer::start_with(RedisOptions::new().tls(pki.server_files()))
+    } else {
+        RedisServer::start()
+    };
     let password = MessageId::generate().as_str().replace('-', "");
     let rules = least_privilege_rules(&password);
     let rule_refs: Vec<&str> = rules.iter().map(String::as_str).collect();
     server.acl_setuser("forgemq", &rule_refs);
+    // As SECURITY.md advises: the redis crate sends CLIENT SETINFO when it connects, which
+    // Redis 6.2 (it does not know the subcommand, but checks the ACL first) and 7.2+ log as
+    // denied; Redis 7.0 rejects the rule, and answers SETINFO "unknown subcommand" before
+    // any ACL check.
+    let setinfo: redis::RedisResult<()> = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("forgemq")
+        .arg("+client|setinfo")
+        .query(&mut server.conn());
+    eprintln!("acl_and_tls: ACL SETUSER forgemq +client|setinfo: {setinfo:?}");
     eprintln!(
         "acl_and_tls: ACL SETUSER forgemq {}",
         rules
@@ -1170,12 +1319,19 @@ async fn acl_and_tls() {
         .unwrap();
     let stats_before = server.command_stats();
 
-    let url = server.tls_url_as("forgemq", &password);
-    let mq = Client::builder(&url)
-        .tls_ca_pem(pki.ca_pem.clone())
+    let url = if tls {
+        server.tls_url_as("forgemq", &password)
+    } else {
+        server.url_as("forgemq", &password)
+    };
+    let mut builder = Client::builder(&url);
+    if tls {
+        builder = builder.tls_ca_pem(pki.ca_pem.clone());
+    }
+    let mq = builder
         .build()
         .await
-        .expect("the least-privilege user connects over verified TLS");
+        .expect("the least-privilege user connects (over verified TLS where there is TLS)");
 
     // --- The smoke suite, as that user, over TLS ---
     let topic = "smoke.jobs";
@@ -1392,10 +1548,16 @@ async fn acl_and_tls() {
         .iter()
         .map(|c| c.trim_start_matches('+'))
         .collect();
+    // `script|load` counts as used when `script|load` ran, or `script` on Redis 6.2 (whose
+    // command statistics have no subcommands); `info|server` (a first-argument rule) as
+    // `info`.
     let unused: Vec<&&str> = {
         let mut u: Vec<&&str> = allowed
             .iter()
-            .filter(|c| !used.iter().any(|x| x == **c))
+            .filter(|c| {
+                let container = c.split('|').next().unwrap_or(c);
+                !used.iter().any(|x| x == **c || x == container)
+            })
             .collect();
         u.sort();
         u
@@ -1452,6 +1614,14 @@ async fn acl_and_tls() {
             .exec(&mut raw)
             .unwrap_err();
         assert!(is_noperm(&e), "{denied:?}: {e}");
+    }
+
+    if !tls {
+        eprintln!(
+            "acl_and_tls: no TLS in this redis-server: wrong-CA and mutual-TLS checks skipped"
+        );
+        assert_no_library_panic_since(panic_mark);
+        return;
     }
 
     // --- A wrong CA, or none: the connection fails, never falls back to no verification ---
