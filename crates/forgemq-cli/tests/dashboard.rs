@@ -305,6 +305,22 @@ async fn dashboard_shows_dead_letters_retries_them_and_partitions() {
         .is_displayed()
         .await
         .unwrap());
+
+    // A delivery whose holder stopped renewing it (a killed worker): once its lease
+    // expires it goes back to the queue, and the table counts the recovery.
+    page.wait_text("tr[data-topic='user.welcome'] td.recovered", |t| t == "0")
+        .await;
+    let taken = mq
+        .pop_messages_with_lease("user.welcome", 1, std::time::Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    // A manual fetch returns expired leases first (and takes the message again).
+    let again = mq.pop_message("user.welcome").await.unwrap().unwrap();
+    assert_eq!(again.id(), taken[0].id());
+    page.wait_text("tr[data-topic='user.welcome'] td.recovered", |t| t == "1")
+        .await;
     page.c.close().await.unwrap();
 
     let stats = mq.stats("email.send").await.unwrap();
