@@ -311,11 +311,11 @@ async fn dashboard_shows_dead_letters_retries_them_and_partitions() {
     page.wait_text("tr[data-topic='user.welcome'] td.recovered", |t| t == "0")
         .await;
     let taken = mq
-        .pop_messages_with_lease("user.welcome", 1, std::time::Duration::from_millis(200))
+        .pop_messages_with_lease("user.welcome", 1, Duration::from_millis(200))
         .await
         .unwrap();
     assert_eq!(taken.len(), 1);
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     // A manual fetch returns expired leases first (and takes the message again).
     let again = mq.pop_message("user.welcome").await.unwrap().unwrap();
     assert_eq!(again.id(), taken[0].id());
