@@ -392,13 +392,17 @@ async fn prefetched_message_whose_lease_was_lost_does_not_start() {
     let started_lost = Arc::new(Mutex::new(Vec::<String>::new()));
     let runs = Runs::default();
     let slow_running = Arc::new(AtomicBool::new(false));
+    // The slow handler holds its slot until the test has taken the held leases away (not
+    // for a fixed time: on a loaded machine the test could come too late).
+    let taken_away = Arc::new(AtomicBool::new(false));
     let (r, lost, flag) = (runs.clone(), started_lost.clone(), slow_running.clone());
+    let go_on = taken_away.clone();
     let worker = Worker::builder(mq.clone())
         .subscribe_with(
             topic,
             Subscription::new().lease(Duration::from_millis(1200)),
             move |m: Message<Value>| {
-                let (r, lost, flag) = (r.clone(), lost.clone(), flag.clone());
+                let (r, lost, flag, go_on) = (r.clone(), lost.clone(), flag.clone(), go_on.clone());
                 async move {
                     if m.is_lease_lost() {
                         lost.lock().unwrap().push(m.id.to_string());
@@ -406,7 +410,14 @@ async fn prefetched_message_whose_lease_was_lost_does_not_start() {
                     r.record(m.id.as_str(), m.retry);
                     if m.data["slow"] == true {
                         flag.store(true, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        // Then a little longer: renewals (every 400 ms) find the leases lost.
+                        let t0 = Instant::now();
+                        while !go_on.load(Ordering::SeqCst)
+                            && t0.elapsed() < Duration::from_secs(30)
+                        {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        tokio::time::sleep(Duration::from_secs(2)).await;
                     }
                     Ok::<(), HandlerError>(())
                 }
@@ -445,6 +456,7 @@ async fn prefetched_message_whose_lease_was_lost_does_not_start() {
             .exec(&mut conn)
             .unwrap();
     }
+    taken_away.store(true, Ordering::SeqCst);
     eventually("everything processed", || async {
         mq.stats(topic).await.unwrap().processed == ids.len() as u64
     })
