@@ -76,6 +76,41 @@ impl DataLock {
     }
 }
 
+/// Stops the redis-server a killed `forgemq dev` left running on `dir`, if any: the pid in
+/// `dir/redis.pid` when that process is a redis-server working in `dir`.
+fn stop_leftover_redis(dir: &Path) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(dir.join("redis.pid")) else {
+        return Ok(());
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return Ok(());
+    };
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let is_ours = std::fs::read_to_string(proc_dir.join("comm"))
+        .is_ok_and(|comm| comm.trim().starts_with("redis-server"))
+        && std::fs::read_link(proc_dir.join("cwd")).is_ok_and(|cwd| cwd == dir);
+    if !is_ours {
+        return Ok(());
+    }
+    crate::logging::say(&format!(
+        "forgemq dev: stopping the redis-server (pid {pid}) that a killed forgemq dev left running on {}",
+        dir.display()
+    ));
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proc_dir.exists() {
+        if Instant::now() > deadline {
+            bail!(
+                "the redis-server (pid {pid}) left running on {} did not stop within 10 s of SIGTERM; stop it, then start forgemq dev again",
+                dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// Runs `serve` against `redis`, or against a private redis-server started here.
 ///
 /// The port is taken first, then the data folder, then redis-server is started, and only
@@ -128,6 +163,10 @@ fn start_private_redis() -> Result<(String, PrivateRedis)> {
     std::fs::create_dir_all(&dir).with_context(|| format!("could not create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let lock = DataLock::take(&dir)?;
+    // With the lock held, no live `forgemq dev` owns the folder; a redis-server still
+    // running on it was left by one that was killed (SIGKILL stops no child). Two would
+    // append to one AOF, so it is stopped first (SIGTERM: it flushes the AOF and exits).
+    stop_leftover_redis(&dir)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -138,6 +177,8 @@ fn start_private_redis() -> Result<(String, PrivateRedis)> {
         .arg(&dir)
         .arg("--logfile")
         .arg(dir.join("redis.log"))
+        .arg("--pidfile")
+        .arg(dir.join("redis.pid"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -16,7 +16,19 @@ struct Server {
 }
 
 impl Drop for Server {
+    /// SIGTERM first, so that a `forgemq dev` stops its private redis-server too (SIGKILL
+    /// would leave that running after the test); SIGKILL if it is still there after 5 s.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -1998,4 +2010,75 @@ fn api_filters_dead_letters_and_acts_on_a_selection() {
         None,
     );
     assert_eq!((status, r), (200, json!({"requeued": 1})));
+}
+
+/// Waits until the `forgemq dev` on `port` answers `/readyz` with 200.
+fn wait_dev_ready(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err()
+        || http(port, "GET", "/readyz", None, None).0 != 200
+    {
+        assert!(Instant::now() < deadline, "forgemq dev did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A `forgemq dev` killed with SIGKILL leaves its redis-server running on `.forgemq/` (and
+/// its lock goes with it). The next `forgemq dev` in that folder stops that redis-server
+/// (SIGTERM: the AOF is flushed) before it starts its own, so two never append to one AOF,
+/// and what was published before is still there.
+#[test]
+fn dev_stops_the_redis_server_a_killed_dev_left_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join(".forgemq").join("redis.pid");
+    let alive = |pid: &str| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let port = free_port();
+    let mut first = spawn_dev(dir.path(), port, &[]);
+    wait_dev_ready(port);
+    let (status, _) = http(
+        port,
+        "POST",
+        "/api/v1/topics/user.welcome/messages",
+        None,
+        Some(r#"{"data": {"user_id": "1"}}"#),
+    );
+    assert_eq!(status, 201);
+    let old = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(
+        alive(&old),
+        "the killed dev's redis-server {old} is left running"
+    );
+
+    let port = free_port();
+    let second = spawn_dev(dir.path(), port, &[]);
+    wait_dev_ready(port);
+    assert!(!alive(&old), "the leftover redis-server {old} was stopped");
+    let new = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert_ne!(new, old);
+    let (status, stats) = http(port, "GET", "/api/v1/topics/user.welcome", None, None);
+    assert_eq!((status, &stats["pending"]), (200, &json!(1)), "{stats}");
+
+    // Stopped the normal way, dev stops its own redis-server too.
+    Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .unwrap();
+    let out = finish(second, Duration::from_secs(20));
+    assert!(out.status.success() || out.status.code().is_none());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(&new) {
+        assert!(
+            Instant::now() < deadline,
+            "dev's redis-server {new} outlived it"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
