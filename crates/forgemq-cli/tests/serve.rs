@@ -43,38 +43,68 @@ fn start_on(redis: &RedisServer, ip: &str, extra: &[&str]) -> Server {
     start_at(&redis.url(), ip, extra)
 }
 
-/// [`start_on`] with Redis at `url` (a cluster, say).
+/// [`start_on`] with Redis at `url` (a cluster, say). Ready when `/healthz` answers: a
+/// bare TCP connect could reach another process that took the same free port in the
+/// meantime (a parallel test's redis-server, which resets an HTTP request), while this
+/// server failed to bind; then it starts again on another port.
 fn start_at(url: &str, ip: &str, extra: &[&str]) -> Server {
-    let port = free_port();
-    let bind = format!("{ip}:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_forgemq"))
-        .args(["serve", "--bind", &bind])
-        .args(extra)
-        .env("REDIS_URL", url)
-        .env_remove("FORGEMQ_REPLICAS")
-        .env_remove("FORGEMQ_REPLICAS_TIMEOUT")
-        .env_remove("FORGEMQ_LOG_FORMAT")
-        .env_remove("FORGEMQ_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut server = Server { child, port };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return server;
+    for _ in 0..5 {
+        let port = free_port();
+        let bind = format!("{ip}:{port}");
+        let child = Command::new(env!("CARGO_BIN_EXE_forgemq"))
+            .args(["serve", "--bind", &bind])
+            .args(extra)
+            .env("REDIS_URL", url)
+            .env_remove("FORGEMQ_REPLICAS")
+            .env_remove("FORGEMQ_REPLICAS_TIMEOUT")
+            .env_remove("FORGEMQ_TOKEN")
+            .env_remove("FORGEMQ_LOG_FORMAT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut server = Server { child, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if server.child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if healthz_answers(port) {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        if let Some(status) = server.child.try_wait().unwrap() {
-            let mut err = String::new();
-            if let Some(mut e) = server.child.stderr.take() {
+        let status = server.child.try_wait().unwrap();
+        let mut err = String::new();
+        if let Some(mut e) = server.child.stderr.take() {
+            if status.is_some() {
                 let _ = e.read_to_string(&mut err);
             }
-            panic!("forgemq serve {extra:?} exited with {status}: {err}");
         }
-        std::thread::sleep(Duration::from_millis(50));
+        match status {
+            // The port was taken after free_port() found it: try another.
+            Some(_) if err.contains("in use") || err.contains("could not listen") => continue,
+            Some(status) => panic!("forgemq serve {extra:?} exited with {status}: {err}"),
+            None => panic!("forgemq serve did not start"),
+        }
     }
-    panic!("forgemq serve did not start");
+    panic!("forgemq serve found no free port in 5 attempts");
+}
+
+/// Whether an HTTP server on `port` answers `GET /healthz` with 200; never panics.
+fn healthz_answers(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let head =
+        format!("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    if s.write_all(head.as_bytes()).is_err() {
+        return false;
+    }
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    raw.starts_with(b"HTTP/1.1 200")
 }
 
 /// What [`request`] got back.
