@@ -31,8 +31,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use forgemq::{
-    Client, MessageId, MessageState, PublishOptions, PublishOutcome, TopicOptions, UniqueUntil,
-    MAX_PARTITIONS,
+    Client, MessageId, MessageState, Missed, PublishOptions, PublishOutcome, ScheduleSpec,
+    TopicOptions, UniqueUntil, MAX_PARTITIONS,
 };
 use serde_json::Value;
 
@@ -253,7 +253,14 @@ enum Command {
         /// 127.0.0.1:8084].
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Don't run a scheduler here (one runs by default; see `forgemq schedule`).
+        #[arg(long)]
+        no_scheduler: bool,
     },
+    /// Schedules: a message published on a cron pattern or every N (HA: every worker,
+    /// serve, dev and gateway fire them, and each fire time gives exactly one message).
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
     /// Print shell completions, e.g. `forgemq completions bash > /etc/bash_completion.d/forgemq`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -272,6 +279,10 @@ struct AccessArgs {
     /// still needs it. /healthz and /readyz are always open.
     #[arg(long)]
     metrics_public: bool,
+    /// Don't run a scheduler here (by default serve, dev, the gateway and every worker
+    /// fire the namespace's schedules; any number may, each fire still gives one message).
+    #[arg(long)]
+    no_scheduler: bool,
 }
 
 /// `--unique-until`: how long a unique key holds.
@@ -360,6 +371,56 @@ enum Dlq {
         /// Don't ask: needed when stdin is not a terminal (scripts, CI).
         #[arg(long, short = 'y')]
         yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ScheduleCommand {
+    /// Create or change a schedule. An unchanged spec keeps its next fire time.
+    ///
+    /// Its messages have the ids `schedule:<NAME>:<fire time in ms>`.
+    Set {
+        /// The schedule's name: 1-176 bytes, no spaces or control characters.
+        name: String,
+        /// A cron pattern: 5 fields (minute hour day month weekday), or 6 with seconds
+        /// first, e.g. `*/5 * * * *` or `0 30 2 * * MON-FRI`.
+        #[arg(long, required_unless_present = "every", conflicts_with = "every")]
+        cron: Option<String>,
+        /// The IANA time zone the cron pattern is read in, e.g. Asia/Shanghai.
+        #[arg(long, default_value = "UTC", requires = "cron")]
+        tz: String,
+        /// Fire every DUR instead (at least 1s), e.g. `30s`, `15m`, counted from now.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DUR")]
+        every: Option<Duration>,
+        /// The topic its messages go to.
+        #[arg(long)]
+        topic: String,
+        /// The data of its messages as JSON (default null).
+        #[arg(long)]
+        data: Option<String>,
+        /// Fire times missed while no scheduler ran: `once` (one message now), `skip`
+        /// (none), or `catch-up:N` (up to N, oldest first).
+        #[arg(long, default_value = "once", value_name = "POLICY")]
+        missed: String,
+        /// Retries of each message before the dead-letter queue.
+        #[arg(long)]
+        max_retry: Option<u32>,
+    },
+    /// Remove a schedule (the messages it published stay). Exits 1 if there is none.
+    Rm {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Publish the schedule's message now (its regular times stay); prints the id.
+    Run {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Every schedule: spec, topic, next and last fire.
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -597,6 +658,66 @@ fn hide_sentinel_password(text: &str, url: &str) -> String {
     text
 }
 
+/// `forgemq schedule ...`.
+async fn schedule(mq: &Client, command: ScheduleCommand) -> Result<()> {
+    match command {
+        ScheduleCommand::Set {
+            name,
+            cron,
+            tz,
+            every,
+            topic,
+            data,
+            missed,
+            max_retry,
+        } => {
+            let mut spec = match (cron, every) {
+                (Some(cron), _) => ScheduleSpec::cron(cron).tz(tz),
+                (None, Some(every)) => ScheduleSpec::every(every),
+                (None, None) => bail!("give --cron EXPR or --every DUR"),
+            };
+            spec = spec.topic(topic).missed(
+                missed
+                    .parse::<Missed>()
+                    .map_err(|e| UsageError(e.to_string()))?,
+            );
+            if let Some(data) = data {
+                spec = spec.data(parse_data(&data)?);
+            }
+            if let Some(n) = max_retry {
+                spec = spec.options(PublishOptions::new().max_retry(n));
+            }
+            let s = mq.upsert_schedule(&name, spec).await?;
+            let next = s
+                .next_fire
+                .map_or_else(|| "never".to_owned(), output::rfc3339);
+            println!("schedule {} set: next fire {next}", s.name);
+            Ok(())
+        }
+        ScheduleCommand::Rm { name } => {
+            if mq.remove_schedule(&name).await? {
+                println!("schedule {name} removed");
+                Ok(())
+            } else {
+                bail!("no schedule named {name:?}")
+            }
+        }
+        ScheduleCommand::Run { name } => {
+            println!("{}", mq.run_schedule_now(&name).await?);
+            Ok(())
+        }
+        ScheduleCommand::Ls { json } => {
+            let all = mq.schedules().await?;
+            if json {
+                output::print_json(&all)
+            } else {
+                output::schedules_table(&all);
+                Ok(())
+            }
+        }
+    }
+}
+
 fn parse_id(id: &str) -> Result<MessageId> {
     MessageId::new(id).with_context(|| format!("{id:?} is not a message id"))
 }
@@ -618,12 +739,18 @@ async fn run(cli: Cli) -> Result<()> {
         } => Some(parse_data(data)?),
         _ => None,
     };
-    if let Command::Gateway { config, listen } = &cli.command {
+    if let Command::Gateway {
+        config,
+        listen,
+        no_scheduler,
+    } = &cli.command
+    {
         return gateway::run(
             cli.redis.as_deref().unwrap_or(DEFAULT_REDIS),
             &cli.connect_options(),
             config,
             *listen,
+            !*no_scheduler,
         )
         .await;
     }
@@ -632,6 +759,7 @@ async fn run(cli: Cli) -> Result<()> {
             token: None,
             allow_hosts: access.allow_hosts.clone(),
             metrics_public: access.metrics_public,
+            scheduler: !access.no_scheduler,
         };
         return dev::run(cli.redis.as_deref(), &cli.connect_options(), *bind, options).await;
     }
@@ -646,6 +774,7 @@ async fn run(cli: Cli) -> Result<()> {
                 token: token.clone(),
                 allow_hosts: access.allow_hosts.clone(),
                 metrics_public: access.metrics_public,
+                scheduler: !access.no_scheduler,
             };
             options.check(*bind)?;
             Some((*bind, options))
@@ -753,6 +882,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Topic(TopicCommand::Create { topic, partitions }) => {
             create_topic(&mq, &topic, partitions).await
         }
+        Command::Schedule(command) => schedule(&mq, command).await,
         Command::Topic(TopicCommand::Ls { json }) => {
             let all = mq.topic_infos().await?;
             if json {

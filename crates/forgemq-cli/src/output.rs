@@ -252,6 +252,45 @@ fn running(s: &QueueStats) -> String {
 }
 
 /// `topic ls`: every topic and its partition count.
+/// `schedule ls`: every schedule, its spec, and its next and last fire.
+pub(crate) fn schedules_table(schedules: &[forgemq::Schedule]) {
+    if schedules.is_empty() {
+        eprintln!(
+            "no schedules yet: create one with `forgemq schedule set NAME --cron EXPR --topic T`"
+        );
+        return;
+    }
+    let rows: Vec<Vec<String>> = schedules
+        .iter()
+        .map(|s| {
+            let spec = match (&s.cron, s.every_ms) {
+                (Some(cron), _) if s.tz == "UTC" => format!("cron {cron}"),
+                (Some(cron), _) => format!("cron {cron} ({})", s.tz),
+                (None, Some(ms)) => format!(
+                    "every {}",
+                    humantime::format_duration(std::time::Duration::from_millis(ms))
+                ),
+                (None, None) => "?".to_owned(),
+            };
+            vec![
+                printable(&s.name).into_owned(),
+                spec,
+                s.topic.clone(),
+                s.missed.to_string(),
+                s.next_fire.map_or_else(|| "never".to_owned(), rfc3339),
+                s.last_fire.map_or_else(|| "-".to_owned(), rfc3339),
+                s.fired.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "SCHEDULE", "TOPIC", "MISSED", "NEXT", "LAST", "FIRED",
+        ],
+        &rows,
+    );
+}
+
 pub(crate) fn topics_table(topics: &[TopicInfo]) {
     if topics.is_empty() {
         eprintln!("no topics yet: publish a message or run `forgemq topic create` to create one");

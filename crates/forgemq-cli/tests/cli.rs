@@ -1115,3 +1115,111 @@ fn log_format_json_applies_to_every_command() {
     );
     assert!(bad.contains("--log-format"), "{bad}");
 }
+
+/// `forgemq schedule set|ls|run|rm`, with the errors a user makes.
+#[test]
+fn schedule_commands_set_list_run_and_remove() {
+    let server = RedisServer::start();
+    let out = ok(
+        &server,
+        &[
+            "schedule",
+            "set",
+            "cleanup",
+            "--cron",
+            "*/5 * * * *",
+            "--tz",
+            "Asia/Shanghai",
+            "--topic",
+            "orders.cleanup",
+            "--data",
+            r#"{"older_than":"30m"}"#,
+            "--missed",
+            "catch-up:3",
+        ],
+    );
+    assert!(out.starts_with("schedule cleanup set: next fire "), "{out}");
+    ok(
+        &server,
+        &[
+            "schedule", "set", "ping", "--every", "1h", "--topic", "ops.ping",
+        ],
+    );
+    let list = json_of(&server, &["schedule", "ls", "--json"]);
+    assert_eq!(list[0]["name"], "cleanup");
+    assert_eq!(list[0]["cron"], "*/5 * * * *");
+    assert_eq!(list[0]["tz"], "Asia/Shanghai");
+    assert_eq!(list[0]["missed"], "catch-up:3");
+    assert_eq!(list[0]["data"], json!({"older_than": "30m"}));
+    assert_eq!(list[1]["name"], "ping");
+    assert_eq!(list[1]["every_ms"], 3_600_000);
+    let table = ok(&server, &["schedule", "ls"]);
+    assert!(
+        table.contains("NAME") && table.contains("cron */5 * * * * (Asia/Shanghai)"),
+        "{table}"
+    );
+    assert!(table.contains("every 1h"), "{table}");
+
+    let id = ok(&server, &["schedule", "run", "cleanup"]);
+    let id = id.trim();
+    assert!(id.starts_with("schedule:cleanup:"), "{id}");
+    let status = json_of(&server, &["status", "orders.cleanup", id, "--json"]);
+    assert_eq!(status["state"], "pending", "{status}");
+
+    for (args, needle) in [
+        (
+            vec![
+                "schedule",
+                "set",
+                "x",
+                "--cron",
+                "61 * * * *",
+                "--topic",
+                "t",
+            ],
+            "cron",
+        ),
+        (
+            vec![
+                "schedule",
+                "set",
+                "x",
+                "--cron",
+                "* * * * *",
+                "--tz",
+                "Mars/Base",
+                "--topic",
+                "t",
+            ],
+            "time zone",
+        ),
+        (
+            vec!["schedule", "set", "x", "--every", "100ms", "--topic", "t"],
+            "at least 1s",
+        ),
+        (
+            vec![
+                "schedule", "set", "x", "--every", "1s", "--topic", "t", "--missed", "often",
+            ],
+            "missed",
+        ),
+        (
+            vec![
+                "schedule", "set", "x", "--every", "1s", "--topic", "t", "--data", "{",
+            ],
+            "JSON",
+        ),
+        (vec!["schedule", "rm", "nope"], "no schedule"),
+        (vec!["schedule", "run", "nope"], "no schedule"),
+    ] {
+        let out = forgemq(&server, &args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+    let out = ok(&server, &["schedule", "rm", "ping"]);
+    assert_eq!(out.trim(), "schedule ping removed");
+    let list = json_of(&server, &["schedule", "ls", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+}

@@ -885,6 +885,11 @@ fn openapi_matches_the_routes() {
         ("/topics/{topic}/workers", "get"),
         ("/workers", "get"),
         ("/throughput", "get"),
+        ("/schedules", "get"),
+        ("/schedules/{name}", "get"),
+        ("/schedules/{name}", "put"),
+        ("/schedules/{name}", "delete"),
+        ("/schedules/{name}/run", "post"),
     ] {
         assert!(
             paths.get(path).and_then(|p| p.get(method)).is_some(),
@@ -894,7 +899,10 @@ fn openapi_matches_the_routes() {
     // And every documented route answers (not 404/405) on this server.
     for (path, item) in paths {
         for method in item.as_object().unwrap().keys() {
-            let concrete = path.replace("{topic}", "doc.check").replace("{id}", "x");
+            let concrete = path
+                .replace("{topic}", "doc.check")
+                .replace("{id}", "x")
+                .replace("{name}", "x");
             let (status, _) = http(
                 server.port,
                 &method.to_uppercase(),
@@ -1324,7 +1332,7 @@ fn openapi_describes_what_the_server_does() {
             }
         }
     }
-    assert_eq!(operations, 21);
+    assert_eq!(operations, 26);
     let peek = &doc["paths"]["/topics/{topic}/messages"]["get"]["parameters"];
     let state = peek
         .as_array()
@@ -2111,4 +2119,120 @@ fn dev_stops_the_redis_server_a_killed_dev_left_running() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Schedules over HTTP: create, list, change, run now, remove; bad specs are 400 and
+/// change nothing; `serve` runs a scheduler itself, so an every-1s schedule fires with no
+/// worker anywhere.
+#[test]
+fn api_manages_schedules_and_serve_fires_them() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &[]);
+    let p = server.port;
+    let (status, body) = http(
+        p,
+        "PUT",
+        "/api/v1/schedules/nightly",
+        None,
+        Some(
+            r#"{"cron":"30 2 * * *","tz":"Asia/Shanghai","topic":"report.nightly","data":{"kind":"sales"},"missed":"skip"}"#,
+        ),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["name"], "nightly");
+    assert_eq!(body["cron"], "30 2 * * *");
+    assert_eq!(body["tz"], "Asia/Shanghai");
+    assert_eq!(body["missed"], "skip");
+    assert_eq!(body["data"], json!({"kind": "sales"}));
+    assert!(
+        body["next_fire"].as_str().unwrap().contains("T18:30:00"),
+        "{body}"
+    );
+    // The same spec again keeps its next fire time.
+    let (_, again) = http(
+        p,
+        "PUT",
+        "/api/v1/schedules/nightly",
+        None,
+        Some(
+            r#"{"cron":"30 2 * * *","tz":"Asia/Shanghai","topic":"report.nightly","data":{"kind":"sales"},"missed":"skip"}"#,
+        ),
+    );
+    assert_eq!(again, body);
+    for bad in [
+        r#"{"cron":"61 * * * *","topic":"t"}"#,
+        r#"{"cron":"* * * * *","tz":"Nowhere/Special","topic":"t"}"#,
+        r#"{"every":"500ms","topic":"t"}"#,
+        r#"{"every":"soon","topic":"t"}"#,
+        r#"{"cron":"* * * * *","every":"1s","topic":"t"}"#,
+        r#"{"topic":"t"}"#,
+        r#"{"every":"1s","topic":"bad topic"}"#,
+        r#"{"every":"1s","topic":"t","missed":"sometimes"}"#,
+        r#"{"every":"1s","topic":"t","colour":"red"}"#,
+    ] {
+        let (status, body) = http(p, "PUT", "/api/v1/schedules/bad", None, Some(bad));
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{body}"
+        );
+    }
+    let (status, _) = http(p, "GET", "/api/v1/schedules/bad", None, None);
+    assert_eq!(status, 404);
+
+    // An every-1s schedule fires with only serve running.
+    let (status, body) = http(
+        p,
+        "PUT",
+        "/api/v1/schedules/tick",
+        None,
+        Some(r#"{"every":"1s","topic":"ops.tick"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["every_ms"], 1000);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, s) = http(p, "GET", "/api/v1/schedules/tick", None, None);
+        if s["fired"].as_u64().unwrap_or(0) >= 2 {
+            assert!(s["last_fire"].is_string(), "{s}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve's scheduler did not fire: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, stats) = http(p, "GET", "/api/v1/topics/ops.tick", None, None);
+    assert!(stats["published"].as_u64().unwrap() >= 2, "{stats}");
+
+    let (status, list) = http(p, "GET", "/api/v1/schedules", None, None);
+    assert_eq!(status, 200);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["nightly", "tick"]);
+
+    let (status, run) = http(p, "POST", "/api/v1/schedules/nightly/run", None, None);
+    assert_eq!(status, 201, "{run}");
+    let id = run["id"].as_str().unwrap();
+    assert!(id.starts_with("schedule:nightly:"), "{id}");
+    let (status, msg) = http(
+        p,
+        "GET",
+        &format!("/api/v1/topics/report.nightly/messages/{id}"),
+        None,
+        None,
+    );
+    assert_eq!(status, 200, "{msg}");
+
+    let (status, _) = http(p, "DELETE", "/api/v1/schedules/tick", None, None);
+    assert_eq!(status, 200);
+    let (status, _) = http(p, "DELETE", "/api/v1/schedules/tick", None, None);
+    assert_eq!(status, 404);
+    let (status, _) = http(p, "POST", "/api/v1/schedules/tick/run", None, None);
+    assert_eq!(status, 404);
 }

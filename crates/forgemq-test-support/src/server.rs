@@ -102,6 +102,11 @@ pub struct RedisOptions {
     pub tls: Option<TlsFiles>,
     /// Run as a Redis Cluster node (see [`RedisOptions::cluster_node`]).
     pub cluster_node: bool,
+    /// Environment variables for the `redis-server` process (see [`RedisOptions::env`]).
+    pub env: Vec<(String, String)>,
+    /// Another `redis-server` binary than [`redis_server_binary`] (see
+    /// [`RedisOptions::binary`]).
+    pub binary: Option<PathBuf>,
 }
 
 /// PEM files for a TLS port: what the server presents and which CA it trusts
@@ -182,6 +187,21 @@ impl RedisOptions {
     #[must_use]
     pub fn cluster_node(mut self) -> Self {
         self.cluster_node = true;
+        self
+    }
+
+    /// Sets an environment variable of the `redis-server` process, e.g. `LD_PRELOAD` of
+    /// libfaketime and `FAKETIME`, to run the server (and so Redis's clock) at another time.
+    #[must_use]
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
+    /// Runs this `redis-server` binary instead of [`redis_server_binary`]'s.
+    #[must_use]
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.binary = Some(path.into());
         self
     }
 
@@ -580,7 +600,7 @@ fn spawn(dir: &Path, port: u16, tls_port: Option<u16>, options: &RedisOptions) -
     let stderr = stdio
         .try_clone()
         .expect("cannot duplicate redis-server stdio file");
-    let binary = redis_server_binary();
+    let binary = options.binary.clone().unwrap_or_else(redis_server_binary);
     Command::new(&binary)
         .arg("--port")
         .arg(port.to_string())
@@ -591,6 +611,7 @@ fn spawn(dir: &Path, port: u16, tls_port: Option<u16>, options: &RedisOptions) -
         .arg(dir.join(LOG_FILE))
         .args(["--daemonize", "no", "--protected-mode", "no"])
         .args(options.to_args(tls_port))
+        .envs(options.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(stdio)
         .stderr(stderr)

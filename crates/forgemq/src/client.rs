@@ -267,12 +267,12 @@ impl ClientBuilder {
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct PublishOptions {
-    delay: Option<Duration>,
-    max_retry: Option<u32>,
-    id: Option<MessageId>,
-    unique: Option<(String, Duration)>,
-    unique_until: UniqueUntil,
-    partition_key: Option<String>,
+    pub(crate) delay: Option<Duration>,
+    pub(crate) max_retry: Option<u32>,
+    pub(crate) id: Option<MessageId>,
+    pub(crate) unique: Option<(String, Duration)>,
+    pub(crate) unique_until: UniqueUntil,
+    pub(crate) partition_key: Option<String>,
 }
 
 /// How long a unique key ([`PublishOptions::unique_key`]) holds.
@@ -558,7 +558,7 @@ fn age(later: i64, earlier: i64) -> u64 {
 }
 
 /// Whether a publish was refused because the topic's layout is not what the client read.
-fn layout_changed(e: &Error) -> bool {
+pub(crate) fn layout_changed(e: &Error) -> bool {
     matches!(e, Error::Redis(r) if crate::error::server_codes(r).iter().any(|c| c == "PARTITIONED"))
 }
 
@@ -1014,6 +1014,17 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Checks and encodes one message published now (a schedule's).
+    pub(crate) fn prepare_item(
+        &self,
+        topic: &str,
+        id: &MessageId,
+        data: &Value,
+        options: &PublishOptions,
+    ) -> Result<PublishItem> {
+        self.prepare(topic, id, data, options, &now_rfc3339())
+    }
+
     /// Checks and encodes one message; `timestamp` is the time of publishing (one per call,
     /// however many messages it holds).
     fn prepare<D: Serialize>(
@@ -1095,7 +1106,7 @@ impl Client {
     }
 
     /// Adds the topic to the registry unless this client did so within the last minute.
-    async fn register(&self, topic: &str) -> Result<()> {
+    pub(crate) async fn register(&self, topic: &str) -> Result<()> {
         let fresh = |map: &HashMap<String, std::time::Instant>| {
             map.get(topic)
                 .is_some_and(|at| at.elapsed() < REGISTRATION_REFRESH)

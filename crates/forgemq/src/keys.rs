@@ -132,6 +132,12 @@ impl Namespace {
         format!("{}:topics", self.ns)
     }
 
+    /// The HASH of every schedule: name → `"<rev> <partitions> <topic>"`, where the
+    /// schedule's state lives (see [`TopicKeys::schedule`]) and which revision of its spec.
+    pub(crate) fn schedules(&self) -> String {
+        format!("{}:schedules", self.ns)
+    }
+
     /// Key names of one topic. The topic must have been validated.
     pub(crate) fn topic(&self, topic: &str) -> TopicKeys {
         self.keys_under(topic, topic, None)
@@ -182,6 +188,7 @@ impl Namespace {
             // One per topic, partitioned or not: workers consume topics, not partitions.
             workers: format!("{}:{{{}}}:workers", self.ns, topic),
             unique_prefix: k("unique:"),
+            schedule_prefix: k("schedule:"),
         }
     }
 }
@@ -242,12 +249,19 @@ pub(crate) struct TopicKeys {
     /// topic (in the plain topic's slot for a partitioned one).
     pub(crate) workers: String,
     pub(crate) unique_prefix: String,
+    pub(crate) schedule_prefix: String,
 }
 
 impl TopicKeys {
     /// STRING holding the id of the message that owns a unique key, until its ttl.
     pub(crate) fn unique(&self, key: &str) -> String {
         format!("{}{}", self.unique_prefix, key)
+    }
+
+    /// HASH of one schedule whose messages go to these keys: spec, rev, next, anchor,
+    /// last, fired (see `lua/schedule_set.lua`).
+    pub(crate) fn schedule(&self, name: &str) -> String {
+        format!("{}{}", self.schedule_prefix, name)
     }
 }
 

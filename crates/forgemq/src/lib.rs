@@ -31,6 +31,7 @@
 //! - [`handler`]: [`HandlerError`] and [`Backoff`], what handlers return and how retries wait.
 //! - [`message`]: [`Message`] and [`MessageId`].
 //! - [`registry`]: [`WorkerInfo`], the live workers as their heartbeats describe them.
+//! - [`schedule`]: [`ScheduleSpec`], cron and every-N messages fired by leaderless schedulers.
 //! - [`error`]: [`Error`], the one error type.
 //! - `keys`: Redis key names (the only place they are built).
 //! - `store`: Redis commands (the only place they are sent); scripts live in `lua/*.lua`.
@@ -43,6 +44,7 @@ pub mod handler;
 mod keys;
 pub mod message;
 pub mod registry;
+pub mod schedule;
 mod scripts;
 mod store;
 pub mod topic;
@@ -73,6 +75,7 @@ pub use handler::{Backoff, HandlerError};
 pub use keys::{validate_topic, MAX_PARTITIONS};
 pub use message::{Message, MessageId};
 pub use registry::{WorkerInfo, WorkerState, WorkerTopic};
+pub use schedule::{Missed, Schedule, ScheduleSpec, MAX_SCHEDULE_NAME};
 pub use topic::{TopicInfo, TopicOptions};
 pub use worker::{
     BatchOptions, BatchOutcome, Priority, Subscription, Worker, WorkerBuilder, DEFAULT_DEDUP_TTL,

@@ -1,13 +1,13 @@
-//! The Lua scripts, one per state change, each prefixed with `lua/prelude.lua`.
+//! The Lua scripts, one per state change, each prefixed with `lua/prelude.lua`
+//! (and the ones that store messages with `lua/store_messages.lua`).
 
 use redis::Script;
 
 macro_rules! script {
-    ($file:literal) => {
+    ($($file:literal),+) => {
         Lua::new(concat!(
             include_str!("../lua/prelude.lua"),
-            "\n",
-            include_str!(concat!("../lua/", $file))
+            $("\n", include_str!(concat!("../lua/", $file))),+
         ))
     };
 }
@@ -52,11 +52,13 @@ pub(crate) struct Scripts {
     pub(crate) layout: Lua,
     pub(crate) heartbeat: Lua,
     pub(crate) consumers: Lua,
+    pub(crate) schedule_fire: Lua,
+    pub(crate) schedule_set: Lua,
 }
 
 impl Scripts {
     /// Every script, for loading them all at connect time.
-    pub(crate) fn all(&self) -> [&Lua; 14] {
+    pub(crate) fn all(&self) -> [&Lua; 16] {
         [
             &self.publish,
             &self.fetch,
@@ -72,12 +74,14 @@ impl Scripts {
             &self.layout,
             &self.heartbeat,
             &self.consumers,
+            &self.schedule_fire,
+            &self.schedule_set,
         ]
     }
 
     pub(crate) fn new() -> Self {
         Self {
-            publish: script!("publish.lua"),
+            publish: script!("store_messages.lua", "publish.lua"),
             fetch: script!("fetch.lua"),
             settle: script!("settle.lua"),
             release: script!("release.lua"),
@@ -91,6 +95,8 @@ impl Scripts {
             layout: script!("layout.lua"),
             heartbeat: script!("heartbeat.lua"),
             consumers: script!("consumers.lua"),
+            schedule_fire: script!("store_messages.lua", "schedule_fire.lua"),
+            schedule_set: script!("schedule_set.lua"),
         }
     }
 }

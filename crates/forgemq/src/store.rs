@@ -413,36 +413,7 @@ impl Store {
         items: &[&PublishItem],
     ) -> Result<Vec<Written>> {
         let script = &self.scripts.publish;
-        let mut key_names: Vec<String> = vec![
-            keys.msg.clone(),
-            keys.pending.clone(),
-            keys.delayed.clone(),
-            keys.wake.clone(),
-            keys.stats.clone(),
-            keys.processed.clone(),
-            keys.minutes.clone(),
-            keys.uniq.clone(),
-            keys.meta.clone(),
-            keys.ready.clone(),
-            keys.runs.clone(),
-        ];
-        // Per message: id, body, options ('' for the common case; see publish.lua).
-        let mut options: Vec<String> = Vec::with_capacity(items.len());
-        for item in items {
-            let index = match &item.unique {
-                Some((key, ttl, until_final)) => {
-                    key_names.push(keys.unique(key));
-                    Some((key_names.len(), millis(*ttl), u8::from(*until_final)))
-                }
-                None => None,
-            };
-            let delay = millis(item.delay);
-            options.push(match index {
-                None if delay == 0 => String::new(),
-                None => format!("{delay},0,0,0"),
-                Some((index, ttl, until_final)) => format!("{delay},{index},{ttl},{until_final}"),
-            });
-        }
+        let (key_names, options) = message_args(keys, None, items);
         let refs: Vec<&str> = key_names.iter().map(String::as_str).collect();
         let mut call = Self::evalsha(script, &refs);
         call.arg(partitions);
@@ -460,6 +431,105 @@ impl Store {
                 )),
             })
             .collect()
+    }
+
+    /// Redis's clock (ms) on the node of `key`.
+    pub(crate) async fn time_ms(&self, key: &str) -> Result<i64> {
+        let (secs, micros): (i64, i64) = self.cmd(&redis::cmd("TIME"), key).await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
+    /// The schedule index (name → `"<rev> <partitions> <topic>"`) and Redis's clock (ms).
+    pub(crate) async fn schedule_index(&self) -> Result<(HashMap<String, String>, i64)> {
+        let key = self.ns.schedules();
+        let mut pipe = redis::pipe();
+        pipe.hgetall(&key).cmd("TIME");
+        let (index, (secs, micros)): (HashMap<String, String>, (i64, i64)) =
+            self.exec(Req::Pipe(&pipe), Route::Key(&key), None).await?;
+        Ok((index, secs * 1000 + micros / 1000))
+    }
+
+    /// Sets (`Some`) or removes (`None`) one schedule's index entry.
+    pub(crate) async fn schedule_index_set(&self, name: &str, entry: Option<&str>) -> Result<()> {
+        let key = self.ns.schedules();
+        let cmd = match entry {
+            Some(entry) => redis::cmd("HSET").arg(&key).arg(name).arg(entry).to_owned(),
+            None => redis::cmd("HDEL").arg(&key).arg(name).to_owned(),
+        };
+        self.cmd::<()>(&cmd, &key).await
+    }
+
+    /// One schedule's state (empty when it does not exist).
+    pub(crate) async fn schedule_state(&self, key: &str) -> Result<HashMap<String, String>> {
+        self.cmd(&redis::cmd("HGETALL").arg(key).to_owned(), key)
+            .await
+    }
+
+    /// Writes a schedule's spec: whether it changed, and its next fire time (ms).
+    pub(crate) async fn schedule_set(
+        &self,
+        key: &str,
+        spec: &str,
+        rev: &str,
+        next_ms: i64,
+        anchor_ms: i64,
+    ) -> Result<(bool, i64)> {
+        let script = &self.scripts.schedule_set;
+        let mut call = Self::evalsha(script, &[key]);
+        call.arg("set")
+            .arg(spec)
+            .arg(rev)
+            .arg(next_ms)
+            .arg(anchor_ms);
+        let (changed, next): (i64, i64) = self.run_acknowledged(script, &call).await?;
+        Ok((changed == 1, next))
+    }
+
+    /// Removes a schedule's state; whether it existed.
+    pub(crate) async fn schedule_del(&self, key: &str) -> Result<bool> {
+        let script = &self.scripts.schedule_set;
+        let mut call = Self::evalsha(script, &[key]);
+        call.arg("del");
+        let n: i64 = self.run_acknowledged(script, &call).await?;
+        Ok(n > 0)
+    }
+
+    /// Claims a schedule's fire time and publishes its messages (`lua/schedule_fire.lua`).
+    pub(crate) async fn schedule_fire(
+        &self,
+        keys: &TopicKeys,
+        partitions: u32,
+        fire: &FireCall<'_>,
+        items: &[&PublishItem],
+    ) -> Result<FireOutcome> {
+        let script = &self.scripts.schedule_fire;
+        let schedule = keys.schedule(fire.name);
+        let (key_names, options) = message_args(keys, Some(&schedule), items);
+        let refs: Vec<&str> = key_names.iter().map(String::as_str).collect();
+        let mut call = Self::evalsha(script, &refs);
+        call.arg(partitions)
+            .arg(if fire.tick { "tick" } else { "now" })
+            .arg(fire.expected_next)
+            .arg(fire.rev)
+            .arg(fire.new_next)
+            .arg(fire.latest);
+        for (item, options) in items.iter().zip(&options) {
+            call.arg(&item.id).arg(&item.body).arg(options);
+        }
+        let reply: Vec<Value> = self.run_acknowledged(script, &call).await?;
+        let text = |v: &Value| -> Result<String> {
+            Ok(redis::from_redis_value::<String>(v.clone()).map_err(redis::RedisError::from)?)
+        };
+        let kind = reply.first().map(text).transpose()?.unwrap_or_default();
+        Ok(match kind.as_str() {
+            "fired" => FireOutcome::Published(reply.len() - 1),
+            "stale" => FireOutcome::Stale {
+                next: text(&reply[1])?.parse().unwrap_or(0),
+                rev: text(&reply[2])?,
+            },
+            "early" => FireOutcome::Early(text(&reply[1])?.parse().unwrap_or(1)),
+            _ => FireOutcome::Gone,
+        })
     }
 
     pub(crate) async fn fetch(
@@ -1256,4 +1326,71 @@ pub(crate) struct NodeConfig {
 fn millis(d: Duration) -> u64 {
     const CENTURY_MS: u128 = 100 * 365 * 24 * 3600 * 1000;
     d.as_millis().min(CENTURY_MS) as u64
+}
+
+/// The keys and per-message options of a call that stores messages (publish.lua's layout):
+/// the topic's 11 keys, `extra` (the schedule of schedule_fire.lua), then one key per
+/// unique key, which the options point to by index.
+fn message_args(
+    keys: &TopicKeys,
+    extra: Option<&str>,
+    items: &[&PublishItem],
+) -> (Vec<String>, Vec<String>) {
+    let mut key_names: Vec<String> = vec![
+        keys.msg.clone(),
+        keys.pending.clone(),
+        keys.delayed.clone(),
+        keys.wake.clone(),
+        keys.stats.clone(),
+        keys.processed.clone(),
+        keys.minutes.clone(),
+        keys.uniq.clone(),
+        keys.meta.clone(),
+        keys.ready.clone(),
+        keys.runs.clone(),
+    ];
+    key_names.extend(extra.map(str::to_owned));
+    // Per message: options ('' for the common case; see publish.lua).
+    let mut options: Vec<String> = Vec::with_capacity(items.len());
+    for item in items {
+        let index = match &item.unique {
+            Some((key, ttl, until_final)) => {
+                key_names.push(keys.unique(key));
+                Some((key_names.len(), millis(*ttl), u8::from(*until_final)))
+            }
+            None => None,
+        };
+        let delay = millis(item.delay);
+        options.push(match index {
+            None if delay == 0 => String::new(),
+            None => format!("{delay},0,0,0"),
+            Some((index, ttl, until_final)) => format!("{delay},{index},{ttl},{until_final}"),
+        });
+    }
+    (key_names, options)
+}
+
+/// What a schedule fire call is about (see `lua/schedule_fire.lua`).
+pub(crate) struct FireCall<'a> {
+    pub(crate) name: &'a str,
+    /// A regular fire (compare-and-set on `expected_next`), else a run-now.
+    pub(crate) tick: bool,
+    pub(crate) expected_next: i64,
+    pub(crate) rev: &'a str,
+    pub(crate) new_next: i64,
+    /// The latest fire time among the messages (0 when none).
+    pub(crate) latest: i64,
+}
+
+/// What a schedule fire call did.
+#[derive(Debug)]
+pub(crate) enum FireOutcome {
+    /// It published this many messages (some may be duplicates) and advanced the schedule.
+    Published(usize),
+    /// The schedule moved on or changed: its next fire time and revision now.
+    Stale { next: i64, rev: String },
+    /// The fire time is this many ms away on Redis's clock.
+    Early(i64),
+    /// The schedule does not exist.
+    Gone,
 }

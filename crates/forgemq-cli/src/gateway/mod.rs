@@ -55,6 +55,7 @@ pub(crate) async fn run(
     connect: &crate::ConnectOptions,
     config_path: &Path,
     listen: Option<SocketAddr>,
+    scheduler: bool,
 ) -> Result<()> {
     // Before anything else: SIGHUP's default action would end the process.
     let signals = Signals::new()?;
@@ -89,7 +90,23 @@ pub(crate) async fn run(
         config.routes.len(),
         config_path.display()
     ));
+    // One scheduler for the process (the routes' workers run none of their own).
+    let (stop_scheduler, scheduler_stopped) = watch::channel(false);
+    let scheduler = scheduler.then(|| {
+        let mq = shared.mq.clone();
+        let mut stopped = scheduler_stopped.clone();
+        tokio::spawn(async move {
+            mq.run_scheduler(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await;
+        })
+    });
     let result = supervise(&shared, config, config_path, signals).await;
+    let _ = stop_scheduler.send(true);
+    if let Some(scheduler) = scheduler {
+        let _ = scheduler.await;
+    }
     server.abort();
     result
 }
@@ -308,6 +325,8 @@ fn build_worker(shared: &Arc<Shared>, topic: &str, route: &Arc<Route>) -> forgem
     Worker::builder(shared.mq.clone())
         // How operators tell the gateway from other workers in `forgemq workers`.
         .name("gateway")
+        // The process runs one scheduler (see `run`), not one per route.
+        .scheduler(false)
         .subscribe_with(topic, sub, handler)
         // SIGTERM and reloads drain within the route's timeout, then hand the rest back.
         .shutdown_timeout(route.timeout + Duration::from_secs(1))

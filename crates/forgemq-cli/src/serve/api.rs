@@ -22,10 +22,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::schema::{
-    self, BatchPublished, Cancelled, CancelledFrom, DeletedCount, DeletedId, Duplicate, Envelope,
-    ErrorBody, IdList, MessageStatus, MinuteCounts, Paused, Published, PurgeResult, RequeuedCount,
-    RequeuedId, Resumed, RunningMessage, TopicLayout, TopicStats, WorkerEntry, WorkerStateField,
-    WorkerTopicEntry,
+    self, BatchPublished, Cancelled, CancelledFrom, DeletedCount, DeletedId, DeletedSchedule,
+    Duplicate, Envelope, ErrorBody, IdList, MessageStatus, MinuteCounts, Paused, Published,
+    PurgeResult, RequeuedCount, RequeuedId, Resumed, RunningMessage, ScheduleEntry, TopicLayout,
+    TopicStats, WorkerEntry, WorkerStateField, WorkerTopicEntry,
 };
 use super::AppState;
 use crate::output;
@@ -78,6 +78,9 @@ pub(super) fn router(state: AppState) -> Router<AppState> {
         .routes(routes!(resume))
         .routes(routes!(purge))
         .routes(routes!(throughput))
+        .routes(routes!(list_schedules))
+        .routes(routes!(get_schedule, put_schedule, delete_schedule))
+        .routes(routes!(run_schedule))
         .layer(axum::extract::DefaultBodyLimit::max(one))
         .merge(batch)
         .split_for_parts();
@@ -1081,4 +1084,162 @@ mod tests {
             assert_eq!(MessageId::new(c.to_string()).is_ok(), !excluded(c), "{c:?}");
         }
     }
+}
+
+/// The schedule of a route.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct SchedulePath {
+    /// Schedule name: 1-176 bytes (UTF-8) without whitespace or control characters.
+    #[param(
+        pattern = "^[^\\x00-\\x20\\x7f-\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]{1,176}$",
+        example = "nightly-report"
+    )]
+    name: String,
+}
+
+/// A schedule to create or change: `cron` (with `tz`) or `every`, and the topic.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ScheduleRequest {
+    /// A cron pattern: 5 fields (minute hour day month weekday), or 6 with seconds first.
+    #[schema(example = "*/5 * * * *")]
+    cron: Option<String>,
+    /// The IANA time zone the cron pattern is read in (default UTC).
+    #[schema(example = "Asia/Shanghai")]
+    tz: Option<String>,
+    /// Fire every this long instead, e.g. `30s`, `15m` (at least 1s).
+    #[schema(example = "30s")]
+    every: Option<String>,
+    /// The topic its messages go to.
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,200}$", example = "report.nightly")]
+    topic: String,
+    /// The data of its messages (default null).
+    #[serde(default)]
+    data: Value,
+    /// Fire times missed while no scheduler ran: `once` (default), `skip`, `catch-up:N`.
+    #[schema(example = "once")]
+    missed: Option<String>,
+    /// Retries of each message before the dead-letter queue.
+    #[serde(default, deserialize_with = "schema::opt_u32")]
+    #[schema(minimum = 0, maximum = 4294967295_u64)]
+    max_retry: Option<u32>,
+}
+
+fn schedule_entry(s: forgemq::Schedule) -> ScheduleEntry {
+    ScheduleEntry {
+        name: s.name,
+        topic: s.topic,
+        cron: s.cron,
+        every_ms: s.every_ms,
+        tz: s.tz,
+        data: s.data,
+        missed: s.missed.to_string(),
+        next_fire: s.next_fire.map(output::rfc3339),
+        last_fire: s.last_fire.map(output::rfc3339),
+        fired: s.fired,
+    }
+}
+
+fn no_schedule(name: &str) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("no schedule named {name:?}"))
+}
+
+/// Every schedule, sorted by name.
+#[utoipa::path(get, path = "/schedules", tag = "schedules",
+    responses((status = 200, description = "The schedules", body = Vec<ScheduleEntry>)))]
+async fn list_schedules(State(state): State<AppState>) -> ApiResult<Json<Vec<ScheduleEntry>>> {
+    let all = state.mq.schedules().await?;
+    Ok(Json(all.into_iter().map(schedule_entry).collect()))
+}
+
+/// One schedule.
+#[utoipa::path(get, path = "/schedules/{name}", tag = "schedules",
+    params(SchedulePath),
+    responses((status = 200, description = "The schedule", body = ScheduleEntry),
+              (status = 400, description = "Bad schedule name", body = ErrorBody),
+              (status = 404, description = "No such schedule", body = ErrorBody)))]
+async fn get_schedule(
+    State(state): State<AppState>,
+    ApiPath(SchedulePath { name }): ApiPath<SchedulePath>,
+) -> ApiResult<Json<ScheduleEntry>> {
+    match state.mq.schedule(&name).await? {
+        Some(s) => Ok(Json(schedule_entry(s))),
+        None => Err(no_schedule(&name)),
+    }
+}
+
+/// Create or change a schedule. An unchanged spec keeps its next fire time; a changed one
+/// computes it again. Its messages have the ids `schedule:<name>:<fire time in ms>`.
+#[utoipa::path(put, path = "/schedules/{name}", tag = "schedules",
+    params(SchedulePath),
+    request_body = ScheduleRequest,
+    responses((status = 200, description = "The schedule as stored", body = ScheduleEntry),
+              (status = 400, description = "Bad name, pattern, time zone, period, topic or data", body = ErrorBody),
+              (status = 413, description = "Its message would be over the payload limit", body = ErrorBody)))]
+async fn put_schedule(
+    State(state): State<AppState>,
+    ApiPath(SchedulePath { name }): ApiPath<SchedulePath>,
+    ApiJson(Object(request)): ApiJson<Object<ScheduleRequest>>,
+) -> ApiResult<Json<ScheduleEntry>> {
+    let bad = |text: String| ApiError(StatusCode::BAD_REQUEST, text);
+    let mut spec = match (request.cron, request.every) {
+        (Some(cron), None) => {
+            forgemq::ScheduleSpec::cron(cron).tz(request.tz.unwrap_or_else(|| "UTC".to_owned()))
+        }
+        (None, Some(every)) => {
+            if request.tz.is_some() {
+                return Err(bad("tz applies to cron schedules only".to_owned()));
+            }
+            let period = humantime::parse_duration(&every)
+                .map_err(|e| bad(format!("every {every:?}: {e} (e.g. \"30s\", \"15m\")")))?;
+            forgemq::ScheduleSpec::every(period)
+        }
+        _ => return Err(bad("give either cron or every".to_owned())),
+    };
+    if let Some(missed) = request.missed {
+        spec = spec.missed(missed.parse()?);
+    }
+    if let Some(n) = request.max_retry {
+        spec = spec.options(PublishOptions::new().max_retry(n));
+    }
+    spec = spec.topic(request.topic).data(request.data);
+    Ok(Json(schedule_entry(
+        state.mq.upsert_schedule(&name, spec).await?,
+    )))
+}
+
+/// Remove a schedule; the messages it published stay.
+#[utoipa::path(delete, path = "/schedules/{name}", tag = "schedules",
+    params(SchedulePath),
+    responses((status = 200, description = "Removed", body = DeletedSchedule),
+              (status = 400, description = "Bad schedule name", body = ErrorBody),
+              (status = 404, description = "No such schedule", body = ErrorBody)))]
+async fn delete_schedule(
+    State(state): State<AppState>,
+    ApiPath(SchedulePath { name }): ApiPath<SchedulePath>,
+) -> ApiResult<Json<DeletedSchedule>> {
+    if state.mq.remove_schedule(&name).await? {
+        Ok(Json(DeletedSchedule { deleted: name }))
+    } else {
+        Err(no_schedule(&name))
+    }
+}
+
+/// Publish the schedule's message now, with the id `schedule:<name>:<now in ms>`; its
+/// regular fire times stay.
+#[utoipa::path(post, path = "/schedules/{name}/run", tag = "schedules",
+    params(SchedulePath),
+    responses((status = 201, description = "Published", body = Published),
+              (status = 400, description = "Bad schedule name", body = ErrorBody),
+              (status = 404, description = "No such schedule", body = ErrorBody)))]
+async fn run_schedule(
+    State(state): State<AppState>,
+    ApiPath(SchedulePath { name }): ApiPath<SchedulePath>,
+) -> ApiResult<(StatusCode, Json<Published>)> {
+    if state.mq.schedule(&name).await?.is_none() {
+        return Err(no_schedule(&name));
+    }
+    let id = state.mq.run_schedule_now(&name).await?;
+    Ok((StatusCode::CREATED, Json(Published { id: id.to_string() })))
 }

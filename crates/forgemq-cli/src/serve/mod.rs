@@ -39,6 +39,9 @@ pub(crate) struct Options {
     /// `/metrics` without the token (`--metrics-public`): it names every topic and its
     /// traffic, so by default it is guarded like the API.
     pub(crate) metrics_public: bool,
+    /// Run a scheduler beside the server (fires the namespace's schedules); off with
+    /// `--no-scheduler`.
+    pub(crate) scheduler: bool,
 }
 
 impl Options {
@@ -77,13 +80,29 @@ pub(crate) async fn serve(
     let local = listener
         .local_addr()
         .context("could not read the listening address")?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let scheduler = options.scheduler.then(|| {
+        let mq = mq.clone();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            mq.run_scheduler(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await;
+        })
+    });
     let app = router(mq, local, options);
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(async {
             shutdown_signal().await;
         })
         .await
-        .context("the HTTP server failed")
+        .context("the HTTP server failed");
+    let _ = stop.send(true);
+    if let Some(scheduler) = scheduler {
+        let _ = scheduler.await;
+    }
+    served
 }
 
 async fn shutdown_signal() {

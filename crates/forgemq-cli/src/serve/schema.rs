@@ -363,6 +363,40 @@ pub(super) struct RunningMessage {
     pub(super) started_at: Option<String>,
 }
 
+/// A schedule: when it fires, what it publishes, when it fires next.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct ScheduleEntry {
+    /// Its name.
+    pub(super) name: String,
+    /// The topic its messages go to.
+    pub(super) topic: String,
+    /// Its cron pattern (5 fields, or 6 with seconds first), for a cron schedule.
+    pub(super) cron: Option<String>,
+    /// Its period in ms, for an every-N schedule.
+    #[schema(minimum = 1000)]
+    pub(super) every_ms: Option<u64>,
+    /// The IANA time zone its cron pattern is read in.
+    pub(super) tz: String,
+    /// The data of its messages.
+    pub(super) data: Value,
+    /// What it does about missed fire times: `once`, `skip` or `catch-up:N`.
+    pub(super) missed: String,
+    /// When it fires next, RFC 3339 (Redis clock); null if never again.
+    pub(super) next_fire: Option<String>,
+    /// When it last fired (the time in its message's id), RFC 3339; null if never.
+    pub(super) last_fire: Option<String>,
+    /// How many messages it published.
+    #[schema(minimum = 0)]
+    pub(super) fired: u64,
+}
+
+/// A schedule removed.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct DeletedSchedule {
+    /// Its name.
+    pub(super) deleted: String,
+}
+
 /// A live worker, as its last heartbeat described it.
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct WorkerEntry {
@@ -594,6 +628,11 @@ mod tests {
         assert_eq!(
             schema_fields::<PurgedCounts>(),
             fields(&serde_json::to_value(forgemq::Purged::default()).unwrap())
+        );
+        let schedule = forgemq::Schedule::default();
+        assert_eq!(
+            schema_fields::<ScheduleEntry>(),
+            fields(&serde_json::to_value(schedule).unwrap())
         );
         let minute = json!({"minute": "", "published": 0, "processed": 0, "failed": 0});
         assert_eq!(schema_fields::<MinuteCounts>(), fields(&minute));

@@ -299,6 +299,8 @@ pub(crate) struct Settings {
     pub(crate) idle_wait: Duration,
     pub(crate) require_safe_redis: bool,
     pub(crate) heartbeat_interval: Duration,
+    /// Whether this worker runs a scheduler (see [`WorkerBuilder::scheduler`]).
+    pub(crate) scheduler: bool,
     /// This worker in the registry (set by [`WorkerBuilder::build`]).
     pub(crate) presence: Arc<Presence>,
 }
@@ -552,6 +554,15 @@ impl WorkerBuilder {
         self
     }
 
+    /// Whether this worker also runs a scheduler, which fires the namespace's schedules
+    /// ([`Client::upsert_schedule`]) when their time comes (default: yes). Any number of
+    /// schedulers may run: each fire time still gives exactly one message. Idle, a
+    /// scheduler reads the list of schedules every 5 s.
+    pub fn scheduler(mut self, enabled: bool) -> Self {
+        self.settings.scheduler = enabled;
+        self
+    }
+
     /// A label shown with this worker in [`Client::workers`], e.g. `gateway` or
     /// `image-resizer` (at most 100 bytes).
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -707,6 +718,7 @@ impl Worker {
                 idle_wait: Duration::from_secs(5),
                 require_safe_redis: false,
                 heartbeat_interval: Duration::from_secs(5),
+                scheduler: true,
                 presence: Arc::default(),
             },
             error: None,
@@ -773,6 +785,12 @@ impl Worker {
         ));
 
         let (stop_tx, stop_rx) = watch::channel(false);
+        let scheduler = self.settings.scheduler.then(|| {
+            tokio::spawn(crate::schedule::scheduler_loop(
+                self.client.clone(),
+                stop_rx.clone(),
+            ))
+        });
         let mut running = JoinSet::new();
         for (members, priority) in specs {
             running.spawn(supervise(
@@ -796,6 +814,9 @@ impl Worker {
             if let Err(e) = done {
                 tracing::error!(error = %e, "a subscription task failed");
             }
+        }
+        if let Some(scheduler) = scheduler {
+            let _ = scheduler.await;
         }
         let _ = beat_stop.send(true);
         let _ = heartbeats.await;

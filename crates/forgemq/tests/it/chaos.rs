@@ -1064,7 +1064,7 @@ async fn sigstop_worker_past_lease() {
 }
 
 /// Where Debian's `faketime` package (or a local build) put libfaketime.
-fn libfaketime() -> Option<String> {
+pub(crate) fn libfaketime() -> Option<String> {
     let arch = std::env::consts::ARCH;
     [
         format!("/usr/lib/{arch}-linux-gnu/faketime/libfaketime.so.1"),

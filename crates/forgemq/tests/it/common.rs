@@ -43,6 +43,8 @@ macro_rules! single_server_only {
 pub(crate) use single_server_only;
 
 /// The Redis of one test: a private server, or a private 3-master cluster.
+// One per test, never moved around in bulk: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum TestRedis {
     Single(RedisServer),
     Cluster(TestCluster),
@@ -495,6 +497,11 @@ pub mod child {
                         .run_until(tokio::time::sleep(Duration::from_secs(8)))
                         .await
                         .unwrap();
+                }
+                // Runs a scheduler (no worker) until killed.
+                "scheduler" => {
+                    println!("scheduling");
+                    mq.run_scheduler(std::future::pending()).await;
                 }
                 // Publishes one delayed message and exits at once.
                 "publish-delayed" => {

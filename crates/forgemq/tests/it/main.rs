@@ -21,6 +21,7 @@ mod partitions;
 mod publish;
 mod regressions;
 mod scaleout;
+mod schedule;
 mod soak;
 mod worker;
 
