@@ -251,14 +251,30 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
             None
         }
     };
-    match encode_metrics(topics.as_deref()) {
+    // Schedules only when the queues could be read (Redis answers), within the same bound.
+    let schedules = match topics {
+        Some(_) => tokio::time::timeout(METRICS_TIMEOUT, state.mq.schedules())
+            .await
+            .ok()
+            .and_then(|r| {
+                r.inspect_err(
+                    |e| tracing::warn!(error = %e, "/metrics: could not read the schedules"),
+                )
+                .ok()
+            }),
+        None => None,
+    };
+    match encode_metrics(topics.as_deref(), schedules.as_deref().unwrap_or_default()) {
         Ok(text) => crate::exposition::respond(&headers, text),
         Err(e) => crate::exposition::failed(&e),
     }
 }
 
-/// OpenMetrics text for `topics` (`None`: Redis could not be read).
-fn encode_metrics(topics: Option<&[forgemq::QueueStats]>) -> Result<String, std::fmt::Error> {
+/// OpenMetrics text for `topics` (`None`: Redis could not be read) and `schedules`.
+fn encode_metrics(
+    topics: Option<&[forgemq::QueueStats]>,
+    schedules: &[forgemq::Schedule],
+) -> Result<String, std::fmt::Error> {
     use std::sync::atomic::AtomicU64;
 
     use prometheus_client::metrics::counter::Counter;
@@ -398,6 +414,36 @@ fn encode_metrics(topics: Option<&[forgemq::QueueStats]>) -> Result<String, std:
         for (family, value) in counters.iter().zip(totals) {
             family.get_or_create(&topic()).inc_by(value);
         }
+    }
+    let next_fire = seconds(
+        &mut registry,
+        "forgemq_schedule_next_fire_timestamp_seconds",
+        "When the schedule fires next (Unix time, Redis clock); a time well in the past means no scheduler is running",
+    );
+    let last_fire = seconds(
+        &mut registry,
+        "forgemq_schedule_last_fire_timestamp_seconds",
+        "The fire time of the schedule's last message (Unix time; absent before its first)",
+    );
+    let fired = Family::<Labels, Counter>::default();
+    registry.register(
+        "forgemq_schedule_fired",
+        "Messages the schedule published",
+        fired.clone(),
+    );
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_millis() as f64 / 1000.0)
+    };
+    for s in schedules {
+        let labels = vec![("schedule", s.name.clone()), ("topic", s.topic.clone())];
+        if let Some(t) = s.next_fire {
+            next_fire.get_or_create(&labels).set(unix(t));
+        }
+        if let Some(t) = s.last_fire {
+            last_fire.get_or_create(&labels).set(unix(t));
+        }
+        fired.get_or_create(&labels).inc_by(s.fired);
     }
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)?;
