@@ -103,6 +103,7 @@ for i in 1 2; do "$FORGEMQ_BIN" publish ops.idle "{\"n\": $i}" >/dev/null; done
 # A schedule that fired once (run now), for the schedule families.
 "$FORGEMQ_BIN" schedule set ops.nightly --cron "0 3 * * *" --topic ops.report >/dev/null
 "$FORGEMQ_BIN" schedule run ops.nightly >/dev/null
+"$FORGEMQ_BIN" limit set ops.idle 50/s --burst 5 >/dev/null
 
 scrape() { curl -fsS "http://127.0.0.1:$1/metrics"; }
 # Not grep -q: it would stop reading early, and curl's broken pipe fail the pipeline.
@@ -110,6 +111,7 @@ has() { scrape "$api_port" | grep -xF "$1" >/dev/null; }
 wait_for "ops.ok processed" has 'forgemq_processed_total{topic="ops.ok"} 3'
 wait_for "ops.fail dead-lettered" has 'forgemq_dead_total{topic="ops.fail"} 2'
 wait_for "the gateway in the worker registry" has 'forgemq_workers{topic="ops.ok"} 1'
+wait_for "the rate limit" has 'forgemq_rate_limit_burst{topic="ops.idle"} 5'
 wait_for "the schedule's count" has 'forgemq_schedule_fired_total{schedule="ops.nightly",topic="ops.report"} 1'
 
 scrape "$api_port" >"$work/serve.prom"

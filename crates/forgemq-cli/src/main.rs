@@ -31,8 +31,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use forgemq::{
-    Client, MessageId, MessageState, Missed, PublishOptions, PublishOutcome, ScheduleSpec,
-    TopicOptions, UniqueUntil, MAX_PARTITIONS,
+    Client, MessageId, MessageState, Missed, PublishOptions, PublishOutcome, RateLimit,
+    ScheduleSpec, TopicOptions, UniqueUntil, MAX_PARTITIONS,
 };
 use serde_json::Value;
 
@@ -261,6 +261,9 @@ enum Command {
     /// serve, dev and gateway fire them, and each fire time gives exactly one message).
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+    /// Global rate limits per topic: at most RATE deliveries, across every worker.
+    #[command(subcommand)]
+    Limit(LimitCommand),
     /// Print shell completions, e.g. `forgemq completions bash > /etc/bash_completion.d/forgemq`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -371,6 +374,33 @@ enum Dlq {
         /// Don't ask: needed when stdin is not a terminal (scripts, CI).
         #[arg(long, short = 'y')]
         yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LimitCommand {
+    /// Limit how many messages of TOPIC start per unit of time, across every worker of
+    /// every process, from now on (a token bucket in Redis: no burst at window edges).
+    Set {
+        /// The topic.
+        topic: String,
+        /// COUNT/PERIOD: `100/s`, `6000/m`, `10/h`, `5/500ms`.
+        rate: String,
+        /// How many may start at once after a quiet spell [default: a tenth of a second's
+        /// worth, at least 1].
+        #[arg(long)]
+        burst: Option<u32>,
+    },
+    /// Remove the limit of TOPIC. Exits 1 if it had none.
+    Rm {
+        /// The topic.
+        topic: String,
+    },
+    /// Every topic with a limit.
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -883,6 +913,34 @@ async fn run(cli: Cli) -> Result<()> {
             create_topic(&mq, &topic, partitions).await
         }
         Command::Schedule(command) => schedule(&mq, command).await,
+        Command::Limit(LimitCommand::Set { topic, rate, burst }) => {
+            let mut limit: RateLimit = rate
+                .parse()
+                .map_err(|e: forgemq::Error| UsageError(e.to_string()))?;
+            if let Some(b) = burst {
+                limit = limit.burst(b);
+            }
+            mq.set_rate_limit(&topic, limit).await?;
+            println!("{topic}: at most {limit} (burst {})", limit.burst_size());
+            Ok(())
+        }
+        Command::Limit(LimitCommand::Rm { topic }) => {
+            if mq.remove_rate_limit(&topic).await? {
+                println!("{topic}: no limit");
+                Ok(())
+            } else {
+                bail!("{topic:?} has no rate limit")
+            }
+        }
+        Command::Limit(LimitCommand::Ls { json }) => {
+            let all = mq.rate_limits().await?;
+            if json {
+                output::print_json(&all)
+            } else {
+                output::limits_table(&all);
+                Ok(())
+            }
+        }
         Command::Topic(TopicCommand::Ls { json }) => {
             let all = mq.topic_infos().await?;
             if json {

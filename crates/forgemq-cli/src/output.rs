@@ -252,6 +252,19 @@ fn running(s: &QueueStats) -> String {
 }
 
 /// `topic ls`: every topic and its partition count.
+/// `limit ls`: every topic with a rate limit.
+pub(crate) fn limits_table(limits: &[forgemq::TopicLimit]) {
+    if limits.is_empty() {
+        eprintln!("no rate limits: set one with `forgemq limit set TOPIC 100/s`");
+        return;
+    }
+    let rows: Vec<Vec<String>> = limits
+        .iter()
+        .map(|l| vec![l.topic.clone(), l.rate.clone(), l.burst.to_string()])
+        .collect();
+    table(&["TOPIC", "RATE", "BURST"], &rows);
+}
+
 /// `schedule ls`: every schedule, its spec, and its next and last fire.
 pub(crate) fn schedules_table(schedules: &[forgemq::Schedule]) {
     if schedules.is_empty() {

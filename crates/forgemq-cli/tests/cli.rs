@@ -1223,3 +1223,44 @@ fn schedule_commands_set_list_run_and_remove() {
     let list = json_of(&server, &["schedule", "ls", "--json"]);
     assert_eq!(list.as_array().unwrap().len(), 1);
 }
+
+/// `forgemq limit set|ls|rm`: a rate limit every worker shares, with the errors a user makes.
+#[test]
+fn limit_commands_set_list_and_remove() {
+    let server = RedisServer::start();
+    let out = ok(
+        &server,
+        &["limit", "set", "email.send", "100/s", "--burst", "20"],
+    );
+    assert_eq!(out.trim(), "email.send: at most 100/s (burst 20)");
+    ok(&server, &["limit", "set", "report.build", "30/h"]);
+    let list = json_of(&server, &["limit", "ls", "--json"]);
+    assert_eq!(list[0]["topic"], "email.send");
+    assert_eq!(list[0]["rate"], "100/s");
+    assert_eq!(list[0]["burst"], 20);
+    assert_eq!(list[1]["rate"], "30/h");
+    assert_eq!(list[1]["burst"], 1);
+    let table = ok(&server, &["limit", "ls"]);
+    assert!(
+        table.contains("email.send") && table.contains("100/s"),
+        "{table}"
+    );
+    for (args, needle) in [
+        (vec!["limit", "set", "t", "fast"], "COUNT/PERIOD"),
+        (vec!["limit", "set", "t", "0/s"], "COUNT/PERIOD"),
+        (vec!["limit", "set", "t", "10/s", "--burst", "0"], "burst"),
+        (vec!["limit", "set", "bad topic", "10/s"], "invalid topic"),
+        (vec!["limit", "rm", "nothing.here"], "no rate limit"),
+    ] {
+        let out = forgemq(&server, &args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert_eq!(
+        ok(&server, &["limit", "rm", "email.send"]).trim(),
+        "email.send: no limit"
+    );
+    let list = json_of(&server, &["limit", "ls", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+}

@@ -890,6 +890,10 @@ fn openapi_matches_the_routes() {
         ("/schedules/{name}", "put"),
         ("/schedules/{name}", "delete"),
         ("/schedules/{name}/run", "post"),
+        ("/limits", "get"),
+        ("/topics/{topic}/limit", "get"),
+        ("/topics/{topic}/limit", "put"),
+        ("/topics/{topic}/limit", "delete"),
     ] {
         assert!(
             paths.get(path).and_then(|p| p.get(method)).is_some(),
@@ -911,8 +915,10 @@ fn openapi_matches_the_routes() {
                 Some("{\"data\":1}"),
             );
             assert!(
-                // A 404 is only acceptable for the made-up id `x`.
-                status != 405 && (status != 404 || concrete.contains("/x")),
+                // A 404 is only acceptable for the made-up id `x`, and for the limit of a
+                // topic that has none.
+                status != 405
+                    && (status != 404 || concrete.contains("/x") || concrete.ends_with("/limit")),
                 "{method} {concrete}: {status}"
             );
         }
@@ -1332,7 +1338,7 @@ fn openapi_describes_what_the_server_does() {
             }
         }
     }
-    assert_eq!(operations, 26);
+    assert_eq!(operations, 30);
     let peek = &doc["paths"]["/topics/{topic}/messages"]["get"]["parameters"];
     let state = peek
         .as_array()
@@ -2234,5 +2240,44 @@ fn api_manages_schedules_and_serve_fires_them() {
     let (status, _) = http(p, "DELETE", "/api/v1/schedules/tick", None, None);
     assert_eq!(status, 404);
     let (status, _) = http(p, "POST", "/api/v1/schedules/tick/run", None, None);
+    assert_eq!(status, 404);
+}
+
+/// Rate limits over HTTP: set, read, list, remove; bad rates are 400.
+#[test]
+fn api_sets_and_removes_rate_limits() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &[]);
+    let p = server.port;
+    let (status, body) = http(
+        p,
+        "PUT",
+        "/api/v1/topics/email.send/limit",
+        None,
+        Some(r#"{"rate":"6000/m","burst":20}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"topic": "email.send", "rate": "100/s", "per_second": 100.0, "burst": 20})
+    );
+    let (status, got) = http(p, "GET", "/api/v1/topics/email.send/limit", None, None);
+    assert_eq!((status, &got), (200, &body));
+    let (_, list) = http(p, "GET", "/api/v1/limits", None, None);
+    assert_eq!(list, json!([body]));
+    for bad in [
+        r#"{"rate":"lots"}"#,
+        r#"{"rate":"10/s","burst":0}"#,
+        r#"{"burst":5}"#,
+        r#"{"rate":"10/s","x":1}"#,
+    ] {
+        let (status, e) = http(p, "PUT", "/api/v1/topics/email.send/limit", None, Some(bad));
+        assert_eq!(status, 400, "{bad}: {e}");
+    }
+    let (status, _) = http(p, "DELETE", "/api/v1/topics/email.send/limit", None, None);
+    assert_eq!(status, 200);
+    let (status, _) = http(p, "GET", "/api/v1/topics/email.send/limit", None, None);
+    assert_eq!(status, 404);
+    let (status, _) = http(p, "DELETE", "/api/v1/topics/email.send/limit", None, None);
     assert_eq!(status, 404);
 }

@@ -12,6 +12,9 @@
 -- KEYS[11] uniq      HASH  id -> unique key held until the message's final state
 -- KEYS[12] ready     ZSET  id -> when it became ready (ms), for entries pushed at the head
 -- KEYS[13] runs      LIST  "<count> <ms>": runs of tail entries by when they became ready
+-- KEYS[14] limit     HASH  the topic's rate limit, a token bucket: rate (per second),
+--                    burst, tokens, at (ms of the last refill; may be ahead of now while
+--                    the bucket is drained by a remote 429). Absent: no limit.
 -- ARGV[1] n             most messages to lease
 -- ARGV[2] lease_ms      lease length
 -- ARGV[3] token         lease token of this delivery: `{holder}/{random}`; the lease hash
@@ -22,7 +25,8 @@
 -- ARGV[5] dedup         1: skip (delete and count) ids found in the processed ledger
 -- ARGV[6] will_wait     1: the caller blocks on the wake list if this fetch finds nothing
 -- Returns {now_ms, next_due_ms or -1, {id1, envelope1, ...}, paused (0/1)}.
--- next_due_ms is only computed when fewer than n were leased (the caller may wait next).
+-- next_due_ms is only computed when fewer than n were leased (the caller may wait next);
+-- when the rate limit held the fetch back, it is when the next token is due.
 
 local now = now_ms()
 if redis.call('EXISTS', KEYS[8]) == 1 then
@@ -48,6 +52,27 @@ if #due_scored > 0 then
   redis.call('ZREM', KEYS[4], unpack(due))
   redis.call('RPUSH', KEYS[1], unpack(due))
   runs_push(KEYS[13], #due, tonumber(due_scored[2]))
+end
+
+-- The rate limit: at most as many deliveries as whole tokens; none (and when the next
+-- token comes) when there is none. Deliveries take tokens below, once leased.
+local limit = redis.call('HMGET', KEYS[14], 'rate', 'burst', 'tokens', 'at')
+local tokens, rate = nil, nil
+if limit[1] then
+  rate = tonumber(limit[1])
+  local burst = tonumber(limit[2])
+  local at = tonumber(limit[4] or now)
+  tokens = tonumber(limit[3] or limit[2])
+  if now > at then
+    tokens = math.min(burst, tokens + (now - at) * rate / 1000)
+    at = now
+  end
+  redis.call('HSET', KEYS[14], 'tokens', string.format('%.6f', tokens), 'at', string.format('%d', at))
+  if tokens < 1 then
+    -- Not a token before `at` (a drained bucket), then one every 1000 / rate ms.
+    return {now, at + math.ceil((1 - tokens) * 1000 / rate), {}, 0}
+  end
+  n = math.min(n, math.floor(tokens))
 end
 
 local out = {}
@@ -109,6 +134,9 @@ end
 if #zargs > 0 then
   redis.call('ZADD', KEYS[2], unpack(zargs))
   redis.call('HSET', KEYS[3], unpack(hargs))
+  if tokens then
+    redis.call('HSET', KEYS[14], 'tokens', string.format('%.6f', tokens - #zargs / 2))
+  end
 end
 if #skipped > 0 then
   redis.call('HDEL', KEYS[5], unpack(skipped))
@@ -145,6 +173,14 @@ if #out < 2 * n then
   local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
   if first[2] then
     next_due = tonumber(first[2])
+  end
+end
+if tokens and #out == 2 * n and redis.call('LLEN', KEYS[1]) > 0 then
+  -- Limited, with work left: the caller may wait, until the next token at the latest.
+  local left = tokens - n
+  local due = now + math.ceil(math.max(0, 1 - left) * 1000 / rate)
+  if next_due < 0 or due < next_due then
+    next_due = due
   end
 end
 return {now, next_due, out, 0}

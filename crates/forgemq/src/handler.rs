@@ -28,6 +28,7 @@ pub struct HandlerError {
     error: BoxError,
     fatal: bool,
     retry_after: Option<Duration>,
+    rate_limited: bool,
 }
 
 impl HandlerError {
@@ -37,6 +38,7 @@ impl HandlerError {
             error: error.into(),
             fatal: false,
             retry_after: None,
+            rate_limited: false,
         }
     }
 
@@ -46,6 +48,26 @@ impl HandlerError {
             retry_after: Some(delay),
             ..Self::retry(error)
         }
+    }
+
+    /// A remote service said "too many requests" (HTTP 429): the message goes back without
+    /// costing an attempt, to run again after `retry_after`, and the topic's rate limit
+    /// ([`Client::set_rate_limit`](crate::Client::set_rate_limit)), if it has one, hands
+    /// out nothing for that long, to any worker.
+    pub fn rate_limited(retry_after: Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            rate_limited: true,
+            ..Self::retry(format!(
+                "rate limited: retry after {}",
+                humantime::format_duration(retry_after)
+            ))
+        }
+    }
+
+    /// True for [`HandlerError::rate_limited`].
+    pub fn is_rate_limited(&self) -> bool {
+        self.rate_limited
     }
 
     /// A failure that retrying cannot fix: the message goes to the dead-letter queue now.
@@ -97,6 +119,7 @@ impl fmt::Debug for HandlerError {
             .field("error", &self.error)
             .field("fatal", &self.fatal)
             .field("retry_after", &self.retry_after)
+            .field("rate_limited", &self.rate_limited)
             .finish()
     }
 }

@@ -185,6 +185,7 @@ impl Namespace {
             purged_tokens: k("purged_tokens"),
             ready: k("ready"),
             runs: k("runs"),
+            limit: k("limit"),
             // One per topic, partitioned or not: workers consume topics, not partitions.
             workers: format!("{}:{{{}}}:workers", self.ns, topic),
             unique_prefix: k("unique:"),
@@ -245,6 +246,9 @@ pub(crate) struct TopicKeys {
     /// oldest first (see prelude.lua). The queue latency is the age of the older of the
     /// first run and the first `ready` member.
     pub(crate) runs: String,
+    /// HASH: the rate limit, a token bucket applied by the fetch script (`rate` per second,
+    /// `burst`, `tokens`, `at`); absent without a limit.
+    pub(crate) limit: String,
     /// HASH worker id → `concurrency,in_flight,expires_ms` of the workers consuming the
     /// topic (in the plain topic's slot for a partitioned one).
     pub(crate) workers: String,

@@ -31,6 +31,7 @@
 //! - [`handler`]: [`HandlerError`] and [`Backoff`], what handlers return and how retries wait.
 //! - [`message`]: [`Message`] and [`MessageId`].
 //! - [`registry`]: [`WorkerInfo`], the live workers as their heartbeats describe them.
+//! - [`limit`]: [`RateLimit`], global rate limits per topic (a token bucket in Redis).
 //! - [`schedule`]: [`ScheduleSpec`], cron and every-N messages fired by leaderless schedulers.
 //! - [`error`]: [`Error`], the one error type.
 //! - `keys`: Redis key names (the only place they are built).
@@ -42,6 +43,7 @@ pub mod delivery;
 pub mod error;
 pub mod handler;
 mod keys;
+pub mod limit;
 pub mod message;
 pub mod registry;
 pub mod schedule;
@@ -73,6 +75,7 @@ pub use delivery::Delivery;
 pub use error::{Error, Result};
 pub use handler::{Backoff, HandlerError};
 pub use keys::{validate_topic, MAX_PARTITIONS};
+pub use limit::{RateLimit, TopicLimit};
 pub use message::{Message, MessageId};
 pub use registry::{WorkerInfo, WorkerState, WorkerTopic};
 pub use schedule::{Missed, Schedule, ScheduleSpec, MAX_SCHEDULE_NAME};

@@ -54,11 +54,12 @@ pub(crate) struct Scripts {
     pub(crate) consumers: Lua,
     pub(crate) schedule_fire: Lua,
     pub(crate) schedule_set: Lua,
+    pub(crate) limit: Lua,
 }
 
 impl Scripts {
     /// Every script, for loading them all at connect time.
-    pub(crate) fn all(&self) -> [&Lua; 16] {
+    pub(crate) fn all(&self) -> [&Lua; 17] {
         [
             &self.publish,
             &self.fetch,
@@ -76,6 +77,7 @@ impl Scripts {
             &self.consumers,
             &self.schedule_fire,
             &self.schedule_set,
+            &self.limit,
         ]
     }
 
@@ -97,6 +99,7 @@ impl Scripts {
             consumers: script!("consumers.lua"),
             schedule_fire: script!("store_messages.lua", "schedule_fire.lua"),
             schedule_set: script!("schedule_set.lua"),
+            limit: script!("limit.lua"),
         }
     }
 }

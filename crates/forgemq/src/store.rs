@@ -433,6 +433,42 @@ impl Store {
             .collect()
     }
 
+    /// Sets (`Some((rate per second, burst))`) or removes a topic's rate limit. A changed
+    /// limit keeps the tokens it has, up to the new burst; a new one starts full.
+    pub(crate) async fn set_limit(
+        &self,
+        keys: &TopicKeys,
+        limit: Option<(f64, u32)>,
+    ) -> Result<()> {
+        let Some((rate, burst)) = limit else {
+            let del = redis::cmd("DEL").arg(&keys.limit).to_owned();
+            return self.cmd::<()>(&del, &keys.limit).await;
+        };
+        let script = &self.scripts.limit;
+        let mut call = Self::evalsha(script, &[&keys.limit]);
+        call.arg("set").arg(format!("{rate}")).arg(burst);
+        self.run::<()>(script, &call).await
+    }
+
+    /// A topic's rate limit: rate per second and burst.
+    pub(crate) async fn limit(&self, keys: &TopicKeys) -> Result<Option<(f64, u32)>> {
+        let cmd = redis::cmd("HMGET")
+            .arg(&keys.limit)
+            .arg("rate")
+            .arg("burst")
+            .to_owned();
+        let (rate, burst): (Option<f64>, Option<u32>) = self.cmd(&cmd, &keys.limit).await?;
+        Ok(rate.zip(burst))
+    }
+
+    /// Empties a topic's bucket for `hold` (a remote 429 said to wait): no token before it.
+    pub(crate) async fn drain_limit(&self, keys: &TopicKeys, hold: Duration) -> Result<()> {
+        let script = &self.scripts.limit;
+        let mut call = Self::evalsha(script, &[&keys.limit]);
+        call.arg("drain").arg(millis(hold));
+        self.run::<()>(script, &call).await
+    }
+
     /// Redis's clock (ms) on the node of `key`.
     pub(crate) async fn time_ms(&self, key: &str) -> Result<i64> {
         let (secs, micros): (i64, i64) = self.cmd(&redis::cmd("TIME"), key).await?;
@@ -558,6 +594,7 @@ impl Store {
                 &keys.uniq,
                 &keys.ready,
                 &keys.runs,
+                &keys.limit,
             ],
         );
         call.arg(n.min(MAX_PER_CALL))

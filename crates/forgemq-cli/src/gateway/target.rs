@@ -97,6 +97,12 @@ async fn post(
         error.push_str(&text);
     }
     Err(match retry_after {
+        // Too many requests, and for how long: back without costing an attempt, and the
+        // topic's rate limit (if it has one) hands out nothing for that long.
+        Some(delay) if status == reqwest::StatusCode::TOO_MANY_REQUESTS => {
+            tracing::info!(url = %url, retry_after = ?delay, "{error}");
+            HandlerError::rate_limited(delay)
+        }
         Some(delay) => HandlerError::retry_after(error, delay),
         None => HandlerError::retry(error),
     })

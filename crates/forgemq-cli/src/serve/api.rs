@@ -23,9 +23,9 @@ use utoipa_axum::routes;
 
 use super::schema::{
     self, BatchPublished, Cancelled, CancelledFrom, DeletedCount, DeletedId, DeletedSchedule,
-    Duplicate, Envelope, ErrorBody, IdList, MessageStatus, MinuteCounts, Paused, Published,
-    PurgeResult, RequeuedCount, RequeuedId, Resumed, RunningMessage, ScheduleEntry, TopicLayout,
-    TopicStats, WorkerEntry, WorkerStateField, WorkerTopicEntry,
+    Duplicate, Envelope, ErrorBody, IdList, LimitEntry, MessageStatus, MinuteCounts, Paused,
+    Published, PurgeResult, RequeuedCount, RequeuedId, Resumed, RunningMessage, ScheduleEntry,
+    TopicLayout, TopicStats, WorkerEntry, WorkerStateField, WorkerTopicEntry,
 };
 use super::AppState;
 use crate::output;
@@ -78,6 +78,8 @@ pub(super) fn router(state: AppState) -> Router<AppState> {
         .routes(routes!(resume))
         .routes(routes!(purge))
         .routes(routes!(throughput))
+        .routes(routes!(list_limits))
+        .routes(routes!(get_limit, put_limit, delete_limit))
         .routes(routes!(list_schedules))
         .routes(routes!(get_schedule, put_schedule, delete_schedule))
         .routes(routes!(run_schedule))
@@ -1242,4 +1244,103 @@ async fn run_schedule(
     }
     let id = state.mq.run_schedule_now(&name).await?;
     Ok((StatusCode::CREATED, Json(Published { id: id.to_string() })))
+}
+
+/// A rate limit to set.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct LimitRequest {
+    /// COUNT/PERIOD: `100/s`, `6000/m`, `10/h`, `5/500ms`.
+    #[schema(example = "100/s")]
+    rate: String,
+    /// How many may start at once after a quiet spell (default: a tenth of a second's
+    /// worth, at least 1).
+    #[serde(default, deserialize_with = "schema::opt_u32")]
+    #[schema(minimum = 1, maximum = 1000000)]
+    burst: Option<u32>,
+}
+
+fn limit_entry(topic: String, limit: forgemq::RateLimit) -> LimitEntry {
+    LimitEntry {
+        topic,
+        rate: limit.to_string(),
+        per_second: limit.per_second(),
+        burst: limit.burst_size(),
+    }
+}
+
+/// Every topic with a rate limit.
+#[utoipa::path(get, path = "/limits", tag = "limits",
+    responses((status = 200, description = "The limits", body = Vec<LimitEntry>)))]
+async fn list_limits(State(state): State<AppState>) -> ApiResult<Json<Vec<LimitEntry>>> {
+    let all = state.mq.rate_limits().await?;
+    Ok(Json(
+        all.into_iter()
+            .map(|l| LimitEntry {
+                topic: l.topic,
+                rate: l.rate,
+                per_second: l.per_second,
+                burst: l.burst,
+            })
+            .collect(),
+    ))
+}
+
+/// The topic's rate limit.
+#[utoipa::path(get, path = "/topics/{topic}/limit", tag = "limits",
+    params(TopicPath),
+    responses((status = 200, description = "The limit", body = LimitEntry),
+              (status = 400, description = "Bad topic name", body = ErrorBody),
+              (status = 404, description = "The topic has no rate limit", body = ErrorBody)))]
+async fn get_limit(
+    State(state): State<AppState>,
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+) -> ApiResult<Json<LimitEntry>> {
+    match state.mq.rate_limit(&topic).await? {
+        Some(limit) => Ok(Json(limit_entry(topic, limit))),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("{topic:?} has no rate limit"),
+        )),
+    }
+}
+
+/// Limit how many messages of the topic start per unit of time, across every worker, from
+/// now on. On a partitioned topic each of its N partitions gets rate/N.
+#[utoipa::path(put, path = "/topics/{topic}/limit", tag = "limits",
+    params(TopicPath),
+    request_body = LimitRequest,
+    responses((status = 200, description = "The limit as set", body = LimitEntry),
+              (status = 400, description = "Bad topic name, rate or burst", body = ErrorBody)))]
+async fn put_limit(
+    State(state): State<AppState>,
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+    ApiJson(Object(request)): ApiJson<Object<LimitRequest>>,
+) -> ApiResult<Json<LimitEntry>> {
+    let mut limit: forgemq::RateLimit = request.rate.parse()?;
+    if let Some(b) = request.burst {
+        limit = limit.burst(b);
+    }
+    state.mq.set_rate_limit(&topic, limit).await?;
+    Ok(Json(limit_entry(topic, limit)))
+}
+
+/// Remove the topic's rate limit.
+#[utoipa::path(delete, path = "/topics/{topic}/limit", tag = "limits",
+    params(TopicPath),
+    responses((status = 200, description = "Removed; the limit it had", body = LimitEntry),
+              (status = 400, description = "Bad topic name", body = ErrorBody),
+              (status = 404, description = "The topic has no rate limit", body = ErrorBody)))]
+async fn delete_limit(
+    State(state): State<AppState>,
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+) -> ApiResult<Json<LimitEntry>> {
+    let Some(limit) = state.mq.rate_limit(&topic).await? else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("{topic:?} has no rate limit"),
+        ));
+    };
+    state.mq.remove_rate_limit(&topic).await?;
+    Ok(Json(limit_entry(topic, limit)))
 }

@@ -264,7 +264,23 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
             }),
         None => None,
     };
-    match encode_metrics(topics.as_deref(), schedules.as_deref().unwrap_or_default()) {
+    let limits = match topics {
+        Some(_) => tokio::time::timeout(METRICS_TIMEOUT, state.mq.rate_limits())
+            .await
+            .ok()
+            .and_then(|r| {
+                r.inspect_err(
+                    |e| tracing::warn!(error = %e, "/metrics: could not read the rate limits"),
+                )
+                .ok()
+            }),
+        None => None,
+    };
+    match encode_metrics(
+        topics.as_deref(),
+        schedules.as_deref().unwrap_or_default(),
+        limits.as_deref().unwrap_or_default(),
+    ) {
         Ok(text) => crate::exposition::respond(&headers, text),
         Err(e) => crate::exposition::failed(&e),
     }
@@ -274,6 +290,7 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
 fn encode_metrics(
     topics: Option<&[forgemq::QueueStats]>,
     schedules: &[forgemq::Schedule],
+    limits: &[forgemq::TopicLimit],
 ) -> Result<String, std::fmt::Error> {
     use std::sync::atomic::AtomicU64;
 
@@ -444,6 +461,21 @@ fn encode_metrics(
             last_fire.get_or_create(&labels).set(unix(t));
         }
         fired.get_or_create(&labels).inc_by(s.fired);
+    }
+    let limit_rate = seconds(
+        &mut registry,
+        "forgemq_rate_limit_per_second",
+        "The topic's rate limit: most deliveries per second across every worker (absent: no limit)",
+    );
+    let limit_burst = gauge(
+        &mut registry,
+        "forgemq_rate_limit_burst",
+        "How many of the topic's messages may start at once after a quiet spell",
+    );
+    for l in limits {
+        let labels = vec![("topic", l.topic.clone())];
+        limit_rate.get_or_create(&labels).set(l.per_second);
+        limit_burst.get_or_create(&labels).set(i64::from(l.burst));
     }
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)?;

@@ -390,6 +390,20 @@ pub(super) struct ScheduleEntry {
     pub(super) fired: u64,
 }
 
+/// A topic's rate limit.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct LimitEntry {
+    /// The topic.
+    pub(super) topic: String,
+    /// The limit as COUNT/PERIOD, e.g. `100/s`.
+    pub(super) rate: String,
+    /// Deliveries per second.
+    pub(super) per_second: f64,
+    /// How many may start at once after a quiet spell.
+    #[schema(minimum = 1)]
+    pub(super) burst: u32,
+}
+
 /// A schedule removed.
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct DeletedSchedule {

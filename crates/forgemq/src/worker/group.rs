@@ -275,7 +275,16 @@ impl Group {
                 let wait = until.map_or(self.idle_wait(), |u| {
                     u.saturating_duration_since(Instant::now())
                 });
-                self.wait(&mut waiter, wait, &mut backoff, stop).await;
+                if wait < SHORT_WAIT {
+                    // Due in a moment (a rate-limited topic's next token, a delayed message):
+                    // a blocking wait and its cancellation would cost two round trips.
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        _ = stop.changed() => {}
+                    }
+                } else {
+                    self.wait(&mut waiter, wait, &mut backoff, stop).await;
+                }
                 dry = None;
                 continue;
             }
@@ -559,6 +568,9 @@ fn until_due(f: &FetchResult) -> Duration {
         _ => Duration::MAX,
     }
 }
+
+/// An idle wait shorter than this is slept locally instead of blocking on Redis.
+const SHORT_WAIT: Duration = Duration::from_millis(20);
 
 /// What one [`Group::fetch_round`] brought.
 struct Round {

@@ -73,6 +73,10 @@ pub(crate) enum Verdict {
         error: String,
         after: Option<Duration>,
     },
+    /// Back after `after` without costing an attempt, the topic's bucket drained as long.
+    RateLimited {
+        after: Duration,
+    },
     Dead {
         error: String,
     },
@@ -87,6 +91,10 @@ impl Verdict {
         if e.is_fatal() {
             Verdict::Dead {
                 error: e.to_string(),
+            }
+        } else if e.is_rate_limited() {
+            Verdict::RateLimited {
+                after: e.retry_after_delay().unwrap_or_default(),
             }
         } else {
             Verdict::Retry {
@@ -318,6 +326,7 @@ impl Runner {
         let Some(out_tx) = self.sender() else { return };
         let handler_time = Arc::clone(&self.handler_time);
         let started = std::time::Instant::now();
+        let runner = Arc::clone(self);
         tasks.spawn(async move {
             let verdict = guarded(handler(message), timeout, |r| match r {
                 Ok(()) => Verdict::Ack,
@@ -334,6 +343,14 @@ impl Runner {
                 0.9 * before + 0.1 * took
             };
             handler_time.store(average.to_bits(), Ordering::Relaxed);
+            // A remote 429: the topic's bucket is drained before this slot frees, so that
+            // the slot's next fetch already finds it empty.
+            if let Verdict::RateLimited { after } = &verdict {
+                let keys = &runner.keys;
+                if let Err(e) = runner.client.store().drain_limit(keys, *after).await {
+                    tracing::warn!(topic = %keys.topic, error = %e, "could not drain the rate limit");
+                }
+            }
             // No await between these two: an abort at shutdown either sees the outcome
             // sent or the delivery unfinished, never half of it.
             t.finished.store(true, Ordering::SeqCst);
@@ -541,6 +558,13 @@ impl Runner {
                             error: error.clone(),
                         };
                     }
+                    Verdict::RateLimited { after } => {
+                        tracing::info!(worker = %self.worker(), topic = %self.keys.topic, id = %o.id, attempt = o.attempt, retry_after = ?after, "rate limited by the remote side; back without costing an attempt");
+                        return SettleOp::Retry {
+                            body: String::from_utf8_lossy(&o.body).into_owned(),
+                            delay: *after,
+                        };
+                    }
                     Verdict::Retry { error, after } => (error, false, *after),
                     Verdict::Dead { error } => (error, true, None),
                 };
@@ -563,6 +587,19 @@ impl Runner {
             .map(|(o, op)| (&*o.token, o.id.as_bytes(), op))
             .collect();
         let store = self.client.store();
+        // A remote 429: no worker takes from this topic for as long as it said.
+        let hold = outcomes
+            .iter()
+            .filter_map(|o| match o.verdict {
+                Verdict::RateLimited { after } => Some(after),
+                _ => None,
+            })
+            .max();
+        if let Some(hold) = hold {
+            if let Err(e) = store.drain_limit(&self.keys, hold).await {
+                tracing::warn!(topic = %self.keys.topic, error = %e, "could not drain the rate limit");
+            }
+        }
         let dedup = self.sub.dedup_ttl.unwrap_or_default();
         // The same call id on every attempt: what an attempt whose reply was lost applied
         // is answered as applied, not as a lost lease.

@@ -16,6 +16,7 @@ mod features;
 mod hardening;
 mod hostile;
 mod inspect;
+mod limit;
 mod observe;
 mod partitions;
 mod publish;
