@@ -96,6 +96,14 @@ struct Cli {
     command: Command,
 }
 
+/// `--header NAME=VALUE`.
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not NAME=VALUE")),
+    }
+}
+
 /// `--replicas-timeout`: a humantime duration of at least 1 ms (`WAIT` counts whole
 /// milliseconds, and `WAIT n 0` would wait forever).
 fn parse_replicas_timeout(text: &str) -> Result<Duration, String> {
@@ -139,6 +147,10 @@ enum Command {
         /// Publish every line of this JSON-lines file as one message (prints the ids).
         #[arg(long)]
         file: Option<std::path::PathBuf>,
+        /// A header NAME=VALUE the consumer reads beside the data (e.g. a W3C
+        /// `traceparent`); repeatable.
+        #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
     },
     /// Counts per state and counters of one topic, or of all topics.
     Stats {
@@ -838,8 +850,12 @@ async fn run(cli: Cli) -> Result<()> {
             unique_until,
             partition_key,
             file,
+            headers,
         } => {
             let mut options = PublishOptions::new();
+            for (name, value) in headers {
+                options = options.header(name, value);
+            }
             if let Some(k) = partition_key {
                 options = options.partition_key(k);
             }

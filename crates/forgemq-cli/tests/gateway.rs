@@ -31,6 +31,7 @@ struct Hit {
     path: String,
     id: String,
     content_type: String,
+    traceparent: Option<String>,
     body: Value,
     at: Instant,
 }
@@ -89,10 +90,15 @@ async fn receive(
         .unwrap_or_default()
         .to_owned();
     let seen_before = r.count(&behaviour, &id);
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     r.hits.lock().unwrap().push(Hit {
         path: behaviour.clone(),
         id,
         content_type,
+        traceparent,
         body: serde_json::from_str(&body).unwrap_or(Value::Null),
         at: Instant::now(),
     });
@@ -742,6 +748,57 @@ inherit_env = ["MY_SETTING", "NOT_SET_ANYWHERE"]
         vec!["FORGEMQ_ID", "FORGEMQ_RETRY", "FORGEMQ_TOPIC", "MY_SETTING"],
         "{custom:?}"
     );
+}
+
+/// The publisher's trace context reaches the targets: `traceparent` as an HTTP header, and
+/// `TRACEPARENT` in an exec target's environment; other headers stay in the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_forwards_the_trace_context() {
+    let redis = RedisServer::start();
+    let mq = client(&redis).await;
+    let (port, rx) = Receiver::start().await;
+    let out = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+[[routes]]
+topic = "traced.http"
+http = "http://127.0.0.1:{port}/ok"
+
+[[routes]]
+topic = "traced.exec"
+exec = ["sh", "-c", "env > {dir}/traced.env"]
+"#,
+        dir = out.path().display()
+    );
+    let _gw = start_gateway(&redis, &config);
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced = || {
+        PublishOptions::new()
+            .header("traceparent", traceparent)
+            .header("tenant", "acme")
+    };
+    let id = mq
+        .publish_with("traced.http", json!({}), traced())
+        .await
+        .unwrap()
+        .id()
+        .to_string();
+    mq.publish_with("traced.exec", json!({}), traced())
+        .await
+        .unwrap();
+    let limit = Duration::from_secs(30);
+    for topic in ["traced.http", "traced.exec"] {
+        eventually(topic, limit, || async { processed(&mq, topic).await == 1 }).await;
+    }
+    let hit = rx.hits_for("ok").into_iter().find(|h| h.id == id).unwrap();
+    assert_eq!(hit.traceparent.as_deref(), Some(traceparent));
+    let env = std::fs::read_to_string(out.path().join("traced.env")).unwrap();
+    assert!(
+        env.lines()
+            .any(|l| l == format!("TRACEPARENT={traceparent}")),
+        "{env}"
+    );
+    assert!(!env.contains("acme"), "{env}");
 }
 
 /// SIGTERM: deliveries in flight finish, the rest stay pending (not leased), exit 0.

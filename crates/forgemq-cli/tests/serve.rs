@@ -2281,3 +2281,80 @@ fn api_sets_and_removes_rate_limits() {
     let (status, _) = http(p, "DELETE", "/api/v1/topics/email.send/limit", None, None);
     assert_eq!(status, 404);
 }
+
+/// Headers over HTTP and from the CLI: stored in the envelope, shown by the lookup; a bad
+/// one is a 400 that writes nothing.
+#[test]
+fn headers_travel_over_http_and_the_cli() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &[]);
+    let p = server.port;
+    let (status, body) = http(
+        p,
+        "POST",
+        "/api/v1/topics/order.created/messages",
+        None,
+        Some(
+            r#"{"data":{},"headers":{"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}}"#,
+        ),
+    );
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap();
+    let (_, msg) = http(
+        p,
+        "GET",
+        &format!("/api/v1/topics/order.created/messages/{id}"),
+        None,
+        None,
+    );
+    assert_eq!(
+        msg["headers"]["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "{msg}"
+    );
+    for bad in [
+        r#"{"data":{},"headers":{"a b":"x"}}"#,
+        r#"{"data":{},"headers":{"k":1}}"#,
+    ] {
+        let (status, e) = http(
+            p,
+            "POST",
+            "/api/v1/topics/order.created/messages",
+            None,
+            Some(bad),
+        );
+        assert_eq!(status, 400, "{bad}: {e}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_forgemq"))
+        .args([
+            "publish",
+            "order.created",
+            "{}",
+            "--header",
+            "tenant=acme",
+            "--header",
+            "x=1=2",
+        ])
+        .env("REDIS_URL", redis.url())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let (_, msg) = http(
+        p,
+        "GET",
+        &format!("/api/v1/topics/order.created/messages/{id}"),
+        None,
+        None,
+    );
+    assert_eq!(
+        msg["headers"],
+        json!({"tenant": "acme", "x": "1=2"}),
+        "{msg}"
+    );
+    let (_, stats) = http(p, "GET", "/api/v1/topics/order.created", None, None);
+    assert_eq!(stats["published"], 2);
+}

@@ -273,6 +273,7 @@ pub struct PublishOptions {
     pub(crate) unique: Option<(String, Duration)>,
     pub(crate) unique_until: UniqueUntil,
     pub(crate) partition_key: Option<String>,
+    pub(crate) headers: crate::message::Headers,
 }
 
 /// How long a unique key ([`PublishOptions::unique_key`]) holds.
@@ -361,6 +362,15 @@ impl PublishOptions {
             .or_else(|| self.unique.as_ref().map(|(k, _)| k.clone()))
             .unwrap_or_else(|| id.as_str().to_owned());
         (key, both)
+    }
+
+    /// Adds a header: a string the consumer reads in [`Message::headers`](crate::Message)
+    /// without touching the data, e.g. a W3C `traceparent` to continue a trace, a tenant or
+    /// a correlation id. At most 64 per message; names 1-128 bytes of printable ASCII
+    /// without spaces, values up to 4 KiB.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
     }
 
     /// Use this id instead of a generated one. Publishing the same id again while the
@@ -1066,7 +1076,15 @@ impl Client {
                 "data holds an integer that does not fit in 64 bits; send it as a string".into(),
             ));
         }
-        let body = Envelope::encode_new(id, topic, &data, timestamp, options.max_retry);
+        crate::message::check_headers(&options.headers)?;
+        let body = Envelope::encode_new(
+            id,
+            topic,
+            &data,
+            timestamp,
+            options.max_retry,
+            &options.headers,
+        );
         if body.len() > self.inner.max_payload {
             return Err(Error::PayloadTooLarge {
                 size: body.len(),

@@ -236,6 +236,7 @@ impl Client {
                         retry: env.retry,
                         max_retry: env.max_retry.unwrap_or(DEFAULT_MAX_RETRY),
                         recoveries: env.recoveries,
+                        headers: env.headers,
                         data: env.data,
                         lease: std::sync::Arc::new(LeaseState::default()),
                         client: self.clone(),

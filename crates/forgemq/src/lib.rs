@@ -76,7 +76,7 @@ pub use error::{Error, Result};
 pub use handler::{Backoff, HandlerError};
 pub use keys::{validate_topic, MAX_PARTITIONS};
 pub use limit::{RateLimit, TopicLimit};
-pub use message::{Message, MessageId};
+pub use message::{Headers, Message, MessageId};
 pub use registry::{WorkerInfo, WorkerState, WorkerTopic};
 pub use schedule::{Missed, Schedule, ScheduleSpec, MAX_SCHEDULE_NAME};
 pub use topic::{TopicInfo, TopicOptions};

@@ -115,6 +115,45 @@ impl std::str::FromStr for MessageId {
     }
 }
 
+/// A message's headers: string to string, sorted by name.
+pub type Headers = std::collections::BTreeMap<String, String>;
+
+/// Most headers one message may carry.
+pub const MAX_HEADERS: usize = 64;
+
+/// Longest header name, in bytes.
+pub const MAX_HEADER_NAME: usize = 128;
+
+/// Longest header value, in bytes.
+pub const MAX_HEADER_VALUE: usize = 4096;
+
+/// Checks a message's headers: at most 64; names 1-128 bytes of printable ASCII without
+/// spaces; values up to 4 KiB without control characters.
+pub(crate) fn check_headers(headers: &Headers) -> Result<()> {
+    if headers.len() > MAX_HEADERS {
+        return Err(Error::InvalidData(format!(
+            "{} headers: at most {MAX_HEADERS}",
+            headers.len()
+        )));
+    }
+    for (name, value) in headers {
+        if name.is_empty()
+            || name.len() > MAX_HEADER_NAME
+            || !name.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(Error::InvalidData(format!(
+                "header name {name:?}: 1-{MAX_HEADER_NAME} bytes of printable ASCII without spaces"
+            )));
+        }
+        if value.len() > MAX_HEADER_VALUE || value.chars().any(char::is_control) {
+            return Err(Error::InvalidData(format!(
+                "header {name:?}: its value must be at most {MAX_HEADER_VALUE} bytes without control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// One past failure, kept in the envelope's `errors` history.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct FailureRecord {
@@ -151,6 +190,9 @@ pub(crate) struct Envelope {
     /// The last few failures, oldest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) errors: Vec<FailureRecord>,
+    /// The publisher's headers (trace context and the like), string to string.
+    #[serde(skip_serializing_if = "Headers::is_empty")]
+    pub(crate) headers: Headers,
     /// Fields this version does not know, kept so that a newer writer's fields survive.
     #[serde(flatten)]
     pub(crate) extra: Map<String, Value>,
@@ -194,6 +236,7 @@ impl<'de> serde::de::Visitor<'de> for EnvelopeVisitor {
             recoveries: 0,
             last_error: None,
             errors: Vec::new(),
+            headers: Headers::new(),
             extra: Map::new(),
         };
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
@@ -207,6 +250,7 @@ impl<'de> serde::de::Visitor<'de> for EnvelopeVisitor {
                 "recoveries" => env.recoveries = map.next_value()?,
                 "last_error" => env.last_error = map.next_value()?,
                 "errors" => env.errors = map.next_value()?,
+                "headers" => env.headers = map.next_value()?,
                 _ => {
                     let value = map.next_value::<Value>()?;
                     env.extra.insert(key.into_owned(), value);
@@ -233,6 +277,7 @@ impl Envelope {
             recoveries: 0,
             last_error: None,
             errors: Vec::new(),
+            headers: Headers::new(),
             extra: Map::new(),
         }
     }
@@ -246,6 +291,7 @@ impl Envelope {
         data: &serde_json::value::RawValue,
         timestamp: &str,
         max_retry: Option<u32>,
+        headers: &Headers,
     ) -> String {
         #[derive(Serialize)]
         struct New<'a> {
@@ -256,6 +302,8 @@ impl Envelope {
             retry: u32,
             #[serde(skip_serializing_if = "Option::is_none")]
             max_retry: Option<u32>,
+            #[serde(skip_serializing_if = "Headers::is_empty")]
+            headers: &'a Headers,
         }
         let new = New {
             id: id.as_str(),
@@ -264,6 +312,7 @@ impl Envelope {
             timestamp,
             retry: 0,
             max_retry,
+            headers,
         };
         // Strings, numbers and JSON text already checked: this cannot fail.
         serde_json::to_string(&new).unwrap_or_default()
@@ -457,6 +506,9 @@ pub struct Message<T = Value> {
     pub max_retry: u32,
     /// How often a lease on it expired before (a worker crashed or stalled while handling it).
     pub recoveries: u32,
+    /// The publisher's headers ([`PublishOptions::header`](crate::PublishOptions::header)),
+    /// e.g. a W3C `traceparent`.
+    pub headers: Headers,
     pub(crate) lease: Arc<LeaseState>,
     pub(crate) client: crate::Client,
 }
@@ -498,6 +550,7 @@ impl<T> Message<T> {
             retry: self.retry,
             max_retry: self.max_retry,
             recoveries: self.recoveries,
+            headers: self.headers,
             lease: self.lease,
             client: self.client,
         })
@@ -581,17 +634,44 @@ mod tests {
     fn new_envelopes_encode_as_the_struct_does_and_decode_back() {
         let id = MessageId::new("order-\"1\"").unwrap();
         let data = serde_json::json!({"price": 299.99, "items": [], "nested": {"a": [1, {"b": null}]}, "s": "\u{e9}\n"});
-        for max_retry in [None, Some(5)] {
+        let traced: Headers = [
+            (
+                "traceparent".to_owned(),
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+            ),
+            ("tenant".to_owned(), "ACME \"42\"".to_owned()),
+        ]
+        .into();
+        for (max_retry, headers) in [(None, Headers::new()), (Some(5), traced)] {
             let mut env = Envelope::new(&id, "order.created", data.clone(), max_retry);
             env.timestamp = "2025-10-15T10:30:00.123Z".to_owned();
+            env.headers = headers.clone();
             let raw = serde_json::value::to_raw_value(&data).unwrap();
-            let fast = Envelope::encode_new(&id, "order.created", &raw, &env.timestamp, max_retry);
+            let fast = Envelope::encode_new(
+                &id,
+                "order.created",
+                &raw,
+                &env.timestamp,
+                max_retry,
+                &headers,
+            );
             assert_eq!(fast, env.encode());
             let back = Envelope::decode(fast.as_bytes()).unwrap();
             assert_eq!(back.data, data);
             assert_eq!(back.max_retry, max_retry);
             assert_eq!(back.id, id.as_str());
+            assert_eq!(back.headers, headers);
+            assert!(back.extra.is_empty());
         }
+        assert!(check_headers(&[("a b".to_owned(), "x".to_owned())].into()).is_err());
+        assert!(check_headers(&[("k".to_owned(), "x\ny".to_owned())].into()).is_err());
+        assert!(
+            check_headers(&[("k".to_owned(), "x".repeat(MAX_HEADER_VALUE + 1))].into()).is_err()
+        );
+        let many: Headers = (0..=MAX_HEADERS)
+            .map(|i| (format!("h{i}"), String::new()))
+            .collect();
+        assert!(check_headers(&many).is_err());
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub(crate) fn envelope(msg: &Message<Value>) -> Value {
 }
 
 /// Delivers `msg`; `Ok` means the target took it.
+/// The message headers the gateway passes on to its targets: the W3C trace context.
+const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
+
 pub(crate) async fn deliver(
     http: &reqwest::Client,
     target: &Target,
@@ -66,6 +69,12 @@ async fn post(
         .body(body);
     for (name, value) in headers {
         request = request.header(name.as_str(), value.as_str());
+    }
+    // The publisher's trace context, as W3C Trace Context headers.
+    for name in TRACE_HEADERS {
+        if let Some(value) = msg.headers.get(name) {
+            request = request.header(name, value.as_str());
+        }
     }
     let response = match request.send().await {
         Ok(r) => r,
@@ -179,6 +188,13 @@ async fn exec(
         .env("FORGEMQ_ID", msg.id.as_str())
         .env("FORGEMQ_TOPIC", &msg.topic)
         .env("FORGEMQ_RETRY", msg.retry.to_string())
+        // The publisher's trace context: TRACEPARENT and TRACESTATE, as OpenTelemetry's
+        // environment-variable carriers name them.
+        .envs(TRACE_HEADERS.iter().filter_map(|name| {
+            msg.headers
+                .get(*name)
+                .map(|value| (name.to_ascii_uppercase(), value.as_str()))
+        }))
         .stdin(Stdio::piped())
         .stdout(Stdio::inherit())
         .stderr(Stdio::piped())

@@ -278,6 +278,10 @@ struct PublishRequest {
     )]
     #[serde(default)]
     partition_key: Option<String>,
+    /// Headers the consumer reads without touching the data (e.g. a W3C `traceparent`):
+    /// at most 64; names 1-128 bytes of printable ASCII without spaces, values up to 4 KiB.
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
 }
 
 /// `unique_until` of a publish request.
@@ -327,6 +331,9 @@ impl PublishRequest {
         }
         if let Some(key) = self.partition_key {
             options = options.partition_key(key);
+        }
+        for (name, value) in self.headers {
+            options = options.header(name, value);
         }
         Ok((self.data, options))
     }

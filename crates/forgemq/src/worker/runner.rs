@@ -266,6 +266,7 @@ impl Runner {
                 retry: envelope.retry,
                 max_retry: envelope.max_retry.unwrap_or(self.sub.max_retry),
                 recoveries: envelope.recoveries,
+                headers: envelope.headers,
                 data: envelope.data,
                 lease: Arc::clone(&t.lease),
                 client: self.client.clone(),

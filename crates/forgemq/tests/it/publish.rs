@@ -188,3 +188,59 @@ async fn queue_length_counts_waiting_messages_and_drops_to_zero() {
     let report = invariants(&server, topic, &all);
     assert_eq!((report.gone.len(), report.delayed.len()), (100, 1));
 }
+
+/// Headers travel beside the data: the handler and a manual fetch read them, the stored
+/// envelope carries them, bad ones are refused with nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_reach_the_handler_and_bad_ones_are_refused() {
+    let (_server, mq) = setup().await;
+    let topic = "order.created";
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let id = mq
+        .publish_with(
+            topic,
+            json!({"order_id": "ORD1"}),
+            PublishOptions::new()
+                .header("traceparent", traceparent)
+                .header("tenant", "acme"),
+        )
+        .await
+        .unwrap()
+        .id()
+        .clone();
+    let stored = mq.message(topic, &id).await.unwrap().unwrap();
+    assert_eq!(stored.envelope["headers"]["traceparent"], traceparent);
+    let d = mq.pop_message(topic).await.unwrap().unwrap();
+    assert_eq!(
+        d.message().headers.get("traceparent").map(String::as_str),
+        Some(traceparent)
+    );
+    assert_eq!(
+        d.message().headers.get("tenant").map(String::as_str),
+        Some("acme")
+    );
+    // A retry keeps them.
+    d.nack(Duration::ZERO, "again").await.unwrap();
+    let d = mq.pop_message(topic).await.unwrap().unwrap();
+    assert_eq!(d.message().retry, 1);
+    assert_eq!(d.message().headers.len(), 2);
+    d.ack().await.unwrap();
+    // Without headers the envelope has no `headers` field (old readers see nothing new).
+    let plain = mq.publish(topic, json!({})).await.unwrap();
+    let stored = mq.message(topic, &plain).await.unwrap().unwrap();
+    assert!(
+        stored.envelope.get("headers").is_none(),
+        "{}",
+        stored.envelope
+    );
+    for bad in [
+        PublishOptions::new().header("has space", "x"),
+        PublishOptions::new().header("", "x"),
+        PublishOptions::new().header("k", "line\nbreak"),
+        PublishOptions::new().header("k", "x".repeat(5000)),
+    ] {
+        let e = mq.publish_with(topic, 1, bad).await.unwrap_err();
+        assert!(e.is_invalid_input(), "{e}");
+    }
+    assert_eq!(mq.stats(topic).await.unwrap().published, 2);
+}
