@@ -221,6 +221,7 @@ impl Bench {
             }
             "partitioned-process" => self.partitioned_process(run).await,
             "stream" => self.stream(run).await,
+            "rate-limited" => self.rate_limited(run).await,
             "latency" => self.latency(run).await,
             "delayed" => self.delayed(run).await,
             "backlog" => self.backlog(run).await,
@@ -644,6 +645,46 @@ impl Bench {
         worker.stop().await?;
         let lat = clock.delays(|_| Duration::ZERO);
         Ok(percentiles(&lat))
+    }
+
+    /// A topic limited to 2,000/s (burst 200) with far more work waiting, one worker at
+    /// concurrency 50: the rate measured against the limit, after the burst (5 s; 1 s for
+    /// --smoke).
+    async fn rate_limited(&self, run: usize) -> anyhow::Result<Figures> {
+        let topic = "bench.limited";
+        let mq = self.client("rate-limited", run, topic).await?;
+        let limit = 2000.0;
+        let window = if self.smoke {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(5)
+        };
+        prefill(
+            &mq,
+            topic,
+            (limit * 1.5 * window.as_secs_f64()) as u64 + 1000,
+        )
+        .await?;
+        mq.set_rate_limit(
+            topic,
+            forgemq::RateLimit::new(2000, Duration::from_secs(1)).burst(200),
+        )
+        .await?;
+        let worker = Running::start(&mq, topic, 50, |_| {})?;
+        // Past the burst, then count for the window.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = mq.stats(topic).await?.processed;
+        let t0 = Instant::now();
+        tokio::time::sleep(window).await;
+        let done = mq.stats(topic).await?.processed - before;
+        let elapsed = t0.elapsed();
+        worker.stop().await?;
+        let rate = done as f64 / elapsed.as_secs_f64();
+        let mut figures = Figures::new();
+        figures.insert("limit_per_s".to_owned(), limit);
+        figures.insert("measured_per_s".to_owned(), rate);
+        figures.insert("ratio".to_owned(), rate / limit);
+        Ok(figures)
     }
 
     /// Delayed messages due across 10 s: how late each starts; any early one fails.

@@ -40,6 +40,7 @@ const CASES: &[&str] = &[
     "process-c50-ledger",
     "partitioned-process",
     "stream",
+    "rate-limited",
     "latency",
     "delayed",
     "backlog",
@@ -68,7 +69,8 @@ struct Args {
     /// publish-par, process-c1, process-c10, process-c50, process-c50-ledger (with a 60 s
     /// processed ledger, the cost of deduplicating retried publishes), partitioned-process
     /// (a plain topic against one of 12 partitions, with each master's share of the
-    /// commands and CPU), stream, latency, delayed,
+    /// commands and CPU), stream, rate-limited (the rate measured under a 2,000/s limit),
+    /// latency, delayed,
     /// backlog, memory, commands-per-message.
     #[arg(long = "case", value_name = "CASE")]
     cases: Vec<String>,
