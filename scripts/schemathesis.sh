@@ -12,6 +12,7 @@
 # SCHEMATHESIS_MAX_EXAMPLES (examples per operation).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$PWD
 
 SCHEMATHESIS_VERSION=4.32.5
 SEED=${SCHEMATHESIS_SEED:-20251203}
@@ -74,7 +75,8 @@ curl -fsS "http://127.0.0.1:$api_port/readyz" >/dev/null || { cat "$work/serve.l
 # throwaway folder: Schemathesis keeps a cache of past crashes in its working directory,
 # which would make one run depend on the ones before.
 cd "$work"
-"$venv/bin/st" run "http://127.0.0.1:$api_port/api/v1/openapi.json" \
+"$venv/bin/st" --config-file "$repo/scripts/schemathesis.toml" \
+  run "http://127.0.0.1:$api_port/api/v1/openapi.json" \
   --header "Authorization: Bearer $token" \
   --checks all \
   --exclude-checks use_after_free \

@@ -367,7 +367,7 @@ impl PublishOptions {
     /// Adds a header: a string the consumer reads in [`Message::headers`](crate::Message)
     /// without touching the data, e.g. a W3C `traceparent` to continue a trace, a tenant or
     /// a correlation id. At most 64 per message; names 1-128 bytes of printable ASCII
-    /// without spaces, values up to 4 KiB.
+    /// without spaces, values up to 1,024 characters.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.insert(name.into(), value.into());
         self

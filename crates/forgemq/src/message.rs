@@ -124,11 +124,11 @@ pub const MAX_HEADERS: usize = 64;
 /// Longest header name, in bytes.
 pub const MAX_HEADER_NAME: usize = 128;
 
-/// Longest header value, in bytes.
-pub const MAX_HEADER_VALUE: usize = 4096;
+/// Longest header value, in characters (a JSON Schema `maxLength` says the same).
+pub const MAX_HEADER_VALUE: usize = 1024;
 
 /// Checks a message's headers: at most 64; names 1-128 bytes of printable ASCII without
-/// spaces; values up to 4 KiB without control characters.
+/// spaces; values up to 1,024 characters without control characters.
 pub(crate) fn check_headers(headers: &Headers) -> Result<()> {
     if headers.len() > MAX_HEADERS {
         return Err(Error::InvalidData(format!(
@@ -145,9 +145,9 @@ pub(crate) fn check_headers(headers: &Headers) -> Result<()> {
                 "header name {name:?}: 1-{MAX_HEADER_NAME} bytes of printable ASCII without spaces"
             )));
         }
-        if value.len() > MAX_HEADER_VALUE || value.chars().any(char::is_control) {
+        if value.chars().count() > MAX_HEADER_VALUE || value.chars().any(char::is_control) {
             return Err(Error::InvalidData(format!(
-                "header {name:?}: its value must be at most {MAX_HEADER_VALUE} bytes without control characters"
+                "header {name:?}: its value must be at most {MAX_HEADER_VALUE} characters without control characters"
             )));
         }
     }

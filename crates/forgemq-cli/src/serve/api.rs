@@ -279,7 +279,7 @@ struct PublishRequest {
     #[serde(default)]
     partition_key: Option<String>,
     /// Headers the consumer reads without touching the data (e.g. a W3C `traceparent`):
-    /// at most 64; names 1-128 bytes of printable ASCII without spaces, values up to 4 KiB.
+    /// at most 64; names 1-128 bytes of printable ASCII without spaces, values up to 1,024 characters.
     #[serde(default)]
     headers: std::collections::BTreeMap<String, String>,
 }

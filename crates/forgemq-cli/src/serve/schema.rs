@@ -534,13 +534,13 @@ impl serde::de::Visitor<'_> for Whole {
 pub(super) fn finish_document(doc: &utoipa::openapi::OpenApi, token: bool) -> Value {
     let mut doc = serde_json::to_value(doc).unwrap_or_else(|_| json!({}));
     unsigned_formats(&mut doc);
-    // What utoipa cannot say of a map: the rules of message headers (values up to 4 KiB;
-    // 1,024 characters are within that whatever their encoding).
+    // What utoipa cannot say of a map: the rules of message headers, exactly as the
+    // library checks them.
     let headers = &mut doc["components"]["schemas"]["PublishRequest"]["properties"]["headers"];
     if headers.is_object() {
         *headers = json!({
             "type": "object",
-            "description": "Headers the consumer reads without touching the data (e.g. a W3C `traceparent`): at most 64; names 1-128 bytes of printable ASCII without spaces, values up to 4 KiB without control characters.",
+            "description": "Headers the consumer reads without touching the data (e.g. a W3C `traceparent`): at most 64; names 1-128 bytes of printable ASCII without spaces, values up to 1,024 characters without control characters.",
             "maxProperties": 64,
             "propertyNames": {"type": "string", "pattern": "^[!-~]{1,128}$"},
             "additionalProperties": {"type": "string", "maxLength": 1024, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$"}
