@@ -152,7 +152,10 @@ end
 -- More work is waiting: pass the wake-up on to another blocked worker.
 if popped then
   if redis.call('LLEN', KEYS[1]) > 0 then
-    wake(KEYS[6])
+    -- (Not when the rate limit has no token left: the woken worker would find none.)
+    if not tokens or tokens - #zargs / 2 >= 1 then
+      wake(KEYS[6])
+    end
   else
     -- Nothing is ready: whatever the latency records still hold is stale.
     redis.call('DEL', KEYS[12], KEYS[13])

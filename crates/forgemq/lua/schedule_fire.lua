@@ -12,7 +12,7 @@
 -- ARGV[5] the next fire time after this call (ms)
 -- ARGV[6] the latest fire time among the messages of this call (ms; 0 when none)
 -- ARGV[7..] the messages, in groups of 3 (id, envelope, options), as publish.lua
--- Returns {'fired', <publish results>...}; {'stale', next, rev} when the schedule moved on
+-- Returns {'fired', <publish results>...}; {'stale', next, rev, anchor} when the schedule moved on
 -- or changed (another scheduler fired it, or it was set again); {'early', ms} when the
 -- fire time has not come on Redis's clock; {'gone'} when the schedule does not exist.
 
@@ -21,16 +21,16 @@ local refused = check_layout(KEYS[9], ARGV[1], now)
 if refused then
   return refused
 end
-local state = redis.call('HMGET', KEYS[12], 'next', 'rev')
+local state = redis.call('HMGET', KEYS[12], 'next', 'rev', 'anchor')
 if not state[1] then
   return {'gone'}
 end
 if state[2] ~= ARGV[4] then
-  return {'stale', state[1], state[2]}
+  return {'stale', state[1], state[2], state[3] or '0'}
 end
 local tick = ARGV[2] == 'tick'
 if tick and state[1] ~= ARGV[3] then
-  return {'stale', state[1], state[2]}
+  return {'stale', state[1], state[2], state[3] or '0'}
 end
 local latest = tonumber(ARGV[6])
 local due = tonumber(ARGV[3])

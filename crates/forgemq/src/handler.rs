@@ -53,8 +53,12 @@ impl HandlerError {
     /// A remote service said "too many requests" (HTTP 429): the message goes back without
     /// costing an attempt, to run again after `retry_after`, and the topic's rate limit
     /// ([`Client::set_rate_limit`](crate::Client::set_rate_limit)), if it has one, hands
-    /// out nothing for that long, to any worker.
+    /// out nothing for that long, to any worker (on a partitioned topic: that message's
+    /// partition).
+    /// The wait is at least 1 s (a `Retry-After: 0` must not make a hot loop: the message
+    /// costs no attempt, so nothing else would stop it).
     pub fn rate_limited(retry_after: Duration) -> Self {
+        let retry_after = retry_after.max(Duration::from_secs(1));
         Self {
             retry_after: Some(retry_after),
             rate_limited: true,

@@ -250,7 +250,17 @@ impl<'de> serde::de::Visitor<'de> for EnvelopeVisitor {
                 "recoveries" => env.recoveries = map.next_value()?,
                 "last_error" => env.last_error = map.next_value()?,
                 "errors" => env.errors = map.next_value()?,
-                "headers" => env.headers = map.next_value()?,
+                // Read leniently: another producer's malformed headers must not make the
+                // whole message unreadable; they are kept as they are, unread.
+                "headers" => {
+                    let value = map.next_value::<Value>()?;
+                    match serde_json::from_value::<Headers>(value.clone()) {
+                        Ok(headers) => env.headers = headers,
+                        Err(_) => {
+                            env.extra.insert("headers".to_owned(), value);
+                        }
+                    }
+                }
                 _ => {
                     let value = map.next_value::<Value>()?;
                     env.extra.insert(key.into_owned(), value);
@@ -619,6 +629,22 @@ mod tests {
             r#""123456789012345678901234567890""#,
         ] {
             assert!(Envelope::decode(env(good).as_bytes()).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn malformed_headers_do_not_make_a_message_unreadable() {
+        for headers in ["null", "{\"k\":1}", "[1,2]", "\"x\""] {
+            let body = format!(
+                r#"{{"id":"a","topic":"t","data":1,"timestamp":"2025-10-15T10:30:00Z","retry":0,"headers":{headers}}}"#
+            );
+            let env = Envelope::decode(body.as_bytes()).unwrap();
+            assert!(env.headers.is_empty());
+            let again: Value = serde_json::from_str(&env.encode()).unwrap();
+            assert_eq!(
+                again["headers"],
+                serde_json::from_str::<Value>(headers).unwrap()
+            );
         }
     }
 

@@ -50,8 +50,8 @@ pub enum Missed {
     /// fire time in its id.
     #[default]
     Once,
-    /// None: wait for the next regular time. A fire less than a minute late is not
-    /// missed.
+    /// None of the missed times: wait for the next regular time. When only the latest
+    /// fire time is due and it is less than a minute late, it is not missed.
     Skip,
     /// Up to N of the missed fires, the oldest first; the rest are dropped.
     CatchUp(u32),
@@ -162,7 +162,7 @@ impl ScheduleSpec {
         self
     }
 
-    /// Options for each message: delay, retries, unique key. An id is not allowed (each
+    /// Options for each message: delay, retries, unique key, headers. An id is not allowed (each
     /// message's id comes from its fire time), nor a partition key (a schedule's messages
     /// go to the partition its name picks).
     pub fn options(mut self, options: PublishOptions) -> Self {
@@ -234,6 +234,7 @@ impl ScheduleSpec {
             unique_ttl_only: (self.options.unique.is_some()
                 && self.options.unique_until == UniqueUntil::Ttl)
                 .then_some(true),
+            headers: self.options.headers.clone(),
         };
         spec.timing(0)?;
         Ok(spec)
@@ -300,6 +301,8 @@ struct StoredSpec {
     unique_ttl_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     unique_ttl_only: Option<bool>,
+    #[serde(default, skip_serializing_if = "crate::message::Headers::is_empty")]
+    headers: crate::message::Headers,
 }
 
 impl StoredSpec {
@@ -352,6 +355,9 @@ impl StoredSpec {
 
     fn options(&self) -> PublishOptions {
         let mut options = PublishOptions::new();
+        for (name, value) in &self.headers {
+            options = options.header(name.clone(), value.clone());
+        }
         if let Some(ms) = self.delay_ms {
             options = options.delay(Duration::from_millis(ms));
         }
@@ -649,8 +655,9 @@ impl Client {
             .get(name)
             .and_then(|v| IndexEntry::parse(v))
             .ok_or_else(|| Error::Config(format!("no schedule named {name:?}")))?;
-        let layout = self.layout(&entry.topic).await?;
-        let keys = self.schedule_keys(&entry.topic, name, layout.count());
+        // Where the topic's layout puts it now (moved there first if its count changed).
+        let partitions = move_schedule(self, name, &entry.topic, entry.partitions).await?;
+        let keys = self.schedule_keys(&entry.topic, name, partitions);
         let state = State::read(&store.schedule_state(&keys.schedule(name)).await?)
             .ok_or_else(|| Error::Config(format!("no schedule named {name:?}")))?;
         let now = store.time_ms(&keys.msg).await?;
@@ -670,7 +677,7 @@ impl Client {
             latest: now,
         };
         match store
-            .schedule_fire(&keys, layout.count(), &call, &[&item])
+            .schedule_fire(&keys, partitions, &call, &[&item])
             .await?
         {
             FireOutcome::Published(_) => Ok(id),
@@ -752,10 +759,10 @@ pub(crate) async fn scheduler_loop(client: Client, mut stop: watch::Receiver<boo
         let now = local_ms() + offset;
         let mut wake = refresh_at;
         for entry in entries.values() {
-            let at = entry.not_before.unwrap_or_else(|| {
-                Instant::now()
-                    + Duration::from_millis((entry.next - now).clamp(0, 3_600_000) as u64)
-            });
+            // The later of its due time and a back-off (an error, an `early` answer).
+            let due = Instant::now()
+                + Duration::from_millis((entry.next - now).clamp(0, 3_600_000) as u64);
+            let at = entry.not_before.map_or(due, |t| t.max(due));
             wake = wake.min(at);
         }
         tokio::select! {
@@ -851,9 +858,14 @@ async fn fire(client: &Client, name: &str, entry: &mut Entry, now: i64) -> Resul
             tracing::debug!(schedule = %name, fires = ?fires, messages = n, "schedule fired");
             entry.next = new_next;
         }
-        Ok(FireOutcome::Stale { next, rev }) => {
+        Ok(FireOutcome::Stale { next, rev, anchor }) => {
             if rev == entry.rev {
                 entry.next = next;
+                // The same spec set again (removed and added, or changed and back) counts
+                // from a new anchor.
+                if matches!(entry.timing, Timing::Every { anchor: a, .. } if a != anchor) {
+                    entry.timing = entry.spec.timing(anchor)?;
+                }
             } else {
                 let ix = IndexEntry {
                     rev,
@@ -883,36 +895,7 @@ async fn fire(client: &Client, name: &str, entry: &mut Entry, now: i64) -> Resul
 /// new layout gives it (copied unless already there, then the index, then the old copy
 /// goes). Any scheduler may do it; the copy never overwrites, so it is done once.
 async fn relocate(client: &Client, name: &str, entry: &mut Entry) -> Result<()> {
-    let store = client.store();
-    let layout = client.fresh_layout(&entry.topic).await?;
-    let partitions = layout.count();
-    let old_key = client
-        .schedule_keys(&entry.topic, name, entry.partitions)
-        .schedule(name);
-    let new_key = client
-        .schedule_keys(&entry.topic, name, partitions)
-        .schedule(name);
-    if let Some(state) = State::read(&store.schedule_state(&old_key).await?) {
-        store
-            .schedule_set(
-                &new_key,
-                &state.spec.json(),
-                &state.rev,
-                state.next,
-                state.anchor,
-            )
-            .await?;
-        let ix = IndexEntry {
-            rev: state.rev.clone(),
-            partitions,
-            topic: entry.topic.clone(),
-        };
-        store.schedule_index_set(name, Some(&ix.value())).await?;
-        if old_key != new_key {
-            store.schedule_del(&old_key).await?;
-        }
-        tracing::info!(schedule = %name, partitions, "schedule moved to the topic's new layout");
-    }
+    let partitions = move_schedule(client, name, &entry.topic, entry.partitions).await?;
     let ix = IndexEntry {
         rev: entry.rev.clone(),
         partitions,
@@ -923,6 +906,35 @@ async fn relocate(client: &Client, name: &str, entry: &mut Entry) -> Result<()> 
         None => entry.next = i64::MIN,
     }
     Ok(())
+}
+
+/// Moves a schedule's state from where `partitions` put it to where the topic's current
+/// layout puts it (nothing when they agree); returns the current partition count.
+async fn move_schedule(client: &Client, name: &str, topic: &str, partitions: u32) -> Result<u32> {
+    let store = client.store();
+    let now = client.fresh_layout(topic).await?.count();
+    if now == partitions {
+        return Ok(now);
+    }
+    let old_key = client.schedule_keys(topic, name, partitions).schedule(name);
+    let new_key = client.schedule_keys(topic, name, now).schedule(name);
+    let fields = store.schedule_state(&old_key).await?;
+    if let Some(state) = State::read(&fields) {
+        // Copied whole (last fire and count too), and only if absent: a newer spec upserted
+        // at the new place meanwhile stays.
+        store.schedule_copy(&new_key, &fields).await?;
+        let ix = IndexEntry {
+            rev: state.rev.clone(),
+            partitions: now,
+            topic: topic.to_owned(),
+        };
+        store.schedule_index_set(name, Some(&ix.value())).await?;
+        if old_key != new_key {
+            store.schedule_del(&old_key).await?;
+        }
+        tracing::info!(schedule = %name, partitions = now, "schedule moved to the topic's new layout");
+    }
+    Ok(now)
 }
 
 #[cfg(test)]

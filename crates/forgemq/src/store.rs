@@ -521,6 +521,23 @@ impl Store {
         Ok((changed == 1, next))
     }
 
+    /// Writes a schedule's whole state (field, value pairs) unless it exists: a move to
+    /// the topic's new layout, which must not overwrite a newer spec written meanwhile.
+    pub(crate) async fn schedule_copy(
+        &self,
+        key: &str,
+        fields: &HashMap<String, String>,
+    ) -> Result<bool> {
+        let script = &self.scripts.schedule_set;
+        let mut call = Self::evalsha(script, &[key]);
+        call.arg("copy");
+        for (field, value) in fields {
+            call.arg(field).arg(value);
+        }
+        let n: i64 = self.run_acknowledged(script, &call).await?;
+        Ok(n > 0)
+    }
+
     /// Removes a schedule's state; whether it existed.
     pub(crate) async fn schedule_del(&self, key: &str) -> Result<bool> {
         let script = &self.scripts.schedule_set;
@@ -562,6 +579,7 @@ impl Store {
             "stale" => FireOutcome::Stale {
                 next: text(&reply[1])?.parse().unwrap_or(0),
                 rev: text(&reply[2])?,
+                anchor: text(&reply[3])?.parse().unwrap_or(0),
             },
             "early" => FireOutcome::Early(text(&reply[1])?.parse().unwrap_or(1)),
             _ => FireOutcome::Gone,
@@ -1425,7 +1443,7 @@ pub(crate) enum FireOutcome {
     /// It published this many messages (some may be duplicates) and advanced the schedule.
     Published(usize),
     /// The schedule moved on or changed: its next fire time and revision now.
-    Stale { next: i64, rev: String },
+    Stale { next: i64, rev: String, anchor: i64 },
     /// The fire time is this many ms away on Redis's clock.
     Early(i64),
     /// The schedule does not exist.

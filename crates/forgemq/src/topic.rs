@@ -198,6 +198,7 @@ impl Client {
                 },
             });
         }
+        let limit = self.rate_limit(topic).await?;
         let paused =
             futures::future::try_join_all(current.partitions.iter().map(|k| store.stats(k)))
                 .await?
@@ -223,6 +224,13 @@ impl Client {
         }
         store.register_topic(topic).await?;
         self.fresh_layout(topic).await?;
+        // A rate limit carries over, split over the new partitions; the old buckets go.
+        if let Some(limit) = limit {
+            for keys in &current.partitions {
+                store.set_limit(keys, None).await?;
+            }
+            self.set_rate_limit(topic, limit).await?;
+        }
         Ok(TopicInfo {
             topic: topic.to_owned(),
             partitions: n,

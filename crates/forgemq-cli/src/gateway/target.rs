@@ -71,9 +71,14 @@ async fn post(
         request = request.header(name.as_str(), value.as_str());
     }
     // The publisher's trace context, as W3C Trace Context headers.
+    // (A value HTTP cannot carry, non-ASCII say, is left out rather than fail the delivery.)
     for name in TRACE_HEADERS {
-        if let Some(value) = msg.headers.get(name) {
-            request = request.header(name, value.as_str());
+        let value = msg
+            .headers
+            .get(name)
+            .map(|v| reqwest::header::HeaderValue::from_str(v));
+        if let Some(Ok(value)) = value {
+            request = request.header(name, value);
         }
     }
     let response = match request.send().await {

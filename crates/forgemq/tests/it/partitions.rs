@@ -497,3 +497,32 @@ async fn batches_and_priorities_on_partitioned_topics() {
     assert_eq!(sizes.iter().sum::<usize>(), 300);
     assert!(sizes.iter().all(|&n| n <= 50));
 }
+
+/// A topic's rate limit and its schedules follow a change of its partition count: the
+/// limit is split over the new partitions, a schedule's state moves to the partition its
+/// name picks (run now works at once, and a scheduler fires it there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_and_schedules_follow_a_partition_change() {
+    let (_server, mq) = setup().await;
+    let topic = "tenant.sync";
+    mq.set_rate_limit(topic, "120/s".parse().unwrap())
+        .await
+        .unwrap();
+    mq.upsert_schedule(
+        "sync",
+        forgemq::ScheduleSpec::cron("0 0 1 1 *").topic(topic),
+    )
+    .await
+    .unwrap();
+    mq.create_topic(topic, TopicOptions::new().partitions(4))
+        .await
+        .unwrap();
+    let limit = mq.rate_limit(topic).await.unwrap().unwrap();
+    assert!((limit.per_second() - 120.0).abs() < 1e-9, "{limit:?}");
+    let id = mq.run_schedule_now("sync").await.unwrap();
+    assert!(mq.message(topic, &id).await.unwrap().is_some());
+    let s = mq.schedule("sync").await.unwrap().unwrap();
+    assert_eq!(s.fired, 1);
+    assert_eq!(mq.schedules().await.unwrap().len(), 1);
+    assert_eq!(mq.stats(topic).await.unwrap().pending, 1);
+}
