@@ -403,7 +403,13 @@ async fn batch_handler_gets_full_batches_and_each_batch_is_settled_in_one_call()
     assert_eq!(*sizes.lock().unwrap(), vec![10, 10, 10]);
     // settle.lua counts acks with two HINCRBYs per call (the total and the per-minute
     // counter), whatever the batch size: 6 means one call per batch (30 would be per message).
-    assert_eq!(delta(&before, &after, "hincrby"), 6, "{after:?}");
+    // Batches that finish together may share a call (the runner settles everything finished
+    // at once in one call), so a loaded machine can show 4 or even 2.
+    let hincrby = delta(&before, &after, "hincrby");
+    assert!(
+        (2..=6).contains(&hincrby) && hincrby.is_multiple_of(2),
+        "{hincrby} HINCRBYs for 3 batches: {after:?}"
+    );
     invariants(&server, "email.send", &strings(&ids));
 }
 
