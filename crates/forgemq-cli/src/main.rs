@@ -39,6 +39,9 @@ use serde_json::Value;
 /// Most messages `publish --file` sends per round trip.
 const FILE_CHUNK: usize = 1000;
 
+/// Why a message id may be unknown, for `status` and `GET .../messages/{id}`.
+pub(crate) const UNKNOWN_MESSAGE: &str = "never published, purged, or finished longer ago than the topic keeps records of finished messages (by default the last 1,000 for an hour)";
+
 /// ForgeMQ: a reliable message queue on Redis.
 ///
 /// Publish messages, look at queues, browse and replay the dead-letter queue, pause topics.
@@ -166,8 +169,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Where one message is: its state, and for a running one which worker holds it and
-    /// since when. Exits 1 when the topic holds no message with that id.
+    /// What happened to one message: its state (pending, delayed, active, done, dead,
+    /// cancelled), retries, progress, result and last error; for a running one which
+    /// worker holds it and since when. Finished messages are kept for the topic's result
+    /// retention (default: the last 1,000 for an hour). Exits 1 when the id is unknown.
     Status {
         /// The topic.
         topic: String,
@@ -1030,22 +1035,21 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { topic, id, json } => {
             let id = parse_id(&id)?;
-            match mq.message(&topic, &id).await? {
-                Some(m) if json => output::print_json(&output::message(&m)),
-                Some(m) => {
-                    output::message_lines(&m);
-                    Ok(())
+            let stored = mq.message(&topic, &id).await?;
+            let status = mq.message_status(&topic, &id).await?;
+            if stored.is_none() && status.state == forgemq::Status::Unknown {
+                if json {
+                    output::print_json(
+                        &serde_json::json!({"id": id, "topic": topic, "state": "unknown"}),
+                    )?;
                 }
-                None => {
-                    if json {
-                        output::print_json(
-                            &serde_json::json!({"id": id, "topic": topic, "state": "unknown"}),
-                        )?;
-                    }
-                    bail!(
-                        "no message {id} in {topic}: never published, or processed, cancelled or purged since (those are not kept)"
-                    )
-                }
+                bail!("no message {id} in {topic}: {UNKNOWN_MESSAGE}")
+            }
+            if json {
+                output::print_json(&output::status(&topic, &id, stored.as_ref(), &status))
+            } else {
+                output::status_lines(&topic, &id, stored.as_ref(), &status);
+                Ok(())
             }
         }
         Command::Workers { topic, json } => {

@@ -3,7 +3,10 @@
 use std::time::SystemTime;
 
 use anyhow::Result;
-use forgemq::{Cancelled, MessageState, PeekedMessage, QueueStats, TopicInfo, WorkerInfo};
+use forgemq::{
+    Cancelled, MessageId, MessageState, MessageStatus, PeekedMessage, QueueStats, TopicInfo,
+    WorkerInfo,
+};
 use serde_json::{json, Value};
 
 /// Prints any value as pretty JSON on stdout.
@@ -60,6 +63,68 @@ pub(crate) fn message(m: &PeekedMessage) -> Value {
         }
     }
     v
+}
+
+/// The JSON shape of a message's status (`status --json`, `GET .../messages/{id}`): for a
+/// stored message its [`message`] shape; for a finished one whose body is gone (done,
+/// cancelled) `{"id", "topic", "data": null, "state", "retry"}`; either with `progress`,
+/// `result`, `error` (its last failure) and `finished_at` (done and cancelled ones).
+pub(crate) fn status(
+    topic: &str,
+    id: &MessageId,
+    stored: Option<&PeekedMessage>,
+    s: &MessageStatus,
+) -> Value {
+    let mut v = match stored {
+        Some(m) => message(m),
+        None => json!({
+            "id": id, "topic": topic, "data": null, "state": s.state.as_str(), "retry": s.retry,
+        }),
+    };
+    if let Value::Object(obj) = &mut v {
+        obj.insert("progress".into(), json!(s.progress));
+        obj.insert("result".into(), json!(s.result));
+        if !obj.contains_key("error") {
+            obj.insert("error".into(), json!(s.error));
+        }
+        obj.insert("finished_at".into(), json!(s.finished_at.map(rfc3339)));
+    }
+    v
+}
+
+/// `status` for people: the stored message's lines (see [`message_lines`]), or those of
+/// a finished one, then its progress and result.
+pub(crate) fn status_lines(
+    topic: &str,
+    id: &MessageId,
+    stored: Option<&PeekedMessage>,
+    s: &MessageStatus,
+) {
+    let mut lines: Vec<(&str, String)> = Vec::new();
+    match stored {
+        Some(m) => message_lines(m),
+        None => {
+            lines.push(("id", id.to_string()));
+            lines.push(("topic", topic.to_owned()));
+            lines.push(("state", s.state.as_str().to_owned()));
+            lines.push(("retry", s.retry.to_string()));
+            if let Some(at) = s.finished_at {
+                lines.push(("finished at", rfc3339(at)));
+            }
+            if let Some(e) = &s.error {
+                lines.push(("error", e.clone()));
+            }
+        }
+    }
+    if let Some(p) = &s.progress {
+        lines.push(("progress", p.to_string()));
+    }
+    if let Some(r) = &s.result {
+        lines.push(("result", r.to_string()));
+    }
+    for (label, value) in lines {
+        println!("{label:<12} {}", printable(&value));
+    }
 }
 
 /// The lowercase name of a state, as the API and `--state` spell it.

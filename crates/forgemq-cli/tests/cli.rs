@@ -990,6 +990,18 @@ fn workers_status_and_latency() {
     let shown: Value = serde_json::from_slice(&missing.stdout).unwrap();
     assert_eq!(shown["state"], "unknown");
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no message no-such-id"));
+    // A cancelled one: its record, exit 0.
+    let dropped = ok(&server, &["publish", "order.cancel", "{\"order\": 2}"]);
+    ok(&server, &["cancel", "order.cancel", dropped.trim()]);
+    let st = json_of(
+        &server,
+        &["status", "order.cancel", dropped.trim(), "--json"],
+    );
+    assert_eq!(st["state"], "cancelled", "{st}");
+    assert!(st["finished_at"].is_string(), "{st}");
+    let lines = ok(&server, &["status", "order.cancel", dropped.trim()]);
+    assert!(lines.contains("state        cancelled"), "{lines}");
+    assert!(lines.contains("finished at"), "{lines}");
 
     // stats: latency of the waiting topic, workers of the busy one.
     std::thread::sleep(Duration::from_millis(1100));

@@ -356,9 +356,10 @@ async fn dashboard_shows_workers_what_they_run_and_finds_messages() {
                 let gate = Arc::clone(&handler_gate);
                 let started = started_tx.clone();
                 async move {
+                    m.progress(json!({"percent": 40})).await?;
                     let _ = started.send(m.id.to_string());
                     drop(gate.acquire().await.unwrap());
-                    Ok::<(), HandlerError>(())
+                    Ok::<_, HandlerError>(forgemq::Done(json!({"thumb": m.data["image"]})))
                 }
             },
         )
@@ -453,6 +454,11 @@ async fn dashboard_shows_workers_what_they_run_and_finds_messages() {
         t.contains(&worker_id)
     })
     .await;
+    // ...and how far its handler got.
+    page.wait_text("#lookup-result tr[data-field='progress'] td", |t| {
+        t == r#"{"percent":40}"#
+    })
+    .await;
     // By topic and id: the report, pending.
     page.type_into("#lookup-topic", "report.build").await;
     page.type_into("#lookup-id", report.as_str()).await;
@@ -481,6 +487,21 @@ async fn dashboard_shows_workers_what_they_run_and_finds_messages() {
     .await;
     page.wait_text("tr[data-topic='image.resize'] td.processed", |t| t == "3")
         .await;
+    // The finished message: done, with its result and last progress.
+    page.click("nav.tabs button[data-tab='lookup']").await;
+    page.type_into("#lookup-topic", "image.resize").await;
+    page.type_into("#lookup-id", &busy).await;
+    page.click("#lookup-form button").await;
+    page.wait_text("#lookup-state", |t| t == "done").await;
+    page.wait_text("#lookup-result tr[data-field='result'] td", |t| {
+        t.starts_with(r#"{"thumb":"#)
+    })
+    .await;
+    page.wait_text("#lookup-result tr[data-field='progress'] td", |t| {
+        t == r#"{"percent":40}"#
+    })
+    .await;
+    page.screenshot("dashboard-lookup-done.png").await;
     stop.send(()).unwrap();
     running.await.unwrap().unwrap();
     page.wait_text("#workers-count", |t| t == "0").await;
@@ -640,4 +661,25 @@ async fn dashboard_lists_schedules_and_runs_one_now() {
         .await;
     assert_eq!(mq.stats("report.nightly").await.unwrap().pending, 1);
     page.screenshot("dashboard-schedules.png").await;
+
+    // A rate limit shows beside its topic's name and in its detail.
+    mq.set_rate_limit(
+        "ops.tick",
+        "100/s".parse::<forgemq::RateLimit>().unwrap().burst(20),
+    )
+    .await
+    .unwrap();
+    page.click("button[data-tab=overview]").await;
+    page.wait_text("tr[data-topic='ops.tick'] td.name .limit", |t| {
+        t == "≤ 100/s"
+    })
+    .await;
+    page.wait_text("tr[data-topic='report.nightly'] td.name", |t| {
+        !t.contains('≤')
+    })
+    .await;
+    page.click("tr[data-topic='ops.tick'] td.name").await;
+    page.wait_text("#detail-limit", |t| t == "rate limit 100/s, burst 20")
+        .await;
+    page.screenshot("dashboard-rate-limit.png").await;
 }

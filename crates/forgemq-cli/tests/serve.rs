@@ -285,6 +285,24 @@ fn api_publishes_inspects_and_manages_topics() {
         None,
     );
     assert_eq!(status, 404);
+    // Its record is kept: cancelled, when, and no body any more.
+    let (status, gone) = http(
+        p,
+        "GET",
+        &format!("/api/v1/topics/order.reminder/messages/{reminder}"),
+        None,
+        None,
+    );
+    assert_eq!(
+        (status, &gone["state"]),
+        (200, &json!("cancelled")),
+        "{gone}"
+    );
+    assert!(gone["finished_at"].is_string(), "{gone}");
+    assert_eq!(
+        (&gone["data"], &gone["result"]),
+        (&Value::Null, &Value::Null)
+    );
     assert_eq!(
         http(p, "POST", "/api/v1/topics/user.welcome/pause", None, None).0,
         200

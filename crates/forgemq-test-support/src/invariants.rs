@@ -19,6 +19,8 @@
 //! | `NS:{T}:uniq`    | HASH | id → unique key held until a final state  |
 //! | `NS:{T}:ready`   | ZSET | id → when it became ready, for entries pushed at the head |
 //! | `NS:{T}:runs`    | LIST | `"<count> <ms>"`: the other entries, by when they became ready |
+//! | `NS:{T}:progress` | HASH | id → progress its running handler reported (until a final state) |
+//! | `NS:{T}:waiters` | HASH | id → callers waiting for it to finish (until a final state) |
 //!
 //! An acknowledged message is gone from all of them. A cancelled pending message leaves
 //! its id in the pending list with a tombstone in `cancelled` until a fetch skips it.
@@ -110,6 +112,16 @@ impl Layout {
     /// when they became ready.
     pub fn runs(&self) -> String {
         self.key("runs")
+    }
+
+    /// `NS:{T}:progress`, HASH id → the progress its running handler reported.
+    pub fn progress(&self) -> String {
+        self.key("progress")
+    }
+
+    /// `NS:{T}:waiters`, HASH id → callers waiting for it to finish.
+    pub fn waiters(&self) -> String {
+        self.key("waiters")
     }
 
     /// All ten keys, e.g. for `DEL` in a test's setup.
@@ -272,48 +284,78 @@ pub fn check_invariants(
     layout: &Layout,
     ids: &[String],
 ) -> StateReport {
-    let (pending, delayed, active, dead, bodies, leases, tombstones, held, ready, runs) =
-        redis::pipe()
-            .atomic()
-            .cmd("LRANGE")
-            .arg(layout.pending())
-            .arg(0)
-            .arg(-1)
-            .cmd("ZRANGE")
-            .arg(layout.delayed())
-            .arg(0)
-            .arg(-1)
-            .cmd("ZRANGE")
-            .arg(layout.active())
-            .arg(0)
-            .arg(-1)
-            .cmd("ZRANGE")
-            .arg(layout.dead())
-            .arg(0)
-            .arg(-1)
-            .cmd("HKEYS")
-            .arg(layout.msg())
-            .cmd("HKEYS")
-            .arg(layout.lease())
-            .cmd("HGETALL")
-            .arg(layout.cancelled())
-            .cmd("HKEYS")
-            .arg(layout.uniq())
-            .cmd("ZRANGE")
-            .arg(layout.ready())
-            .arg(0)
-            .arg(-1)
-            .cmd("LRANGE")
-            .arg(layout.runs())
-            .arg(0)
-            .arg(-1)
-            .query(conn)
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot read ForgeMQ keys of topic {:?} (namespace {:?}): {e}",
-                    layout.topic, layout.namespace
-                )
-            });
+    #[allow(clippy::type_complexity)]
+    let (
+        pending,
+        delayed,
+        active,
+        dead,
+        bodies,
+        leases,
+        tombstones,
+        held,
+        ready,
+        runs,
+        progress,
+        waiters,
+    ): (
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+        BTreeMap<String, i64>,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+    ) = redis::pipe()
+        .atomic()
+        .cmd("LRANGE")
+        .arg(layout.pending())
+        .arg(0)
+        .arg(-1)
+        .cmd("ZRANGE")
+        .arg(layout.delayed())
+        .arg(0)
+        .arg(-1)
+        .cmd("ZRANGE")
+        .arg(layout.active())
+        .arg(0)
+        .arg(-1)
+        .cmd("ZRANGE")
+        .arg(layout.dead())
+        .arg(0)
+        .arg(-1)
+        .cmd("HKEYS")
+        .arg(layout.msg())
+        .cmd("HKEYS")
+        .arg(layout.lease())
+        .cmd("HGETALL")
+        .arg(layout.cancelled())
+        .cmd("HKEYS")
+        .arg(layout.uniq())
+        .cmd("ZRANGE")
+        .arg(layout.ready())
+        .arg(0)
+        .arg(-1)
+        .cmd("LRANGE")
+        .arg(layout.runs())
+        .arg(0)
+        .arg(-1)
+        .cmd("HKEYS")
+        .arg(layout.progress())
+        .cmd("HKEYS")
+        .arg(layout.waiters())
+        .query(conn)
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot read ForgeMQ keys of topic {:?} (namespace {:?}): {e}",
+                layout.topic, layout.namespace
+            )
+        });
     classify(
         layout,
         ids,
@@ -328,6 +370,8 @@ pub fn check_invariants(
             held,
             ready,
             runs,
+            progress,
+            waiters,
         },
     )
 }
@@ -349,6 +393,10 @@ struct Snapshot {
     ready: Vec<String>,
     /// The `runs` list.
     runs: Vec<String>,
+    /// Ids with a progress report.
+    progress: Vec<String>,
+    /// Ids someone waits on.
+    waiters: Vec<String>,
 }
 
 /// The pure part of [`check_invariants`], separate so the rules read as a list.
@@ -476,6 +524,26 @@ fn classify(layout: &Layout, ids: &[String], snapshot: &Snapshot) -> StateReport
                 layout.uniq(),
                 if found.is_some() { "dead" } else { "in no state" }
             )),
+        }
+    }
+    // Progress and waiters belong to messages that have not finished: a final state
+    // (done, dead, cancelled, purged) takes them away.
+    for (what, key, members) in [
+        ("a progress report", layout.progress(), &snapshot.progress),
+        ("a waiter", layout.waiters(), &snapshot.waiters),
+    ] {
+        for id in members {
+            match states.get(id.as_str()) {
+                Some(s) if !s.contains(&State::Dead) => {}
+                found => violations.push(format!(
+                    "id {id:?} has {what} in {key:?} but is {} (it outlives its message)",
+                    if found.is_some() {
+                        "dead"
+                    } else {
+                        "in no state"
+                    }
+                )),
+            }
         }
     }
     for id in &bodies {

@@ -276,7 +276,7 @@ fn invariants_detect_corruption() {
     let mut conn = server.conn();
     let all = ids(&["p", "d", "a", "x", "g"]);
     type Plant = fn(&mut redis::Connection, &Layout);
-    let cases: [(&str, Plant, &str); 10] = [
+    let cases: [(&str, Plant, &str); 12] = [
         (
             "double_state",
             |c, l| {
@@ -385,6 +385,30 @@ fn invariants_detect_corruption() {
                     .unwrap();
             },
             "\"d\" is in \"mq:{ready_but_not_listed}:ready\" but not in the pending list",
+        ),
+        (
+            "progress_of_a_dead_message",
+            |c, l| {
+                redis::cmd("HSET")
+                    .arg(l.progress())
+                    .arg("x")
+                    .arg("50")
+                    .exec(c)
+                    .unwrap();
+            },
+            "\"x\" has a progress report in \"mq:{progress_of_a_dead_message}:progress\" but is dead",
+        ),
+        (
+            "waiter_on_a_gone_message",
+            |c, l| {
+                redis::cmd("HSET")
+                    .arg(l.waiters())
+                    .arg("gone")
+                    .arg(1)
+                    .exec(c)
+                    .unwrap();
+            },
+            "\"gone\" has a waiter in \"mq:{waiter_on_a_gone_message}:waiters\" but is in no state",
         ),
     ];
     for (name, plant, expected) in cases {

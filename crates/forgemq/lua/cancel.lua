@@ -11,7 +11,9 @@
 -- KEYS[7] cancelled  HASH  id -> tombstones: entries of cancelled messages still listed
 -- KEYS[8] uniq       HASH  id -> unique key held until the message's final state
 -- KEYS[9] ready      ZSET  id -> when it became ready (ms), for entries pushed at the head
+-- KEYS[10] results  KEYS[11] finished  KEYS[12] progress  KEYS[13] waiters (see settle.lua)
 -- ARGV[1] id
+-- ARGV[2] results_max_len, ARGV[3] results_max_age: retention of finished records
 -- Returns the state it was in: 'delayed' or 'pending' (removed), 'active' or 'dead' (not
 -- removed: a running message can't be cancelled, a dead one is deleted through the
 -- dead-letter queue), or 'missing'.
@@ -41,7 +43,13 @@ else
   -- Its entry stays listed, so it stays counted in the queue latency (in `ready` or in the
   -- runs) until a fetch passes it: the fetch counts entries, tombstones included.
 end
+local now = now_ms()
+local retry = get_count(redis.call('HGET', KEYS[5], id) or '', 'retry')
 redis.call('HDEL', KEYS[5], id)
 redis.call('HINCRBY', KEYS[6], 'cancelled', 1)
 release_unique(KEYS[8], {id})
+local progress = take_progress(KEYS[12], {id})
+keep_records(KEYS[10], KEYS[11], now, {id}, {finished_record('cancelled', now, retry, nil, progress[id])},
+  tonumber(ARGV[2]), tonumber(ARGV[3]))
+notify_finished(KEYS[13], {id})
 return state

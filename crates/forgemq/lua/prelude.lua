@@ -55,27 +55,129 @@ local function get_count(body, name)
   return 0
 end
 
--- Keeps the dead-letter set within its retention: entries older than max_age ms and, past
--- max_len entries, the oldest ones are deleted together with their bodies and counted as
--- `dead_trimmed`, so that a topic that fails forever cannot fill Redis. 0 = no limit.
-local function trim_dead(dead_key, msg_key, stats_key, now, max_len, max_age)
+-- Trims a ZSET of ids scored by time, and the HASH of their data, to a retention: entries
+-- older than max_age ms and, past max_len entries, the oldest ones go (at most 1,000 of
+-- each per call, so no call is long). 0 = no limit. Returns how many went.
+local function trim_retention(zset_key, hash_key, now, max_len, max_age)
   local doomed = {}
   if max_age > 0 then
-    doomed = redis.call('ZRANGEBYSCORE', dead_key, '-inf', '(' .. (now - max_age), 'LIMIT', 0, 1000)
+    doomed = redis.call('ZRANGEBYSCORE', zset_key, '-inf', '(' .. (now - max_age), 'LIMIT', 0, 1000)
   end
   if max_len > 0 then
-    local excess = redis.call('ZCARD', dead_key) - #doomed - max_len
+    local excess = redis.call('ZCARD', zset_key) - #doomed - max_len
     if excess > 0 then
-      local oldest = redis.call('ZRANGE', dead_key, #doomed, #doomed + math.min(excess, 1000) - 1)
+      local oldest = redis.call('ZRANGE', zset_key, #doomed, #doomed + math.min(excess, 1000) - 1)
       for _, id in ipairs(oldest) do
         doomed[#doomed + 1] = id
       end
     end
   end
   if #doomed > 0 then
-    redis.call('ZREM', dead_key, unpack(doomed))
-    redis.call('HDEL', msg_key, unpack(doomed))
-    redis.call('HINCRBY', stats_key, 'dead_trimmed', #doomed)
+    redis.call('ZREM', zset_key, unpack(doomed))
+    redis.call('HDEL', hash_key, unpack(doomed))
+  end
+  return #doomed
+end
+
+-- Keeps the dead-letter set within its retention: entries older than max_age ms and, past
+-- max_len entries, the oldest ones are deleted together with their bodies and counted as
+-- `dead_trimmed`, so that a topic that fails forever cannot fill Redis. 0 = no limit.
+local function trim_dead(dead_key, msg_key, stats_key, now, max_len, max_age)
+  local trimmed = trim_retention(dead_key, msg_key, now, max_len, max_age)
+  if trimmed > 0 then
+    redis.call('HINCRBY', stats_key, 'dead_trimmed', trimmed)
+  end
+end
+
+-- Results, progress and waiters (Client::message_status, Client::wait_result).
+-- `progress` HASH id -> the last progress a running handler reported (JSON), until the
+-- message reaches a final state. `results` HASH id -> record of a finished message (JSON:
+-- state, finished_at, retry, result, progress), ordered by `finished` ZSET id -> when (ms),
+-- kept to a retention. `waiters` HASH id -> callers waiting for that id to finish; each is
+-- woken by a token on the LIST `<waiters>:<id>`.
+
+-- The progress of ids that reach a final state, as a table id -> JSON; their entries go.
+local function take_progress(progress_key, ids)
+  local out = {}
+  if #ids == 0 or redis.call('EXISTS', progress_key) == 0 then
+    return out
+  end
+  local values = redis.call('HMGET', progress_key, unpack(ids))
+  for i, v in ipairs(values) do
+    if v then
+      out[ids[i]] = v
+    end
+  end
+  redis.call('HDEL', progress_key, unpack(ids))
+  return out
+end
+
+-- The record of a finished message. members: more JSON object members from the worker
+-- (`"result":…` or `"error":…`), progress: a JSON text; either may be nil.
+local function finished_record(state, now, retry, members, progress)
+  local parts = {'{"state":"', state, '","finished_at":', string.format('%d', now), ',"retry":',
+    string.format('%d', tonumber(retry) or 0)}
+  if members then
+    parts[#parts + 1] = ','
+    parts[#parts + 1] = members
+  end
+  if progress then
+    parts[#parts + 1] = ',"progress":'
+    parts[#parts + 1] = progress
+  end
+  parts[#parts + 1] = '}'
+  return table.concat(parts)
+end
+
+-- Keeps the records of finished messages (ids[i] -> records[i]) within the retention
+-- (max_len 0: keep none). Both keys expire max_age after the last record, so a topic that
+-- goes quiet does not keep them.
+local function keep_records(results_key, finished_key, now, ids, records, max_len, max_age)
+  if max_len <= 0 or #ids == 0 then
+    return
+  end
+  local fields, scores = {}, {}
+  local at = string.format('%d', now)
+  for i, id in ipairs(ids) do
+    fields[#fields + 1] = id
+    fields[#fields + 1] = records[i]
+    scores[#scores + 1] = at
+    scores[#scores + 1] = id
+  end
+  redis.call('HSET', results_key, unpack(fields))
+  redis.call('ZADD', finished_key, unpack(scores))
+  trim_retention(finished_key, results_key, now, max_len, max_age)
+  if max_age > 0 then
+    redis.call('PEXPIRE', results_key, max_age)
+    redis.call('PEXPIRE', finished_key, max_age)
+  end
+end
+
+-- Wakes the callers waiting for these ids to finish: one token per waiter on the id's
+-- list, which lives a minute (a waiter between its check and its BLPOP still finds it).
+local function notify_finished(waiters_key, ids)
+  if #ids == 0 or redis.call('EXISTS', waiters_key) == 0 then
+    return
+  end
+  local counts = redis.call('HMGET', waiters_key, unpack(ids))
+  local woken = {}
+  for i, c in ipairs(counts) do
+    local n = tonumber(c)
+    if n then
+      if n > 0 then
+        local tokens = {}
+        for j = 1, math.min(n, 1000) do
+          tokens[j] = '1'
+        end
+        local list = waiters_key .. ':' .. ids[i]
+        redis.call('RPUSH', list, unpack(tokens))
+        redis.call('PEXPIRE', list, 60000)
+      end
+      woken[#woken + 1] = ids[i]
+    end
+  end
+  if #woken > 0 then
+    redis.call('HDEL', waiters_key, unpack(woken))
   end
 end
 

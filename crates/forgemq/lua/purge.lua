@@ -6,7 +6,8 @@
 -- KEYS[6] dead  KEYS[7] wake  KEYS[8] stats  KEYS[9] processed  KEYS[10] uniq
 -- KEYS[11] cancelled  KEYS[12] purged_tokens (SET, kept an hour: the lease tokens of the
 -- deliveries running now, whose refused outcomes are then not counted as duplicate runs)
--- KEYS[13] ready  KEYS[14] runs
+-- KEYS[13] ready  KEYS[14] runs  KEYS[15] results  KEYS[16] finished  KEYS[17] progress
+-- KEYS[18] waiters: callers waiting for a purged message are woken (it is gone)
 -- Returns the number of messages deleted per state: {pending, active, delayed, dead}.
 
 local tombstones = tonumber(redis.call('HGET', KEYS[8], 'tombstones') or '0')
@@ -25,8 +26,16 @@ local held = redis.call('HVALS', KEYS[10])
 for i = 1, #held, 1000 do
   redis.call('UNLINK', unpack(held, i, math.min(i + 999, #held)))
 end
+local waiting = {}
+local pairs_ = redis.call('HGETALL', KEYS[18])
+for i = 1, #pairs_, 2 do
+  waiting[#waiting + 1] = pairs_[i]
+end
+for i = 1, #waiting, 1000 do
+  notify_finished(KEYS[18], {unpack(waiting, i, math.min(i + 999, #waiting))})
+end
 redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[9],
-  KEYS[10], KEYS[11], KEYS[13], KEYS[14])
+  KEYS[10], KEYS[11], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17])
 redis.call('HDEL', KEYS[8], 'tombstones')
 redis.call('HINCRBY', KEYS[8], 'purged', pending + active + delayed + dead)
 return {pending, active, delayed, dead}

@@ -10,6 +10,7 @@
 -- KEYS[7] stats    HASH
 -- KEYS[8] uniq     HASH  id -> unique key held until the message's final state
 -- KEYS[9] ready    ZSET  id -> when it became ready to run (ms)
+-- KEYS[10] progress  KEYS[11] waiters (see settle.lua)
 -- ARGV[1] max_recoveries
 -- ARGV[2] limit    most expired leases handled per call
 -- ARGV[3] dead_max_len, ARGV[4] dead_max_age: dead-letter retention (see settle.lua)
@@ -62,6 +63,10 @@ end
 if recovered > 0 then
   redis.call('HINCRBY', KEYS[7], 'recovered', recovered)
   wake(KEYS[6])
+end
+if #died > 0 then
+  take_progress(KEYS[10], died)
+  notify_finished(KEYS[11], died)
 end
 if dead > 0 then
   redis.call('HINCRBY', KEYS[7], 'dead', dead)

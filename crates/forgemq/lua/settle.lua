@@ -17,17 +17,25 @@
 -- KEYS[14] purged_tokens SET  lease tokens of deliveries whose message was purged
 -- KEYS[15] ready     ZSET  id -> when it became ready (ms), for entries pushed at the head
 -- KEYS[16] runs      LIST  "<count> <ms>": runs of tail entries by when they became ready
+-- KEYS[17] results   HASH  id -> record of a finished message (see prelude.lua)
+-- KEYS[18] finished  ZSET  id -> when it finished (ms), the records' retention order
+-- KEYS[19] progress  HASH  id -> progress reported by its running handler
+-- KEYS[20] waiters   HASH  id -> callers waiting for it to finish
 -- ARGV[1] dead_max_len   dead letters kept; older ones are deleted (0 = no cap)
 -- ARGV[2] dead_max_age   ms a dead letter is kept (0 = forever)
 -- ARGV[3] dedup_ttl      ms an acked id stays in the processed ledger (0 = no ledger)
 -- ARGV[4] call_id        random id of this call, the same when the caller sends it again
 -- ARGV[5] again          1: the caller sent this call before and got no answer (the
 --                        record is looked up either way)
--- ARGV[6] a              number of acks, listed first as pairs: token, id
--- ARGV    then groups of 5 for the other outcomes: op ('retry' | 'dead' | 'dead_as_is'),
---         token, id, envelope (for dead_as_is: the error text), delay_ms
---         dead_as_is keeps the stored body (too large or unreadable to rewrite in the
---         worker) and only appends last_error to it.
+-- ARGV[6] results_max_len  records of finished messages kept (0 = none)
+-- ARGV[7] results_max_age  ms a record is kept
+-- ARGV[8] a              number of acks without a result, listed first as triples:
+--                        token, id, retry (failed attempts before this one)
+-- ARGV    then groups of 5 for the other outcomes: op ('done' | 'retry' | 'dead' |
+--         'dead_as_is'), token, id, text, number. done: an ack with a result (text: JSON
+--         object members for its record, `"result":…`, number: retry); retry and dead: the rewritten envelope and the
+--         delay in ms; dead_as_is keeps the stored body (too large or unreadable to
+--         rewrite in the worker), appends the error text as last_error to it.
 -- Returns one integer per outcome, acks first: 1 applied, 0 lease lost (nothing written
 -- for it). A call sent again after its reply was lost gets the answers of the first one:
 -- what it applied is not reported as a lost lease.
@@ -46,8 +54,8 @@ if answers then
 end
 
 local G = 5
-local acks = tonumber(ARGV[6])
-local first_group = 7 + 2 * acks
+local acks = tonumber(ARGV[8])
+local first_group = 9 + 3 * acks
 local n = acks + (#ARGV - first_group + 1) / G
 if n == 0 then
   return {}
@@ -55,8 +63,8 @@ end
 -- Outcome i: its id, token and (for failures) where its group starts in ARGV.
 local ids, tokens, base = {}, {}, {}
 for i = 1, acks do
-  tokens[i] = ARGV[5 + 2 * i]
-  ids[i] = ARGV[6 + 2 * i]
+  tokens[i] = ARGV[6 + 3 * i]
+  ids[i] = ARGV[7 + 3 * i]
 end
 for i = acks + 1, n do
   local b = first_group + (i - acks - 1) * G
@@ -88,10 +96,14 @@ end
 
 local dedup_ttl = tonumber(ARGV[3])
 local acked, retried, dead = {}, 0, 0
+-- Per acked message: failed attempts before it, and its result (false: none).
+local acked_retry, acked_result = {}, {}
 local final = {}
 for i = 1, acks do
   if results[i] == 1 then
     acked[#acked + 1] = ids[i]
+    acked_retry[#acked] = ARGV[8 + 3 * i]
+    acked_result[#acked] = false
     final[#final + 1] = ids[i]
   end
 end
@@ -99,7 +111,12 @@ for i = acks + 1, n do
   if results[i] == 1 then
     local b = base[i]
     local op, id = ARGV[b], ids[i]
-    if op == 'retry' then
+    if op == 'done' then
+      acked[#acked + 1] = id
+      acked_retry[#acked] = ARGV[b + 4]
+      acked_result[#acked] = ARGV[b + 3]
+      final[#final + 1] = id
+    elseif op == 'retry' then
       redis.call('HSET', KEYS[3], id, ARGV[b + 3])
       local delay = tonumber(ARGV[b + 4])
       if delay > 0 then
@@ -151,6 +168,16 @@ if #acked > 0 then
   end
 end
 release_unique(KEYS[11], final)
+local progress = take_progress(KEYS[19], final)
+local results_max_len = tonumber(ARGV[6])
+if results_max_len > 0 and #acked > 0 then
+  local records = {}
+  for i, id in ipairs(acked) do
+    records[i] = finished_record('done', now, acked_retry[i], acked_result[i] or nil, progress[id])
+  end
+  keep_records(KEYS[17], KEYS[18], now, acked, records, results_max_len, tonumber(ARGV[7]))
+end
+notify_finished(KEYS[20], final)
 if dedup_ttl > 0 then
   -- Expired ledger entries go whenever a deduplicating worker settles: bounded ledger.
   redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', '(' .. now)

@@ -109,6 +109,7 @@ pub struct ClientBuilder {
     max_recoveries: u32,
     dead_max_len: u64,
     dead_max_age: Duration,
+    results: crate::status::Retention,
     tls_ca: Option<Vec<u8>>,
     tls_client: Option<(Vec<u8>, Vec<u8>)>,
     replicas: Option<(usize, Duration)>,
@@ -142,6 +143,16 @@ impl ClientBuilder {
     pub fn dead_letter_retention(mut self, max_len: u64, max_age: Duration) -> Self {
         self.dead_max_len = max_len;
         self.dead_max_age = max_age;
+        self
+    }
+
+    /// Records of finished messages kept per topic (each partition of a partitioned one)
+    /// for [`Client::message_status`] and [`Client::wait_result`]: the last `max_len`
+    /// (default 1,000), none older than `max_age` (default 1 hour). A subscription can say
+    /// otherwise for its topic ([`Subscription::result_retention`](crate::Subscription::result_retention)).
+    /// `max_len` 0 keeps none.
+    pub fn result_retention(mut self, max_len: u64, max_age: Duration) -> Self {
+        self.results = crate::status::Retention { max_len, max_age };
         self
     }
 
@@ -242,6 +253,7 @@ impl ClientBuilder {
                 reconnect_retries: self.reconnect_retries,
                 dead_max_len: self.dead_max_len,
                 dead_max_age: self.dead_max_age,
+                results: self.results,
                 tls_ca: self.tls_ca,
                 tls_client: self.tls_client,
                 replicas: self.replicas,
@@ -659,7 +671,7 @@ pub struct MinuteCounts {
     pub failed: u64,
 }
 
-fn rfc3339_opt_ser<S: serde::Serializer>(
+pub(crate) fn rfc3339_opt_ser<S: serde::Serializer>(
     t: &Option<SystemTime>,
     s: S,
 ) -> std::result::Result<S::Ok, S::Error> {
@@ -827,6 +839,7 @@ impl Client {
             max_recoveries: 3,
             dead_max_len: DEFAULT_DEAD_LETTER_MAX_LEN,
             dead_max_age: DEFAULT_DEAD_LETTER_MAX_AGE,
+            results: crate::status::Retention::DEFAULT,
             tls_ca: None,
             tls_client: None,
             replicas: None,

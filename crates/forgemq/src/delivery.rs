@@ -71,7 +71,7 @@ impl Delivery {
             match self
                 .client
                 .store()
-                .settle(&self.keys, &outcome, Duration::ZERO, &call)
+                .settle(&self.keys, &outcome, Duration::ZERO, None, &call)
                 .await
             {
                 Err(e) if e.is_transient() && attempt < 3 => {
@@ -92,7 +92,25 @@ impl Delivery {
     /// Done: the message is removed. [`Error::LeaseLost`] if the lease expired and the
     /// message was handed to someone else meanwhile.
     pub async fn ack(self) -> Result<()> {
-        self.settle(SettleOp::Ack).await
+        let retry = self.message.retry;
+        self.settle(SettleOp::Ack {
+            retry,
+            result: None,
+        })
+        .await
+    }
+
+    /// Done, with a result kept in the message's record (see
+    /// [`Client::message_status`](crate::Client::message_status)); otherwise as
+    /// [`Delivery::ack`].
+    pub async fn ack_with<R: serde::Serialize + Send + 'static>(self, result: R) -> Result<()> {
+        use crate::status::HandlerOutput;
+        let retry = self.message.retry;
+        self.settle(SettleOp::Ack {
+            retry,
+            result: crate::status::Done(result).record_members(),
+        })
+        .await
     }
 
     /// Failed with `error`: counts an attempt and runs it again after `retry_after`, or
@@ -222,6 +240,7 @@ impl Client {
                         keys,
                         &[(&token, m.id.as_bytes(), &op)],
                         Duration::ZERO,
+                        None,
                         &SettleCall::new(),
                     )
                     .await?;
@@ -238,7 +257,10 @@ impl Client {
                         recoveries: env.recoveries,
                         headers: env.headers,
                         data: env.data,
-                        lease: std::sync::Arc::new(LeaseState::default()),
+                        lease: std::sync::Arc::new(LeaseState::new(
+                            std::sync::Arc::new(keys.clone()),
+                            std::sync::Arc::from(token.as_str()),
+                        )),
                         client: self.clone(),
                     };
                     out.push(Delivery {
@@ -266,6 +288,7 @@ impl Client {
                             keys,
                             &[(&token, m.id.as_bytes(), &op)],
                             Duration::ZERO,
+                            None,
                             &SettleCall::new(),
                         )
                         .await?;

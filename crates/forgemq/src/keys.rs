@@ -186,6 +186,10 @@ impl Namespace {
             ready: k("ready"),
             runs: k("runs"),
             limit: k("limit"),
+            results: k("results"),
+            finished: k("finished"),
+            progress: k("progress"),
+            waiters: k("waiters"),
             // One per topic, partitioned or not: workers consume topics, not partitions.
             workers: format!("{}:{{{}}}:workers", self.ns, topic),
             unique_prefix: k("unique:"),
@@ -249,6 +253,16 @@ pub(crate) struct TopicKeys {
     /// HASH: the rate limit, a token bucket applied by the fetch script (`rate` per second,
     /// `burst`, `tokens`, `at`); absent without a limit.
     pub(crate) limit: String,
+    /// HASH id → record of a finished message (JSON: state, finished_at, retry, result,
+    /// progress), kept to a retention ([`crate::Retention`]).
+    pub(crate) results: String,
+    /// ZSET id → when it finished (ms): the order in which records leave `results`.
+    pub(crate) finished: String,
+    /// HASH id → the last progress its running handler reported, until a final state.
+    pub(crate) progress: String,
+    /// HASH id → how many callers wait for it to finish; each is woken by a token on the
+    /// LIST `<waiters>:<id>`.
+    pub(crate) waiters: String,
     /// HASH worker id → `concurrency,in_flight,expires_ms` of the workers consuming the
     /// topic (in the plain topic's slot for a partitioned one).
     pub(crate) workers: String,
@@ -257,6 +271,11 @@ pub(crate) struct TopicKeys {
 }
 
 impl TopicKeys {
+    /// LIST on which a finished message leaves one token per waiter.
+    pub(crate) fn waiting(&self, id: &str) -> String {
+        format!("{}:{}", self.waiters, id)
+    }
+
     /// STRING holding the id of the message that owns a unique key, until its ttl.
     pub(crate) fn unique(&self, key: &str) -> String {
         format!("{}{}", self.unique_prefix, key)

@@ -48,6 +48,7 @@ pub mod message;
 pub mod registry;
 pub mod schedule;
 mod scripts;
+pub mod status;
 mod store;
 pub mod topic;
 pub mod worker;
@@ -79,6 +80,7 @@ pub use limit::{RateLimit, TopicLimit};
 pub use message::{Headers, Message, MessageId};
 pub use registry::{WorkerInfo, WorkerState, WorkerTopic};
 pub use schedule::{Missed, Schedule, ScheduleSpec, MAX_SCHEDULE_NAME};
+pub use status::{Done, HandlerOutput, MessageStatus, Retention, Status, MAX_RESULT_BYTES};
 pub use topic::{TopicInfo, TopicOptions};
 pub use worker::{
     BatchOptions, BatchOutcome, Priority, Subscription, Worker, WorkerBuilder, DEFAULT_DEDUP_TTL,

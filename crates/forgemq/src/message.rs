@@ -572,9 +572,23 @@ impl<T> Message<T> {
 pub(crate) struct LeaseState {
     lost: AtomicBool,
     notify: tokio::sync::Notify,
+    /// The keys of the delivery's topic (or partition) and its lease token: what a
+    /// progress report is fenced by.
+    fence: Option<(Arc<crate::keys::TopicKeys>, Arc<str>)>,
 }
 
 impl LeaseState {
+    pub(crate) fn new(keys: Arc<crate::keys::TopicKeys>, token: Arc<str>) -> Self {
+        Self {
+            fence: Some((keys, token)),
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn fence(&self) -> Option<(&crate::keys::TopicKeys, &str)> {
+        self.fence.as_ref().map(|(k, t)| (&**k, &**t))
+    }
+
     pub(crate) fn mark_lost(&self) {
         self.lost.store(true, Ordering::SeqCst);
         self.notify.notify_waiters();

@@ -55,11 +55,13 @@ pub(crate) struct Scripts {
     pub(crate) schedule_fire: Lua,
     pub(crate) schedule_set: Lua,
     pub(crate) limit: Lua,
+    pub(crate) progress: Lua,
+    pub(crate) watch: Lua,
 }
 
 impl Scripts {
     /// Every script, for loading them all at connect time.
-    pub(crate) fn all(&self) -> [&Lua; 17] {
+    pub(crate) fn all(&self) -> [&Lua; 19] {
         [
             &self.publish,
             &self.fetch,
@@ -78,6 +80,8 @@ impl Scripts {
             &self.schedule_fire,
             &self.schedule_set,
             &self.limit,
+            &self.progress,
+            &self.watch,
         ]
     }
 
@@ -100,6 +104,8 @@ impl Scripts {
             schedule_fire: script!("store_messages.lua", "schedule_fire.lua"),
             schedule_set: script!("schedule_set.lua"),
             limit: script!("limit.lua"),
+            progress: script!("progress.lua"),
+            watch: script!("watch.lua"),
         }
     }
 }

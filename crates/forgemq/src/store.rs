@@ -16,6 +16,7 @@ use crate::conn::{Backend, Node, Req, Route};
 use crate::error::{Error, Result};
 use crate::keys::{Namespace, TopicKeys};
 use crate::scripts::{Lua, Scripts};
+use crate::status::Retention;
 
 /// Most messages any one script call takes or settles: Lua's `unpack` fails past about
 /// 8,000 values, and a bounded call keeps Redis responsive for other clients.
@@ -31,6 +32,9 @@ pub(crate) struct ConnSettings {
     pub(crate) dead_max_len: u64,
     /// Longest a dead letter is kept (zero = forever).
     pub(crate) dead_max_age: Duration,
+    /// Records of finished messages kept per topic where nothing else says (see
+    /// [`crate::ClientBuilder::result_retention`]).
+    pub(crate) results: Retention,
     /// PEM CA to verify the server with, instead of the system's roots (`rediss://` only).
     pub(crate) tls_ca: Option<Vec<u8>>,
     /// PEM client certificate and key for mutual TLS.
@@ -64,21 +68,16 @@ pub(crate) enum Written {
 /// The outcome of one finished delivery, for [`Store::settle`].
 #[derive(Debug)]
 pub(crate) enum SettleOp {
-    Ack,
+    /// Done. `retry`: failed attempts before this one; `result`: the handler's result
+    /// (JSON), kept in the message's record.
+    Ack { retry: u32, result: Option<String> },
     /// Back to wait `delay`, with the rewritten envelope.
-    Retry {
-        body: String,
-        delay: Duration,
-    },
+    Retry { body: String, delay: Duration },
     /// To the dead-letter queue, with the rewritten envelope.
-    Dead {
-        body: String,
-    },
+    Dead { body: String },
     /// To the dead-letter queue with the stored body kept as it is (too large to read, or
     /// with an unreadable id); Lua appends `last_error` to it.
-    DeadAsIs {
-        error: String,
-    },
+    DeadAsIs { error: String },
 }
 
 impl SettleOp {
@@ -86,7 +85,11 @@ impl SettleOp {
     /// text) and delay in ms.
     fn failure_args(&self) -> Option<(&'static str, &[u8], u64)> {
         match self {
-            SettleOp::Ack => None,
+            SettleOp::Ack { result: None, .. } => None,
+            SettleOp::Ack {
+                result: Some(result),
+                retry,
+            } => Some(("done", result.as_bytes(), u64::from(*retry))),
             SettleOp::Retry { body, delay } => Some(("retry", body.as_bytes(), millis(*delay))),
             SettleOp::Dead { body } => Some(("dead", body.as_bytes(), 0)),
             SettleOp::DeadAsIs { error } => Some(("dead_as_is", error.as_bytes(), 0)),
@@ -201,6 +204,10 @@ pub(crate) struct RawLookup {
     pub(crate) body: Option<Vec<u8>>,
     pub(crate) lease: Option<String>,
     pub(crate) started: Option<i64>,
+    /// What its running handler last reported.
+    pub(crate) progress: Option<String>,
+    /// Its record, if it finished within the retention.
+    pub(crate) record: Option<String>,
 }
 
 /// A dedicated connection for blocking waits.
@@ -648,7 +655,7 @@ impl Store {
                 .iter()
                 .map(|id| (token_ref, id.as_slice(), &op))
                 .collect();
-            self.settle(keys, &outcomes, Duration::ZERO, &SettleCall::new())
+            self.settle(keys, &outcomes, Duration::ZERO, None, &SettleCall::new())
                 .await?;
         }
         Ok(FetchResult {
@@ -673,13 +680,15 @@ impl Store {
         keys: &TopicKeys,
         outcomes: &[(&str, &[u8], &SettleOp)],
         dedup_ttl: Duration,
+        results: Option<Retention>,
         call: &SettleCall,
     ) -> Result<Vec<bool>> {
+        let results = results.unwrap_or(self.settings.results);
         let mut flags = Vec::with_capacity(outcomes.len());
         for (k, chunk) in outcomes.chunks(MAX_PER_CALL).enumerate() {
             let id = format!("{}.{k}", call.id);
             flags.extend(
-                self.settle_chunk(keys, chunk, dedup_ttl, &id, call.again)
+                self.settle_chunk(keys, chunk, dedup_ttl, results, &id, call.again)
                     .await?,
             );
         }
@@ -691,6 +700,7 @@ impl Store {
         keys: &TopicKeys,
         outcomes: &[(&str, &[u8], &SettleOp)],
         dedup_ttl: Duration,
+        results: Retention,
         call_id: &str,
         again: bool,
     ) -> Result<Vec<bool>> {
@@ -714,16 +724,22 @@ impl Store {
                 &keys.purged_tokens,
                 &keys.ready,
                 &keys.runs,
+                &keys.results,
+                &keys.finished,
+                &keys.progress,
+                &keys.waiters,
             ],
         );
-        // Acks first, as bare (token, id) pairs; then the other outcomes in groups of 5.
+        // Acks first, as (token, id, retry) triples; then the other outcomes (acks with a
+        // result among them) in groups of 5.
         // The script answers in that order; `order` maps its answers back to ours.
         let mut acks = Vec::new();
         let mut others = Vec::new();
         for (i, (_, _, op)) in outcomes.iter().enumerate() {
-            match op.failure_args() {
-                None => acks.push(i),
-                Some(args) => others.push((i, args)),
+            if let Some(args) = op.failure_args() {
+                others.push((i, args));
+            } else if let SettleOp::Ack { retry, .. } = op {
+                acks.push((i, *retry));
             }
         }
         call.arg(self.settings.dead_max_len)
@@ -731,16 +747,21 @@ impl Store {
             .arg(millis(dedup_ttl))
             .arg(call_id)
             .arg(u8::from(again))
+            .arg(results.max_len)
+            .arg(millis(results.max_age))
             .arg(acks.len());
-        for &i in &acks {
+        for &(i, retry) in &acks {
             let (token, id, _) = outcomes[i];
-            call.arg(token).arg(id);
+            call.arg(token).arg(id).arg(retry);
         }
         for &(i, (name, text, delay)) in &others {
             let (token, id, _) = outcomes[i];
             call.arg(name).arg(token).arg(id).arg(text).arg(delay);
         }
-        let order = acks.into_iter().chain(others.into_iter().map(|(i, _)| i));
+        let order = acks
+            .into_iter()
+            .map(|(i, _)| i)
+            .chain(others.into_iter().map(|(i, _)| i));
         let answers: Vec<i64> = self.run_acknowledged(script, &call).await?;
         let answers = answers.into_iter().map(|f| f == 1);
         let mut flags = vec![false; outcomes.len()];
@@ -813,6 +834,32 @@ impl Store {
         self.run_flags(script, &call).await
     }
 
+    /// Stores the progress of a running delivery if its lease is still `token`'s; false
+    /// when it is not (nothing written).
+    pub(crate) async fn progress(
+        &self,
+        keys: &TopicKeys,
+        id: &str,
+        token: &str,
+        progress: &str,
+    ) -> Result<bool> {
+        let script = &self.scripts.progress;
+        let mut call = Self::evalsha(script, &[&keys.lease, &keys.progress]);
+        call.arg(id).arg(token).arg(progress);
+        let written: i64 = self.run(script, &call).await?;
+        Ok(written == 1)
+    }
+
+    /// Registers a caller waiting for `id` to finish; false when there is nothing to wait
+    /// for (it finished, is dead or unknown). With `drop`, takes a registration back.
+    pub(crate) async fn watch(&self, keys: &TopicKeys, id: &str, drop: bool) -> Result<bool> {
+        let script = &self.scripts.watch;
+        let mut call = Self::evalsha(script, &[&keys.msg, &keys.dead, &keys.waiters]);
+        call.arg(id).arg(if drop { "drop" } else { "add" });
+        let registered: i64 = self.run(script, &call).await?;
+        Ok(registered == 1)
+    }
+
     /// Returns expired leases to pending; `(recovered, dead_lettered)`.
     pub(crate) async fn recover(
         &self,
@@ -833,6 +880,8 @@ impl Store {
                 &keys.stats,
                 &keys.uniq,
                 &keys.ready,
+                &keys.progress,
+                &keys.waiters,
             ],
         );
         call.arg(max_recoveries)
@@ -970,6 +1019,10 @@ impl Store {
                 &keys.purged_tokens,
                 &keys.ready,
                 &keys.runs,
+                &keys.results,
+                &keys.finished,
+                &keys.progress,
+                &keys.waiters,
             ],
         );
         self.run(script, &call).await
@@ -989,9 +1042,16 @@ impl Store {
                 &keys.cancelled,
                 &keys.uniq,
                 &keys.ready,
+                &keys.results,
+                &keys.finished,
+                &keys.progress,
+                &keys.waiters,
             ],
         );
-        call.arg(id);
+        let results = self.settings.results;
+        call.arg(id)
+            .arg(results.max_len)
+            .arg(millis(results.max_age));
         let state: String = self.run(script, &call).await?;
         Ok(match state.as_str() {
             "delayed" => CancelState::Delayed,
@@ -1201,14 +1261,18 @@ impl Store {
             .zscore(&keys.active, id)
             .zscore(&keys.dead, id)
             .hget(&keys.msg, id)
-            .hget(&keys.lease, id);
+            .hget(&keys.lease, id)
+            .hget(&keys.progress, id)
+            .hget(&keys.results, id);
         #[allow(clippy::type_complexity)]
-        let (ready, delayed, active, dead, body, lease): (
+        let (ready, delayed, active, dead, body, lease, progress, record): (
             Option<f64>,
             Option<f64>,
             Option<f64>,
             Option<f64>,
             Option<Vec<u8>>,
+            Option<String>,
+            Option<String>,
             Option<String>,
         ) = self
             .exec(Req::Pipe(&pipe), Route::Key(&keys.msg), None)
@@ -1221,6 +1285,8 @@ impl Store {
             body,
             started: lease.as_deref().and_then(crate::registry::started_of),
             lease,
+            progress,
+            record,
         })
     }
 

@@ -669,27 +669,31 @@ async fn peek(
     Ok(Json(output::envelopes(&found)))
 }
 
-/// One message by id: where it is (`state`) and its envelope, with the fields of its
-/// state (`ready_since` pending, `due_at` delayed, `lease_until`, `holder` and
-/// `started_at` active, `error` and `died_at` dead).
+/// One message by id: what happened to it (`state`: pending, delayed, active, done,
+/// dead, cancelled), its `progress`, `result` and last `error`, and for a stored one its
+/// envelope with the fields of its state (`ready_since` pending, `due_at` delayed,
+/// `lease_until`, `holder` and `started_at` active, `died_at` dead). Done and cancelled
+/// ones are kept for the topic's result retention (default: the last 1,000 for an hour),
+/// with `data` null and `finished_at`.
 #[utoipa::path(get, path = "/topics/{topic}/messages/{id}", tag = "messages",
     params(MessagePath),
     responses((status = 200, description = "Where it is, and its envelope", body = MessageStatus),
               (status = 400, description = "Bad topic or id", body = ErrorBody),
-              (status = 404, description = "No such message: never published, or processed, cancelled or purged since", body = ErrorBody)))]
+              (status = 404, description = "Unknown: never published, purged, or finished longer ago than the topic keeps records", body = ErrorBody)))]
 async fn get_message(
     State(state): State<AppState>,
     ApiPath(MessagePath { topic, id }): ApiPath<MessagePath>,
 ) -> ApiResult<Json<Value>> {
-    match state.mq.message(&topic, &message_id(&id)?).await? {
-        Some(m) => Ok(Json(output::message(&m))),
-        None => Err(ApiError(
+    let id = message_id(&id)?;
+    let stored = state.mq.message(&topic, &id).await?;
+    let status = state.mq.message_status(&topic, &id).await?;
+    if stored.is_none() && status.state == forgemq::Status::Unknown {
+        return Err(ApiError(
             StatusCode::NOT_FOUND,
-            format!(
-                "no message {id} in {topic}: never published, or processed, cancelled or purged since (those are not kept)"
-            ),
-        )),
+            format!("no message {id} in {topic}: {}", crate::UNKNOWN_MESSAGE),
+        ));
     }
+    Ok(Json(output::status(&topic, &id, stored.as_ref(), &status)))
 }
 
 /// Cancel a delayed or pending message.

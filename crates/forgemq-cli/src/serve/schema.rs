@@ -292,7 +292,14 @@ pub(super) struct MessageStatus {
     /// when, RFC 3339 (Redis clock); null for the others (`timestamp` says when they were
     /// published).
     pub(super) ready_since: Option<String>,
-    /// The envelope and the fields of its state.
+    /// The last progress its handler reported (any JSON), or null.
+    pub(super) progress: Option<Value>,
+    /// What its handler returned when it finished (any JSON), or null.
+    pub(super) result: Option<Value>,
+    /// Done and cancelled messages: when, RFC 3339 (Redis clock); else null.
+    pub(super) finished_at: Option<String>,
+    /// The envelope and the fields of its state (for a done or cancelled message, whose
+    /// body is gone: `id`, `topic`, `data` null and `retry`).
     #[serde(flatten)]
     pub(super) envelope: Envelope,
 }
@@ -310,6 +317,10 @@ pub(super) enum MessageStateField {
     Active,
     /// In the dead-letter queue.
     Dead,
+    /// Handled (kept for the topic's result retention).
+    Done,
+    /// Cancelled before it ran (kept for the topic's result retention).
+    Cancelled,
 }
 
 /// Dead letters to act on.

@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::handler::{Backoff, HandlerError};
 use crate::keys::{validate_topic, TopicKeys};
 use crate::message::Message;
+use crate::status::{HandlerOutput, Retention};
 use group::Group;
 use presence::Presence;
 pub(crate) use runner::{failure_op, lease_token, random_token};
@@ -62,6 +63,7 @@ pub struct Subscription {
     pub(crate) timeout: Option<Duration>,
     pub(crate) dedup_ttl: Option<Duration>,
     pub(crate) prefetch: Option<usize>,
+    pub(crate) results: Option<Retention>,
 }
 
 /// How long [`Subscription::deduplicate`] remembers processed ids, as the seed's
@@ -78,6 +80,7 @@ impl Default for Subscription {
             timeout: Some(Duration::from_secs(30 * 60)),
             dedup_ttl: None,
             prefetch: None,
+            results: None,
         }
     }
 }
@@ -87,6 +90,17 @@ impl Subscription {
     /// 30 min handler timeout.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How many records of finished messages this topic keeps (results, progress, for
+    /// [`Client::message_status`](crate::Client::message_status)): the last `max_len`, for
+    /// at most `max_age`. Default: the client's
+    /// ([`ClientBuilder::result_retention`](crate::ClientBuilder::result_retention), itself
+    /// 1,000 for an hour). `max_len` 0 keeps none, which saves Redis a little work per
+    /// message on a topic nobody asks about.
+    pub fn result_retention(mut self, max_len: u64, max_age: Duration) -> Self {
+        self.results = Some(Retention { max_len, max_age });
+        self
     }
 
     /// Handlers of this topic running at once in this worker (default 1, as the seed's
@@ -250,6 +264,9 @@ impl BatchOptions {
 pub enum BatchOutcome {
     /// Handled: acknowledge it.
     Done,
+    /// Handled, with a result kept in the message's record
+    /// ([`Client::message_status`](crate::Client::message_status)).
+    DoneWith(Value),
     /// Failed: retried with backoff, dead-lettered at once if the error is fatal, after
     /// `retry_after` if it says so.
     Failed(HandlerError),
@@ -259,6 +276,12 @@ impl BatchOutcome {
     /// Handled.
     pub fn done() -> Self {
         BatchOutcome::Done
+    }
+
+    /// Handled, with a result to keep (any `Serialize` value; one that does not
+    /// serialize is kept as `null`).
+    pub fn done_with(result: impl serde::Serialize) -> Self {
+        BatchOutcome::DoneWith(serde_json::to_value(result).unwrap_or(Value::Null))
     }
 
     /// Failed; try again after the backoff.
@@ -334,21 +357,27 @@ impl WorkerBuilder {
     /// `T` is the type the message's `data` is decoded into (`serde_json::Value` takes
     /// anything). Data that does not decode into `T` is dead-lettered with the decode
     /// error, since running again would not change it.
-    pub fn subscribe<T, F, Fut>(self, topic: &str, handler: F) -> Self
+    ///
+    /// The handler returns `Ok(())` when done, or a result to keep in the message's record
+    /// (`Ok(Done(value))`; see [`Done`](crate::Done) and
+    /// [`Client::message_status`](crate::Client::message_status)).
+    pub fn subscribe<T, F, Fut, R>(self, topic: &str, handler: F) -> Self
     where
         T: DeserializeOwned + Send + 'static,
         F: Fn(Message<T>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+        Fut: Future<Output = Result<R, HandlerError>> + Send + 'static,
+        R: HandlerOutput,
     {
         self.subscribe_with(topic, Subscription::new(), handler)
     }
 
     /// Handles `topic` with the given settings.
-    pub fn subscribe_with<T, F, Fut>(self, topic: &str, sub: Subscription, handler: F) -> Self
+    pub fn subscribe_with<T, F, Fut, R>(self, topic: &str, sub: Subscription, handler: F) -> Self
     where
         T: DeserializeOwned + Send + 'static,
         F: Fn(Message<T>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+        Fut: Future<Output = Result<R, HandlerError>> + Send + 'static,
+        R: HandlerOutput,
     {
         let handler = Arc::new(handler);
         let erased: ErasedHandler = Arc::new(move |msg: Message<Value>| {
@@ -357,7 +386,7 @@ impl WorkerBuilder {
                 let typed = msg
                     .try_map_data(typed_data::<T>)
                     .map_err(|e| HandlerError::fatal(decode_error::<T>(&e)))?;
-                handler(typed).await
+                handler(typed).await.map(HandlerOutput::record_members)
             })
         });
         self.add(topic, sub, HandlerKind::Single(erased))
@@ -416,7 +445,10 @@ impl WorkerBuilder {
                             let got = outcomes.len();
                             for (pos, outcome) in positions.iter().zip(outcomes) {
                                 verdicts[*pos] = Some(match outcome {
-                                    BatchOutcome::Done => Verdict::Ack,
+                                    BatchOutcome::Done => Verdict::Ack { result: None },
+                                    BatchOutcome::DoneWith(result) => Verdict::Ack {
+                                        result: result.record_members(),
+                                    },
                                     BatchOutcome::Failed(e) => Verdict::from_error(&e),
                                 });
                             }
@@ -436,7 +468,7 @@ impl WorkerBuilder {
                 }
                 verdicts
                     .into_iter()
-                    .map(|v| v.unwrap_or(Verdict::Ack))
+                    .map(|v| v.unwrap_or(Verdict::Ack { result: None }))
                     .collect()
             })
         });

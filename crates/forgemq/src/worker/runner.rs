@@ -25,7 +25,10 @@ use crate::keys::TopicKeys;
 use crate::message::{Envelope, LeaseState, Message, MessageId};
 use crate::store::{Fetched, SettleCall, SettleOp};
 
-pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
+/// A handler's future; `Ok` carries the members of the message's record for its result
+/// (see [`crate::status::HandlerOutput`]).
+pub(crate) type HandlerFuture =
+    Pin<Box<dyn Future<Output = Result<Option<String>, HandlerError>> + Send>>;
 pub(crate) type ErasedHandler = Arc<dyn Fn(Message<Value>) -> HandlerFuture + Send + Sync>;
 /// A batch handler with its data already decoded: one verdict per message, in order.
 pub(crate) type BatchFuture = Pin<Box<dyn Future<Output = Vec<Verdict>> + Send>>;
@@ -68,7 +71,10 @@ pub(crate) struct Tracked {
 /// What to do with a delivery.
 #[derive(Debug)]
 pub(crate) enum Verdict {
-    Ack,
+    /// Done; with the record members of its result, if the handler returned one.
+    Ack {
+        result: Option<String>,
+    },
     Retry {
         error: String,
         after: Option<Duration>,
@@ -131,6 +137,9 @@ pub(crate) struct Services {
 pub(crate) struct Runner {
     pub(crate) client: Client,
     pub(crate) keys: TopicKeys,
+    /// The same keys, shared with every delivery's lease (progress reports are fenced
+    /// by them and the lease token).
+    shared_keys: Arc<TopicKeys>,
     pub(crate) sub: Subscription,
     pub(crate) handler: HandlerKind,
     pub(crate) settings: Settings,
@@ -154,6 +163,7 @@ impl Runner {
         let running = settings.presence.counter(&keys.topic);
         Arc::new(Self {
             client,
+            shared_keys: Arc::new(keys.clone()),
             keys,
             sub,
             handler,
@@ -216,7 +226,10 @@ impl Runner {
 
     /// Registers a fetched delivery as in flight, so that its lease is renewed.
     pub(crate) fn track(&self, fetched: Fetched, token: &Arc<str>) -> Tracked {
-        let lease = Arc::new(LeaseState::default());
+        let lease = Arc::new(LeaseState::new(
+            Arc::clone(&self.shared_keys),
+            Arc::clone(token),
+        ));
         let finished = Arc::new(AtomicBool::new(false));
         let attempt = Arc::new(AtomicU32::new(0));
         self.lock_inflight().insert(
@@ -330,7 +343,7 @@ impl Runner {
         let runner = Arc::clone(self);
         tasks.spawn(async move {
             let verdict = guarded(handler(message), timeout, |r| match r {
-                Ok(()) => Verdict::Ack,
+                Ok(result) => Verdict::Ack { result },
                 Err(e) => Verdict::from_error(&e),
             })
             .await
@@ -552,7 +565,12 @@ impl Runner {
             .iter()
             .map(|o| {
                 let (error, fatal, after) = match &o.verdict {
-                    Verdict::Ack => return SettleOp::Ack,
+                    Verdict::Ack { result } => {
+                        return SettleOp::Ack {
+                            retry: o.attempt.saturating_sub(1),
+                            result: result.clone(),
+                        }
+                    }
                     Verdict::DeadAsIs { error } => {
                         tracing::warn!(worker = %self.worker(), topic = %self.keys.topic, id = %o.id, attempt = o.attempt, error = %error, "dead-lettering a stored body unread");
                         return SettleOp::DeadAsIs {
@@ -608,7 +626,7 @@ impl Runner {
         let again = first.again();
         let mut call = &first;
         let Some(flags) = retry_until_done(abandon, || {
-            let sent = store.settle(&self.keys, &args, dedup, call);
+            let sent = store.settle(&self.keys, &args, dedup, self.sub.results, call);
             call = &again;
             sent
         })

@@ -834,6 +834,24 @@ async fn after_100k_processed_only_counters_remain() {
         assert_eq!(len, 1, "{wake} holds {len} tokens");
         keys.remove(at);
     }
+    // Records of finished messages: the retention's last 1,000, expiring within an hour.
+    for name in ["results", "finished"] {
+        let key = format!("mq:{{{topic}}}:{name}");
+        let at = keys
+            .iter()
+            .position(|k| *k == key)
+            .expect("records are kept");
+        keys.remove(at);
+        let kept: u64 = redis::cmd("TYPE")
+            .arg(&key)
+            .query::<String>(&mut conn)
+            .map(|t| if t == "hash" { "HLEN" } else { "ZCARD" })
+            .and_then(|cmd| redis::cmd(cmd).arg(&key).query(&mut conn))
+            .unwrap();
+        assert_eq!(kept, 1000, "{key}");
+        let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).unwrap();
+        assert!((1..=3_600_000).contains(&ttl), "{key} expires in {ttl} ms");
+    }
     keys.sort();
     // Counters only: the totals, and the per-minute ring (at most an hour of slots).
     assert_eq!(

@@ -24,6 +24,7 @@ mod regressions;
 mod scaleout;
 mod schedule;
 mod soak;
+mod status;
 mod worker;
 
 /// Entry point for child processes spawned by fault tests; not a test by itself, so it
