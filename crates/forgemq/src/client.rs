@@ -81,6 +81,8 @@ pub(crate) struct Inner {
     /// registry is a namespace-wide key, another slot than the topic's on a cluster, so it
     /// is written on its own, once a minute per topic at most.
     registered: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// Single publishes waiting to share a script call (see `coalesce.rs`).
+    pub(crate) coalescer: crate::coalesce::Coalescer,
 }
 
 /// How long a topic's registration is trusted before the next publish writes it again
@@ -268,6 +270,7 @@ impl ClientBuilder {
                 max_payload: self.max_payload,
                 max_recoveries: self.max_recoveries,
                 registered: Default::default(),
+                coalescer: Default::default(),
                 layouts: Default::default(),
                 pop_turn: Default::default(),
             }),
@@ -1006,6 +1009,12 @@ impl Client {
             .filter(|(_, idx)| !idx.is_empty())
             .map(|(p, idx)| async move {
                 let keys = &layout.partitions[p];
+                if let [i] = idx.as_slice() {
+                    // One message: it shares a call with whatever else is published
+                    // to this topic meanwhile.
+                    let written = self.write_coalesced(keys, n, items[*i].clone()).await?;
+                    return Ok::<_, Error>((idx, vec![written]));
+                }
                 let mut written = Vec::with_capacity(idx.len());
                 for chunk in idx.chunks(PUBLISH_CHUNK) {
                     let chunk: Vec<&PublishItem> = chunk.iter().map(|&i| &items[i]).collect();
@@ -1117,7 +1126,7 @@ impl Client {
 
     /// Writes prepared messages to one topic's (or partition's) keys, retrying transient
     /// failures with the same ids.
-    async fn write(
+    pub(crate) async fn write(
         &self,
         keys: &TopicKeys,
         partitions: u32,

@@ -129,6 +129,34 @@ pub enum Error {
 }
 
 impl Error {
+    /// The same error for another caller of a call that several callers shared (a
+    /// coalesced publish): same variant and text where the variant can be copied.
+    pub(crate) fn for_another_caller(&self) -> Error {
+        match self {
+            Error::Redis(e) => Error::Redis(e.clone()),
+            Error::Timeout(d) => Error::Timeout(*d),
+            Error::Protocol(m) => Error::Protocol(m.clone()),
+            Error::Conflict(m) => Error::Conflict(m.clone()),
+            Error::Connect(m) => Error::Connect(m.clone()),
+            Error::Config(m) => Error::Config(m.clone()),
+            Error::InvalidData(m) => Error::InvalidData(m.clone()),
+            Error::NotReplicated { acked, wanted } => Error::NotReplicated {
+                acked: *acked,
+                wanted: *wanted,
+            },
+            Error::TopicNotEmpty {
+                topic,
+                messages,
+                partitions,
+            } => Error::TopicNotEmpty {
+                topic: topic.clone(),
+                messages: *messages,
+                partitions: *partitions,
+            },
+            other => Error::Protocol(other.to_string()),
+        }
+    }
+
     /// True when the same call may succeed if tried again later: Redis unreachable, a
     /// dropped connection, a timeout, Redis loading its data or briefly paused.
     pub fn is_transient(&self) -> bool {

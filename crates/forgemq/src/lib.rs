@@ -38,6 +38,7 @@
 //! - `store`: Redis commands (the only place they are sent); scripts live in `lua/*.lua`.
 
 pub mod client;
+mod coalesce;
 mod conn;
 pub mod delivery;
 pub mod error;

@@ -45,7 +45,7 @@ pub(crate) struct ConnSettings {
 }
 
 /// One message to publish.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct PublishItem {
     pub(crate) id: String,
     pub(crate) delay: Duration,

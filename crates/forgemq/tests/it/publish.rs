@@ -117,6 +117,73 @@ async fn publish_batch_is_one_script_call_per_chunk() {
     invariants(&server, "batch.chunks", &strings(&ids));
 }
 
+/// Concurrent single publishes to one topic share script calls: 2,000 publishes from 50
+/// tasks take at most half as many calls, every caller gets its own id, each message is
+/// stored once, each task's messages keep its order, and an oversized message among them
+/// fails its own caller only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_share_script_calls() {
+    let (server, mq) = setup().await;
+    let topic = "web.signup";
+    let first = mq.publish(topic, json!({"warm": true})).await.unwrap();
+    let before = server.command_stats();
+    let tasks: Vec<_> = (0..50)
+        .map(|t| {
+            let mq = mq.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for n in 0..40 {
+                    ids.push(mq.publish(topic, json!({"task": t, "n": n})).await.unwrap());
+                    if t == 7 && n == 20 {
+                        let big = "x".repeat(mq.max_payload() + 1);
+                        let refused = mq.publish(topic, json!({"big": big})).await;
+                        assert!(
+                            matches!(refused, Err(forgemq::Error::PayloadTooLarge { .. })),
+                            "{refused:?}"
+                        );
+                    }
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut per_task = Vec::new();
+    for t in tasks {
+        per_task.push(t.await.unwrap());
+    }
+    let after = server.command_stats();
+    let delta = |c: &str| after.get(c).copied().unwrap_or(0) - before.get(c).copied().unwrap_or(0);
+    let calls = delta("evalsha") + delta("eval");
+    assert!(
+        calls <= 1000,
+        "{calls} script calls for 2,000 concurrent publishes: they were not shared"
+    );
+    let all: Vec<MessageId> = std::iter::once(first)
+        .chain(per_task.iter().flatten().cloned())
+        .collect();
+    assert_eq!(all.iter().collect::<HashSet<_>>().len(), 2001);
+    let stats = mq.stats(topic).await.unwrap();
+    assert_eq!((stats.published, stats.pending), (2001, 2001));
+    // FIFO per task: a task's messages are listed in the order it published them.
+    let mut listed = Vec::new();
+    for page in [0..1000, 1000..2000, 2000..2001] {
+        let found = mq
+            .peek(topic, forgemq::MessageState::Pending, page)
+            .await
+            .unwrap();
+        listed.extend(found.into_iter().map(|m| m.id));
+    }
+    assert_eq!(listed.len(), 2001);
+    let position: std::collections::HashMap<&MessageId, usize> =
+        listed.iter().enumerate().map(|(i, id)| (id, i)).collect();
+    for ids in &per_task {
+        let at: Vec<usize> = ids.iter().map(|id| position[id]).collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "out of order: {at:?}");
+    }
+    eprintln!("2,000 concurrent publishes in {calls} script calls");
+    invariants(&server, topic, &strings(&all));
+}
+
 /// Publishing a caller-chosen id twice stores one message and says Duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_id_published_twice_is_stored_once() {
