@@ -449,7 +449,7 @@ impl Bench {
         let t0 = Instant::now();
         prefill(&mq, topic, n).await?;
         let elapsed = t0.elapsed();
-        let cpu = self.cpu().await?.since(cpu, elapsed);
+        let cpu = self.cpu().await?.since(cpu, elapsed, n);
         expect_pending(&mq, topic, n).await?;
         let mut figures = throughput(n, elapsed);
         figures.extend(cpu);
@@ -467,6 +467,7 @@ impl Bench {
         let mq = self.client(case, run, topic).await?;
         let n = self.n(20_000);
         let next = Arc::new(AtomicU64::new(0));
+        let cpu = self.cpu().await?;
         let t0 = Instant::now();
         let tasks: Vec<JoinHandle<forgemq::Result<()>>> = (0..parallel)
             .map(|_| {
@@ -486,8 +487,11 @@ impl Bench {
             t.await??;
         }
         let elapsed = t0.elapsed();
+        let cpu = self.cpu().await?.since(cpu, elapsed, n);
         expect_pending(&mq, topic, n).await?;
-        Ok(throughput(n, elapsed))
+        let mut figures = throughput(n, elapsed);
+        figures.extend(cpu);
+        Ok(figures)
     }
 
     /// `n` prefilled messages (untimed), then one worker at `concurrency` with a no-op
@@ -511,7 +515,7 @@ impl Bench {
         let worker = Running::start_with(&mq, topic, concurrency, ledger, |_| {})?;
         let polls = self.wait_processed(&mq, topic, n).await?;
         let elapsed = t0.elapsed();
-        let cpu = self.cpu().await?.since(cpu, elapsed);
+        let cpu = self.cpu().await?.since(cpu, elapsed, n);
         let after = self.command_calls().await?;
         worker.stop().await?;
         let mut figures = throughput(n, elapsed);
@@ -560,6 +564,11 @@ impl Bench {
             let rate = n as f64 / elapsed.as_secs_f64();
             rates.push(rate);
             figures.insert(format!("{label}_msgs_per_sec"), rate);
+            let redis_secs: f64 = cpu_after.iter().sum::<f64>() - cpu_before.iter().sum::<f64>();
+            figures.insert(
+                format!("{label}_redis_us_per_msg"),
+                redis_secs * 1e6 / n.max(1) as f64,
+            );
             let calls: Vec<f64> = calls_after
                 .iter()
                 .zip(&calls_before)
@@ -610,7 +619,7 @@ impl Bench {
         let cpu = self.cpu().await?;
         self.wait_processed(&mq, topic, n).await?;
         let elapsed = t0.elapsed();
-        let cpu = self.cpu().await?.since(cpu, elapsed);
+        let cpu = self.cpu().await?.since(cpu, elapsed, n);
         producer.await??;
         worker.stop().await?;
         let mut figures = throughput(n, elapsed);
@@ -958,11 +967,15 @@ struct Cpu {
 
 impl Cpu {
     /// Cores kept busy (CPU seconds per second) since `earlier`: what bounds a case.
-    fn since(self, earlier: Cpu, elapsed: Duration) -> Figures {
+    /// CPU used since `earlier` as cores busy, and Redis's per message (µs of
+    /// redis-server CPU, all masters together, per message of the `n` the case moved).
+    fn since(self, earlier: Cpu, elapsed: Duration, n: u64) -> Figures {
         let secs = elapsed.as_secs_f64();
+        let redis = self.redis - earlier.redis;
         Figures::from([
-            ("redis_cpu".into(), (self.redis - earlier.redis) / secs),
+            ("redis_cpu".into(), redis / secs),
             ("client_cpu".into(), (self.client - earlier.client) / secs),
+            ("redis_us_per_msg".into(), redis * 1e6 / n.max(1) as f64),
         ])
     }
 }

@@ -110,6 +110,7 @@ const ROWS: &[(&str, &str, &str, Target, &str)] = &[
         Target::AtLeast(200_000.0),
         "lpush_per_sec",
     ),
+    ("publish-batch", "redis_us_per_msg", "µs", Target::None, ""),
     (
         "publish-single",
         "msgs_per_sec",
@@ -117,6 +118,7 @@ const ROWS: &[(&str, &str, &str, Target, &str)] = &[
         Target::None,
         "lpush_per_sec",
     ),
+    ("publish-single", "redis_us_per_msg", "µs", Target::None, ""),
     (
         "publish-par",
         "msgs_per_sec",
@@ -124,6 +126,7 @@ const ROWS: &[(&str, &str, &str, Target, &str)] = &[
         Target::None,
         "lpush_per_sec",
     ),
+    ("publish-par", "redis_us_per_msg", "µs", Target::None, ""),
     (
         "process-c1",
         "msgs_per_sec",
@@ -131,6 +134,7 @@ const ROWS: &[(&str, &str, &str, Target, &str)] = &[
         Target::AtLeast(10_000.0),
         "rpop_per_sec",
     ),
+    ("process-c1", "redis_us_per_msg", "µs", Target::None, ""),
     (
         "process-c10",
         "msgs_per_sec",
@@ -138,6 +142,7 @@ const ROWS: &[(&str, &str, &str, Target, &str)] = &[
         Target::AtLeast(50_000.0),
         "rpop_per_sec",
     ),
+    ("process-c10", "redis_us_per_msg", "µs", Target::None, ""),
     (
         "process-c50",
         "msgs_per_sec",
@@ -146,18 +151,33 @@ const ROWS: &[(&str, &str, &str, Target, &str)] = &[
         "rpop_per_sec",
     ),
     (
+        "process-c50",
+        "redis_us_per_msg",
+        "µs",
+        Target::AtMost(4.0),
+        "",
+    ),
+    (
         "stream",
         "msgs_per_sec",
         "msg/s",
         Target::AtLeast(75_000.0),
         "pair_per_sec",
     ),
+    ("stream", "redis_us_per_msg", "µs", Target::None, ""),
     (
         "process-c50-ledger",
         "msgs_per_sec",
         "msg/s",
         Target::None,
         "rpop_per_sec",
+    ),
+    (
+        "process-c50-ledger",
+        "redis_us_per_msg",
+        "µs",
+        Target::None,
+        "",
     ),
     (
         "process-c50-ledger",
@@ -175,8 +195,22 @@ const ROWS: &[(&str, &str, &str, Target, &str)] = &[
     ),
     (
         "partitioned-process",
+        "plain_redis_us_per_msg",
+        "µs",
+        Target::None,
+        "",
+    ),
+    (
+        "partitioned-process",
         "partitioned_msgs_per_sec",
         "msg/s",
+        Target::None,
+        "",
+    ),
+    (
+        "partitioned-process",
+        "partitioned_redis_us_per_msg",
+        "µs",
         Target::None,
         "",
     ),
