@@ -34,6 +34,7 @@ use forgemq::{
     Client, MessageId, MessageState, Missed, PublishOptions, PublishOutcome, RateLimit,
     ScheduleSpec, TopicOptions, UniqueUntil, MAX_PARTITIONS,
 };
+use futures::StreamExt;
 use serde_json::Value;
 
 /// Most messages `publish --file` sends per round trip.
@@ -1203,6 +1204,7 @@ async fn publish_file(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut published = 0;
+    let mut chunks = Vec::new();
     let mut items = items.into_iter().peekable();
     while items.peek().is_some() {
         let chunk: Vec<(Value, PublishOptions)> = items
@@ -1210,14 +1212,22 @@ async fn publish_file(
             .take(FILE_CHUNK)
             .map(|v| (v, options.clone()))
             .collect();
-        let n = chunk.len() as u64;
-        for outcome in mq.publish_batch_with(topic, chunk).await? {
+        chunks.push(chunk);
+    }
+    // Two chunks in flight: Redis stores one while the next is sent. Ids are printed in
+    // file order.
+    let mut sent = futures::stream::iter(chunks)
+        .map(|chunk| mq.publish_batch_with(topic, chunk))
+        .buffered(2);
+    while let Some(outcomes) = sent.next().await {
+        let outcomes = outcomes?;
+        for outcome in &outcomes {
             if !outcome.is_duplicate() {
                 published += 1;
             }
             println!("{}", outcome.id());
         }
-        bar.inc(n);
+        bar.inc(outcomes.len() as u64);
     }
     bar.finish_and_clear();
     eprintln!("published {published} messages to {topic}");

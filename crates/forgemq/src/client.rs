@@ -5,6 +5,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -36,6 +37,9 @@ const DEAD_LETTER_SCAN: usize = 10_000;
 /// Messages per `publish_batch` round trip. Large enough to amortise the round trip,
 /// small enough that one script call does not stall Redis for other clients.
 const PUBLISH_CHUNK: usize = 1000;
+
+/// Script calls of one batch publish in flight at once, per partition.
+const CHUNKS_IN_FLIGHT: usize = 2;
 
 /// Attempts for one publish when Redis is briefly unreachable. The id is fixed before the
 /// first attempt, so a retry after an unknown outcome never stores a second copy.
@@ -910,12 +914,14 @@ impl Client {
         ))
     }
 
-    /// Publishes many messages, one round trip per 1,000; returns their ids in order.
+    /// Publishes many messages, one script call per 1,000 (two of them in flight at a
+    /// time); returns their ids in order.
     ///
     /// Every item is checked (serializable, within the size limit) before anything is
     /// written, so a bad item fails the call with nothing stored. If Redis fails midway,
-    /// the chunks before the failure are stored; to retry such a batch without duplicates,
-    /// give each message an id with [`Client::publish_batch_with`].
+    /// the chunks before the failure are stored, and perhaps the one after it; to retry
+    /// such a batch without duplicates, give each message an id with
+    /// [`Client::publish_batch_with`].
     pub async fn publish_batch<I, D>(&self, topic: &str, items: I) -> Result<Vec<MessageId>>
     where
         I: IntoIterator<Item = D>,
@@ -1015,10 +1021,24 @@ impl Client {
                     let written = self.write_coalesced(keys, n, items[*i].clone()).await?;
                     return Ok::<_, Error>((idx, vec![written]));
                 }
+                // Two chunks in flight: Redis runs one while the next one's arguments are
+                // built and sent (same connection, so they still run in order).
+                let chunks: Vec<Vec<&PublishItem>> = idx
+                    .chunks(PUBLISH_CHUNK)
+                    .map(|chunk| chunk.iter().map(|&i| &items[i]).collect())
+                    .collect();
                 let mut written = Vec::with_capacity(idx.len());
-                for chunk in idx.chunks(PUBLISH_CHUNK) {
-                    let chunk: Vec<&PublishItem> = chunk.iter().map(|&i| &items[i]).collect();
-                    written.extend(self.write(keys, n, &chunk).await?);
+                let mut in_flight = futures::stream::FuturesOrdered::new();
+                for chunk in &chunks {
+                    if in_flight.len() == CHUNKS_IN_FLIGHT {
+                        if let Some(done) = in_flight.next().await {
+                            written.extend(done?);
+                        }
+                    }
+                    in_flight.push_back(self.write(keys, n, chunk));
+                }
+                while let Some(done) = in_flight.next().await {
+                    written.extend(done?);
                 }
                 Ok::<_, Error>((idx, written))
             });

@@ -96,7 +96,7 @@ async fn ids_are_unique_across_100k_publishes_from_4_tasks() {
     assert!(a < b);
 }
 
-/// `publish_batch` makes one round trip (one script call) per 1,000 messages.
+/// `publish_batch` makes one script call per 1,000 messages, and keeps their order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_batch_is_one_script_call_per_chunk() {
     let (server, mq) = setup().await;
@@ -114,6 +114,16 @@ async fn publish_batch_is_one_script_call_per_chunk() {
     );
     assert_eq!(ids.len(), 2500);
     assert_eq!(mq.get_queue_length("batch.chunks").await.unwrap(), 2500);
+    // Two chunks were in flight at once; the queue still holds them in batch order.
+    let mut listed = Vec::new();
+    for page in [0..1000, 1000..2000, 2000..2500] {
+        let found = mq
+            .peek("batch.chunks", forgemq::MessageState::Pending, page)
+            .await
+            .unwrap();
+        listed.extend(found.into_iter().map(|m| m.id));
+    }
+    assert_eq!(listed, ids);
     invariants(&server, "batch.chunks", &strings(&ids));
 }
 
