@@ -222,6 +222,8 @@ impl Bench {
             "partitioned-process" => self.partitioned_process(run).await,
             "stream" => self.stream(run).await,
             "rate-limited" => self.rate_limited(run).await,
+            "process-procs" => self.process_procs(run, done).await,
+            "idle-procs" => self.idle_procs(run).await,
             "latency" => self.latency(run).await,
             "delayed" => self.delayed(run).await,
             "backlog" => self.backlog(run).await,
@@ -306,6 +308,89 @@ impl Bench {
             }
             tokio::time::sleep(if partitioned { POLL * 10 } else { POLL }).await;
         }
+    }
+
+    /// 4 worker processes (concurrency 50 each) on one topic with `n` pending: the
+    /// total rate, next to one process's `process-c50` of the same run when it ran, with
+    /// duplicate runs and recoveries (both should be 0: the processes cooperate).
+    async fn process_procs(&self, run: usize, done: &[CaseReport]) -> anyhow::Result<Figures> {
+        const PROCS: usize = 4;
+        let topic = "bench.procs";
+        let mq = self.client("process-procs", run, topic).await?;
+        let n = self.n(400_000);
+        // Paused while the processes start, so that they all begin together.
+        mq.pause(topic).await?;
+        prefill(&mq, topic, n).await?;
+        let procs = crate::procs::Procs::start(&mq, &self.url, PROCS, 50, |_| topic.to_owned())?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while mq.topic_workers(topic).await?.len() < PROCS {
+            if Instant::now() > deadline {
+                bail!("the {PROCS} worker processes did not register within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let cpu = self.cpu().await?;
+        let t0 = Instant::now();
+        mq.resume(topic).await?;
+        self.wait_processed(&mq, topic, n).await?;
+        let elapsed = t0.elapsed();
+        let cpu = self.cpu().await?.since(cpu, elapsed, n);
+        procs.stop();
+        let stats = mq.stats(topic).await?;
+        let mut figures = throughput(n, elapsed);
+        figures.extend(cpu);
+        figures.insert("duplicate_runs".into(), stats.duplicate_runs as f64);
+        figures.insert("recovered".into(), stats.recovered as f64);
+        if let Some(one) = done
+            .iter()
+            .find(|r| r.case == "process-c50")
+            .and_then(|r| r.median.get("msgs_per_sec"))
+        {
+            figures.insert("vs_process_c50".into(), rate(n, elapsed) / one);
+        }
+        Ok(figures)
+    }
+
+    /// 8 idle worker processes, each on a topic of its own: the round trips they make
+    /// (every command any client sends, as `MONITOR` counts them: recoverer, heartbeats,
+    /// scheduler, wake-up waits) per second and process, over 60 s.
+    async fn idle_procs(&self, run: usize) -> anyhow::Result<Figures> {
+        const PROCS: usize = 8;
+        let mq = self.client("idle-procs", run, "bench.idle.0").await?;
+        let procs =
+            crate::procs::Procs::start(&mq, &self.url, PROCS, 10, |i| format!("bench.idle.{i}"))?;
+        // Past start-up (script loading, config checks, first heartbeats).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Longer than a heartbeat interval (5 s) even in a smoke run.
+        let window = if self.smoke {
+            Duration::from_secs(6)
+        } else {
+            Duration::from_secs(60)
+        };
+        let addrs = self.monitor_addrs()?;
+        let trips = crate::procs::round_trips(&addrs, window).await?;
+        procs.stop();
+        let per = trips as f64 / window.as_secs_f64() / PROCS as f64;
+        Ok(Figures::from([
+            ("round_trips_per_sec_per_proc".into(), per),
+            ("round_trips".into(), trips as f64),
+        ]))
+    }
+
+    /// `host:port` of every master, for `MONITOR`.
+    fn monitor_addrs(&self) -> anyhow::Result<Vec<String>> {
+        if self.masters.len() > 1 || self.cluster.is_some() {
+            return Ok(self.masters.iter().map(|(addr, _)| addr.clone()).collect());
+        }
+        let rest = self
+            .url
+            .split_once("://")
+            .map_or(self.url.as_str(), |(_, r)| r);
+        let host = rest.split('/').next().unwrap_or_default();
+        if host.contains('@') || host.is_empty() {
+            bail!("idle-procs counts round trips with MONITOR, which needs a plain redis://host:port URL");
+        }
+        Ok(vec![host.to_owned()])
     }
 
     /// `INFO <section>` of the first master, as a map.

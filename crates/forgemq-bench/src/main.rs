@@ -13,9 +13,11 @@
 //!
 //! # Layout
 //! - `cases`: one function per case; each returns the figures of one run.
+//! - `procs`: the cases' worker processes (this binary run again) and `MONITOR` counting.
 //! - `report`: medians, ranges, the JSON lines and the table.
 
 mod cases;
+mod procs;
 mod report;
 
 use std::collections::BTreeMap;
@@ -41,6 +43,8 @@ const CASES: &[&str] = &[
     "partitioned-process",
     "stream",
     "rate-limited",
+    "process-procs",
+    "idle-procs",
     "latency",
     "delayed",
     "backlog",
@@ -70,6 +74,8 @@ struct Args {
     /// processed ledger, the cost of deduplicating retried publishes), partitioned-process
     /// (a plain topic against one of 12 partitions, with each master's share of the
     /// commands and CPU), stream, rate-limited (the rate measured under a 2,000/s limit),
+    /// process-procs (4 worker processes on one topic), idle-procs (round trips of 8 idle
+    /// worker processes),
     /// latency, delayed,
     /// backlog, memory, commands-per-message.
     #[arg(long = "case", value_name = "CASE")]
@@ -81,6 +87,10 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    let raw: Vec<String> = std::env::args().collect();
+    if raw.get(1).map(String::as_str) == Some(procs::CHILD_FLAG) {
+        return procs::child_main(&raw[2..]);
+    }
     let args = Args::parse();
     for case in &args.cases {
         if !CASES.contains(&case.as_str()) {
