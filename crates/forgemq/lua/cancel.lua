@@ -49,7 +49,8 @@ redis.call('HDEL', KEYS[5], id)
 redis.call('HINCRBY', KEYS[6], 'cancelled', 1)
 release_unique(KEYS[8], {id})
 local progress = take_progress(KEYS[12], {id})
-keep_records(KEYS[10], KEYS[11], now, {id}, {finished_record('cancelled', now, retry, nil, progress[id])},
-  tonumber(ARGV[2]), tonumber(ARGV[3]))
+local max_age = tonumber(ARGV[3])
+local record = finished_record('cancelled', record_stamp(now, max_age), retry, nil, progress[id])
+keep_records(KEYS[10], KEYS[11], {id}, {record}, tonumber(ARGV[2]), max_age)
 notify_finished(KEYS[13], {id})
 return state

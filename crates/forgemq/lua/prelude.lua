@@ -92,9 +92,9 @@ end
 -- Results, progress and waiters (Client::message_status, Client::wait_result).
 -- `progress` HASH id -> the last progress a running handler reported (JSON), until the
 -- message reaches a final state. `results` HASH id -> record of a finished message (JSON:
--- state, finished_at, retry, result, progress), ordered by `finished` ZSET id -> when (ms),
--- kept to a retention. `waiters` HASH id -> callers waiting for that id to finish; each is
--- woken by a token on the LIST `<waiters>:<id>`.
+-- state, finished_at, until, retry, result, progress); `finished` LIST of the ids in the
+-- order they finished, which says which records go first. `waiters` HASH id -> callers
+-- waiting for that id to finish; each is woken by a token on the LIST `<waiters>:<id>`.
 
 -- The progress of ids that reach a final state, as a table id -> JSON; their entries go.
 local function take_progress(progress_key, ids)
@@ -112,41 +112,50 @@ local function take_progress(progress_key, ids)
   return out
 end
 
--- The record of a finished message. members: more JSON object members from the worker
--- (`"result":…` or `"error":…`), progress: a JSON text; either may be nil.
-local function finished_record(state, now, retry, members, progress)
-  local parts = {'{"state":"', state, '","finished_at":', string.format('%d', now), ',"retry":',
-    string.format('%d', tonumber(retry) or 0)}
+-- The record of a finished message. stamp: `"finished_at":<ms>,"until":<ms>` (the same
+-- for every record of a call); retry: a number or digits; members: more JSON object
+-- members from the worker (`"result":…` or `"error":…`), progress: a JSON text; either
+-- may be nil. Readers ignore a record whose `until` has passed.
+local function finished_record(state, stamp, retry, members, progress)
+  local extra = ''
   if members then
-    parts[#parts + 1] = ','
-    parts[#parts + 1] = members
+    extra = ',' .. members
   end
   if progress then
-    parts[#parts + 1] = ',"progress":'
-    parts[#parts + 1] = progress
+    extra = extra .. ',"progress":' .. progress
   end
-  parts[#parts + 1] = '}'
-  return table.concat(parts)
+  return '{"state":"' .. state .. '",' .. stamp .. ',"retry":' .. retry .. extra .. '}'
 end
 
--- Keeps the records of finished messages (ids[i] -> records[i]) within the retention
--- (max_len 0: keep none). Both keys expire max_age after the last record, so a topic that
--- goes quiet does not keep them.
-local function keep_records(results_key, finished_key, now, ids, records, max_len, max_age)
+-- The stamp of the records written now, kept for max_age ms (0: no age limit, until 0).
+local function record_stamp(now, max_age)
+  local until_ms = 0
+  if max_age > 0 then
+    until_ms = now + max_age
+  end
+  return string.format('"finished_at":%d,"until":%d', now, until_ms)
+end
+
+-- Keeps the records of finished messages (ids[i] -> records[i]), the last max_len of
+-- them (max_len 0: none): the oldest go in bulk once there are a tenth more, so the cost
+-- per message stays one list push and, later, one pop. Both keys expire max_age after the
+-- last record (a topic that goes quiet keeps none); readers skip records past `until`.
+-- max_age 0: no age limit.
+local function keep_records(results_key, finished_key, ids, records, max_len, max_age)
   if max_len <= 0 or #ids == 0 then
     return
   end
-  local fields, scores = {}, {}
-  local at = string.format('%d', now)
+  local fields = {}
   for i, id in ipairs(ids) do
-    fields[#fields + 1] = id
-    fields[#fields + 1] = records[i]
-    scores[#scores + 1] = at
-    scores[#scores + 1] = id
+    fields[2 * i - 1] = id
+    fields[2 * i] = records[i]
   end
   redis.call('HSET', results_key, unpack(fields))
-  redis.call('ZADD', finished_key, unpack(scores))
-  trim_retention(finished_key, results_key, now, max_len, max_age)
+  local len = redis.call('RPUSH', finished_key, unpack(ids))
+  if len > max_len + math.floor(max_len / 10) then
+    local gone = redis.call('LPOP', finished_key, math.min(len - max_len, 1000))
+    redis.call('HDEL', results_key, unpack(gone))
+  end
   if max_age > 0 then
     redis.call('PEXPIRE', results_key, max_age)
     redis.call('PEXPIRE', finished_key, max_age)

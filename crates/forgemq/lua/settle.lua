@@ -18,7 +18,7 @@
 -- KEYS[15] ready     ZSET  id -> when it became ready (ms), for entries pushed at the head
 -- KEYS[16] runs      LIST  "<count> <ms>": runs of tail entries by when they became ready
 -- KEYS[17] results   HASH  id -> record of a finished message (see prelude.lua)
--- KEYS[18] finished  ZSET  id -> when it finished (ms), the records' retention order
+-- KEYS[18] finished  LIST  ids in the order they finished: which records go first
 -- KEYS[19] progress  HASH  id -> progress reported by its running handler
 -- KEYS[20] waiters   HASH  id -> callers waiting for it to finish
 -- ARGV[1] dead_max_len   dead letters kept; older ones are deleted (0 = no cap)
@@ -171,11 +171,13 @@ release_unique(KEYS[11], final)
 local progress = take_progress(KEYS[19], final)
 local results_max_len = tonumber(ARGV[6])
 if results_max_len > 0 and #acked > 0 then
+  local max_age = tonumber(ARGV[7])
+  local stamp = record_stamp(now, max_age)
   local records = {}
   for i, id in ipairs(acked) do
-    records[i] = finished_record('done', now, acked_retry[i], acked_result[i] or nil, progress[id])
+    records[i] = finished_record('done', stamp, acked_retry[i], acked_result[i] or nil, progress[id])
   end
-  keep_records(KEYS[17], KEYS[18], now, acked, records, results_max_len, tonumber(ARGV[7]))
+  keep_records(KEYS[17], KEYS[18], acked, records, results_max_len, max_age)
 end
 notify_finished(KEYS[20], final)
 if dedup_ttl > 0 then

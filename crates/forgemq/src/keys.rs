@@ -253,10 +253,10 @@ pub(crate) struct TopicKeys {
     /// HASH: the rate limit, a token bucket applied by the fetch script (`rate` per second,
     /// `burst`, `tokens`, `at`); absent without a limit.
     pub(crate) limit: String,
-    /// HASH id → record of a finished message (JSON: state, finished_at, retry, result,
-    /// progress), kept to a retention ([`crate::Retention`]).
+    /// HASH id → record of a finished message (JSON: state, finished_at, until, retry,
+    /// result, progress), kept to a retention ([`crate::Retention`]).
     pub(crate) results: String,
-    /// ZSET id → when it finished (ms): the order in which records leave `results`.
+    /// LIST of ids in the order they finished: the order in which records leave `results`.
     pub(crate) finished: String,
     /// HASH id → the last progress its running handler reported, until a final state.
     pub(crate) progress: String,

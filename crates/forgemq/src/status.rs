@@ -163,6 +163,12 @@ impl MessageStatus {
             });
         }
         let record: Value = serde_json::from_str(raw.record.as_deref()?).ok()?;
+        // Kept in Redis a little past its retention (trimmed in bulk, keys expiring after
+        // the topic's last record): past `until`, it is not shown.
+        let until = record.get("until").and_then(Value::as_i64).unwrap_or(0);
+        if until > 0 && until < raw.now_ms {
+            return None;
+        }
         let state = match record.get("state").and_then(Value::as_str) {
             Some("done") => Status::Done,
             Some("cancelled") => Status::Cancelled,
@@ -429,9 +435,10 @@ mod tests {
     fn records_read_back_as_statuses() {
         let raw = RawLookup {
             record: Some(
-                r#"{"state":"done","finished_at":1700000000000,"retry":2,"result":{"ok":true},"progress":7}"#
+                r#"{"state":"done","finished_at":1700000000000,"until":1700003600000,"retry":2,"result":{"ok":true},"progress":7}"#
                     .to_owned(),
             ),
+            now_ms: 1_700_000_001_000,
             ..RawLookup::default()
         };
         let s = MessageStatus::from_lookup(&raw).unwrap();
@@ -441,6 +448,12 @@ mod tests {
         assert_eq!(s.progress, Some(serde_json::json!(7)));
         assert_eq!(s.finished_at, Some(from_millis(1.7e12)));
         assert!(MessageStatus::from_lookup(&RawLookup::default()).is_none());
+        // Past its `until`: not shown.
+        let expired = RawLookup {
+            now_ms: 1_700_003_600_001,
+            ..raw
+        };
+        assert!(MessageStatus::from_lookup(&expired).is_none());
         assert_eq!(
             serde_json::to_value(&s).unwrap()["state"],
             serde_json::json!("done")

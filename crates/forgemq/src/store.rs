@@ -208,6 +208,8 @@ pub(crate) struct RawLookup {
     pub(crate) progress: Option<String>,
     /// Its record, if it finished within the retention.
     pub(crate) record: Option<String>,
+    /// Redis's clock when this was read, ms (a record past its `until` is not shown).
+    pub(crate) now_ms: i64,
 }
 
 /// A dedicated connection for blocking waits.
@@ -1263,9 +1265,10 @@ impl Store {
             .hget(&keys.msg, id)
             .hget(&keys.lease, id)
             .hget(&keys.progress, id)
-            .hget(&keys.results, id);
+            .hget(&keys.results, id)
+            .cmd("TIME");
         #[allow(clippy::type_complexity)]
-        let (ready, delayed, active, dead, body, lease, progress, record): (
+        let (ready, delayed, active, dead, body, lease, progress, record, (secs, micros)): (
             Option<f64>,
             Option<f64>,
             Option<f64>,
@@ -1274,6 +1277,7 @@ impl Store {
             Option<String>,
             Option<String>,
             Option<String>,
+            (i64, i64),
         ) = self
             .exec(Req::Pipe(&pipe), Route::Key(&keys.msg), None)
             .await?;
@@ -1287,6 +1291,7 @@ impl Store {
             lease,
             progress,
             record,
+            now_ms: secs * 1000 + micros / 1000,
         })
     }
 

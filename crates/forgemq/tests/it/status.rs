@@ -284,7 +284,7 @@ async fn records_are_kept_to_the_retention() {
     let mut conn = server.conn_for_topic(topic);
     let kept: (u64, u64) = (
         conn.hlen(format!("mq:{{{topic}}}:results")).unwrap(),
-        conn.zcard(format!("mq:{{{topic}}}:finished")).unwrap(),
+        conn.llen(format!("mq:{{{topic}}}:finished")).unwrap(),
     );
     assert_eq!(kept, (5, 5));
 
