@@ -1219,8 +1219,17 @@ async fn publish_file(
     let mut sent = futures::stream::iter(chunks)
         .map(|chunk| mq.publish_batch_with(topic, chunk))
         .buffered(2);
+    // After a failed chunk, the other one in flight may still have been stored: its ids
+    // are printed too (so that a retry with them stores nothing twice), then the error.
+    let mut failed = None;
     while let Some(outcomes) = sent.next().await {
-        let outcomes = outcomes?;
+        let outcomes = match outcomes {
+            Ok(o) => o,
+            Err(e) => {
+                failed.get_or_insert(e);
+                continue;
+            }
+        };
         for outcome in &outcomes {
             if !outcome.is_duplicate() {
                 published += 1;
@@ -1228,6 +1237,14 @@ async fn publish_file(
             println!("{}", outcome.id());
         }
         bar.inc(outcomes.len() as u64);
+        if failed.is_some() {
+            break;
+        }
+    }
+    if let Some(e) = failed {
+        bar.finish_and_clear();
+        eprintln!("published {published} messages to {topic} before the error");
+        return Err(e.into());
     }
     bar.finish_and_clear();
     eprintln!("published {published} messages to {topic}");

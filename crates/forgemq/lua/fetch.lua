@@ -15,6 +15,8 @@
 -- KEYS[14] limit     HASH  the topic's rate limit, a token bucket: rate (per second),
 --                    burst, tokens, at (ms of the last refill; may be ahead of now while
 --                    the bucket is drained by a remote 429). Absent: no limit.
+-- KEYS[15] progress  HASH  KEYS[16] waiters  HASH (see settle.lua): a message skipped as
+--                    a duplicate or dropped as an orphan is finished; its waiters are woken
 -- ARGV[1] n             most messages to lease
 -- ARGV[2] lease_ms      lease length
 -- ARGV[3] token         lease token of this delivery: `{holder}/{random}`; the lease hash
@@ -146,6 +148,10 @@ if #skipped > 0 then
   end
 end
 release_unique(KEYS[11], finished)
+if #finished > 0 then
+  take_progress(KEYS[15], finished)
+  notify_finished(KEYS[16], finished)
+end
 if orphans > 0 then
   redis.call('HINCRBY', KEYS[7], 'orphans', orphans)
 end

@@ -48,7 +48,8 @@ local function get_count(body, name)
   local ok, t = pcall(cjson.decode, body)
   if ok and type(t) == 'table' then
     local n = tonumber(t[name])
-    if n and n >= 0 then
+    -- (n == n: not NaN; the bound keeps it an integer that formats as one, not `inf`.)
+    if n and n == n and n >= 0 and n < 1e15 then
       return math.floor(n)
     end
   end

@@ -915,7 +915,8 @@ impl Client {
     }
 
     /// Publishes many messages, one script call per 1,000 (two of them in flight at a
-    /// time); returns their ids in order.
+    /// time); returns their ids in order, and they are queued in that order (a chunk that
+    /// had to be sent again after a transient error may land after the one behind it).
     ///
     /// Every item is checked (serializable, within the size limit) before anything is
     /// written, so a bad item fails the call with nothing stored. If Redis fails midway,
@@ -1022,7 +1023,13 @@ impl Client {
                     return Ok::<_, Error>((idx, vec![written]));
                 }
                 // Two chunks in flight: Redis runs one while the next one's arguments are
-                // built and sent (same connection, so they still run in order).
+                // built and sent (same connection, so they still run in order). Not with
+                // replicated writes: each takes a connection of its own, in no set order.
+                let in_flight_max = if self.inner.store.replicated() {
+                    1
+                } else {
+                    CHUNKS_IN_FLIGHT
+                };
                 let chunks: Vec<Vec<&PublishItem>> = idx
                     .chunks(PUBLISH_CHUNK)
                     .map(|chunk| chunk.iter().map(|&i| &items[i]).collect())
@@ -1030,7 +1037,7 @@ impl Client {
                 let mut written = Vec::with_capacity(idx.len());
                 let mut in_flight = futures::stream::FuturesOrdered::new();
                 for chunk in &chunks {
-                    if in_flight.len() == CHUNKS_IN_FLIGHT {
+                    if in_flight.len() == in_flight_max {
                         if let Some(done) = in_flight.next().await {
                             written.extend(done?);
                         }

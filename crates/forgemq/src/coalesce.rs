@@ -7,10 +7,11 @@
 //! gets its own answer. There is no timer: an idle client sends at once, so a lone
 //! publish waits for nothing.
 //!
-//! The calls are made by a task of their own (one per topic while it has work), so a
-//! caller that gives up cannot strand the others queued behind it. A caller dropped before
-//! its message is taken out of the queue takes its message out; one dropped after gets
-//! whatever Redis did (publish is idempotent by id).
+//! A publish that finds its topic idle is sent at once by its own caller; publishes that
+//! queue meanwhile are sent by a task the lane is then handed to (one per topic while it
+//! has work), so a caller that gives up cannot strand the others queued behind it. A
+//! caller dropped before its message is taken out of the queue takes its message out; one
+//! dropped after gets whatever Redis did (publish is idempotent by id).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -52,14 +53,17 @@ struct Waiting {
 }
 
 impl Coalescer {
-    fn lane(&self, keys: &TopicKeys) -> Arc<Lane> {
+    /// The lane of a topic's (or partition's) keys, as a layout of `partitions` names
+    /// them: callers that read different layouts do not share calls.
+    fn lane(&self, keys: &TopicKeys, partitions: u32) -> Arc<Lane> {
+        let name = format!("{}#{partitions}", keys.msg);
         let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        // Bounded: a process publishing to thousands of topics starts some lanes afresh
-        // (a lane that is sending keeps working through its own handle).
-        if lanes.len() >= 4096 && !lanes.contains_key(&keys.msg) {
-            lanes.clear();
+        // Bounded: a process publishing to thousands of topics forgets idle lanes (one
+        // that is sending keeps working through its own handle, and stays).
+        if lanes.len() >= 4096 && !lanes.contains_key(&name) {
+            lanes.retain(|_, lane| Arc::strong_count(lane) > 1);
         }
-        Arc::clone(lanes.entry(keys.msg.clone()).or_default())
+        Arc::clone(lanes.entry(name).or_default())
     }
 }
 
@@ -72,30 +76,90 @@ impl Client {
         partitions: u32,
         item: PublishItem,
     ) -> Result<Written> {
-        let lane = self.inner.coalescer.lane(keys);
+        let lane = self.inner.coalescer.lane(keys, partitions);
         let (answer, answered) = oneshot::channel();
-        let start = {
+        let alone = {
             let mut state = lane.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.queue.push_back(Waiting { item, answer });
-            !std::mem::replace(&mut state.sending, true)
+            if state.sending {
+                state.queue.push_back(Waiting { item, answer });
+                None
+            } else {
+                state.sending = true;
+                Some(item)
+            }
         };
-        if start {
-            tokio::spawn(send_lane(self.clone(), lane, keys.clone(), partitions));
+        let Some(item) = alone else {
+            return answered.await.map_err(|_| {
+                Error::Protocol("the task sending this publish ended without an answer".into())
+            })?;
+        };
+        // Nobody is sending: this one goes now, from this task (an idle client adds
+        // nothing to a publish). Whoever queues meanwhile is sent by a task this hands
+        // the lane to, also if this caller is dropped before its answer comes.
+        let hand_over = HandOver {
+            client: self,
+            lane: &lane,
+            keys,
+            partitions,
+        };
+        let written = self.write(keys, partitions, &[&item]).await;
+        drop(hand_over);
+        Ok(written?.pop().unwrap_or(Written::New))
+    }
+}
+
+/// Passes a lane on when its inline sender is done (or dropped): to a sending task if
+/// messages queued meanwhile, else back to idle.
+struct HandOver<'a> {
+    client: &'a Client,
+    lane: &'a Arc<Lane>,
+    keys: &'a TopicKeys,
+    partitions: u32,
+}
+
+impl Drop for HandOver<'_> {
+    fn drop(&mut self) {
+        let mut state = self.lane.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.queue.is_empty() {
+            state.sending = false;
+            return;
         }
-        answered.await.map_err(|_| {
-            Error::Protocol("the task sending this publish ended without an answer".into())
-        })?
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                drop(state);
+                // The guard goes into the task: a task dropped before it ever ran
+                // (runtime shutting down) still frees the lane.
+                let lane = Sending {
+                    lane: Arc::clone(self.lane),
+                    ended: false,
+                };
+                runtime.spawn(send_lane(
+                    self.client.clone(),
+                    lane,
+                    self.keys.clone(),
+                    self.partitions,
+                ));
+            }
+            // No runtime left to send from (it is shutting down): the queued callers get
+            // an error rather than wait for ever.
+            Err(_) => {
+                state.queue.clear();
+                state.sending = false;
+            }
+        }
     }
 }
 
 /// Sends the lane's queued messages, call after call, until the queue is empty.
-async fn send_lane(client: Client, lane: Arc<Lane>, keys: TopicKeys, partitions: u32) {
+async fn send_lane(client: Client, mut lane: Sending, keys: TopicKeys, partitions: u32) {
     loop {
         let batch = {
-            let mut state = lane.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut state = lane.lane.state.lock().unwrap_or_else(|p| p.into_inner());
             let batch = take_batch(&mut state.queue);
             if batch.is_empty() {
                 state.sending = false;
+                drop(state);
+                lane.ended = true;
                 return;
             }
             batch
@@ -112,6 +176,24 @@ async fn send_lane(client: Client, lane: Arc<Lane>, keys: TopicKeys, partitions:
                     let _ = w.answer.send(Err(e.for_another_caller()));
                 }
             }
+        }
+    }
+}
+
+/// A lane handed to a sending task. If the task ends early (a panic, or the runtime
+/// dropping it, even before it first ran), this frees the lane: the queued callers get an
+/// error instead of waiting for ever, and the next publish finds the lane idle.
+struct Sending {
+    lane: Arc<Lane>,
+    ended: bool,
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if !self.ended {
+            let mut state = self.lane.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.queue.clear();
+            state.sending = false;
         }
     }
 }

@@ -29,7 +29,15 @@ pub const MAX_RESULT_BYTES: usize = 64 * 1024;
 ///
 /// A record for every message at 100k msg/s would not fit in memory, so only the last
 /// `max_len` finished messages of each topic (each partition of a partitioned topic) are
-/// kept, none for longer than `max_age`. Default: 1,000 for 1 hour.
+/// kept (up to a tenth more between bulk trims), none shown for longer than `max_age`
+/// (`Duration::ZERO`: no age limit). Default: 1,000 for 1 hour.
+///
+/// The retention is given by whoever finishes a message (a worker's subscription, else
+/// the client's default, e.g. for [`Client::cancel`] and manual fetches) while the records
+/// of a topic are kept together: when they differ, the smaller count trims for both, and
+/// the keys expire after the age given with the last record. An id that finishes twice
+/// (published again with the same id) may lose its newer record when the older one is
+/// trimmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
     /// Records kept (0: none; [`Client::message_status`] then says `unknown` for every
@@ -272,7 +280,8 @@ fn progress_json<P: Serialize>(progress: &P) -> Result<String> {
 impl<T> Message<T> {
     /// Reports how far the handler got (any JSON: `{"percent": 40}`, a stage name), for
     /// [`Client::message_status`], the API and the dashboard. It replaces the previous
-    /// report and is kept in the message's record when it finishes.
+    /// report and is kept in the message's record when it finishes; a retried or recovered
+    /// message shows its last attempt's report until the new attempt reports.
     ///
     /// [`Error::LeaseLost`] when this worker no longer owns the delivery (nothing is
     /// written: a stale run cannot overwrite the progress of the live one).
@@ -361,22 +370,39 @@ impl Client {
         id: &MessageId,
         timeout: Duration,
     ) -> Result<MessageStatus> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let now = tokio::time::Instant::now();
+        // `Duration::MAX` and the like: as good as for ever.
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
         let store = self.store();
         let mut blocking = store.blocking_conn();
+        // The partition this caller is registered in as a waiter, if any.
+        let mut registered: Option<usize> = None;
         loop {
-            let Some((p, status)) = self.locate(topic, id).await? else {
-                return Ok(MessageStatus::unknown());
-            };
-            if status.state.is_finished() {
-                return Ok(status);
-            }
+            let found = self.locate(topic, id).await?;
             let layout = self.layout(topic).await?;
+            let p = match found {
+                Some((p, status)) if !status.state.is_finished() => p,
+                // Finished (the finish took every registration) or unknown.
+                other => {
+                    if let (None, Some(r)) = (&other, registered) {
+                        if let Some(keys) = layout.partitions.get(r) {
+                            store.watch(keys, id.as_str(), true).await?;
+                        }
+                    }
+                    return Ok(other.map_or_else(MessageStatus::unknown, |(_, s)| s));
+                }
+            };
             let keys = &layout.partitions[p];
-            // Registered only while it is there and not finished, atomically: a finish
-            // after this leaves our token, however soon it comes.
-            if !store.watch(keys, id.as_str(), false).await? {
-                continue;
+            if registered != Some(p) {
+                // Registered only while it is there and not finished, atomically: a
+                // finish after this leaves our token, however soon it comes.
+                if !store.watch(keys, id.as_str(), false).await? {
+                    registered = None;
+                    continue;
+                }
+                registered = Some(p);
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let list = keys.waiting(id.as_str());
@@ -385,18 +411,21 @@ impl Client {
             } else {
                 store.wait_wake(&mut blocking, &[&list], left).await
             };
-            if !matches!(woken, Ok(true)) {
-                // Timed out or failed: take the registration back (the finish may have
-                // taken it already; then this changes nothing).
-                store.watch(keys, id.as_str(), true).await?;
-            }
-            woken?;
-            if tokio::time::Instant::now() >= deadline {
-                let status = self.message_status(topic, id).await?;
-                if status.state.is_finished() || status.state == Status::Unknown {
-                    return Ok(status);
+            match woken {
+                // A token: the message finished (the next look says so), or a token left
+                // by an earlier message with this id, and we wait on, still registered.
+                Ok(true) => {}
+                Ok(false) | Err(_) => {
+                    // Timed out or failed: take the registration back (a finish that
+                    // came meanwhile took it already; then this changes nothing).
+                    store.watch(keys, id.as_str(), true).await?;
+                    woken?;
+                    let status = self.message_status(topic, id).await?;
+                    if status.state.is_finished() || status.state == Status::Unknown {
+                        return Ok(status);
+                    }
+                    return Err(Error::Timeout(timeout));
                 }
-                return Err(Error::Timeout(timeout));
             }
         }
     }

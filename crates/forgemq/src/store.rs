@@ -278,6 +278,12 @@ pub(crate) struct Store {
 }
 
 impl Store {
+    /// Whether writes wait for replicas (each then takes a connection of its own, so two
+    /// calls in flight may run in either order).
+    pub(crate) fn replicated(&self) -> bool {
+        self.settings.replicas.is_some()
+    }
+
     pub(crate) async fn connect(url: &str, ns: Namespace, settings: ConnSettings) -> Result<Self> {
         let backend = Backend::connect(url, settings.clone()).await?;
         Ok(Self {
@@ -622,6 +628,8 @@ impl Store {
                 &keys.ready,
                 &keys.runs,
                 &keys.limit,
+                &keys.progress,
+                &keys.waiters,
             ],
         );
         call.arg(n.min(MAX_PER_CALL))

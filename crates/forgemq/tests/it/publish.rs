@@ -192,6 +192,46 @@ async fn concurrent_publishes_share_script_calls() {
     }
     eprintln!("2,000 concurrent publishes in {calls} script calls");
     invariants(&server, topic, &strings(&all));
+
+    // Callers that give up (dropped at their first wait) strand nobody: the others all
+    // get their answers, and the topic still takes publishes afterwards.
+    let gone = "web.impatient";
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let mq = mq.clone();
+            tokio::spawn(async move {
+                let publish = mq.publish(gone, json!({"i": i}));
+                if i % 3 == 0 {
+                    let _ = tokio::time::timeout(Duration::ZERO, publish).await;
+                    None
+                } else {
+                    Some(publish.await.unwrap())
+                }
+            })
+        })
+        .collect();
+    let mut kept = Vec::new();
+    for t in tasks {
+        kept.extend(
+            tokio::time::timeout(Duration::from_secs(20), t)
+                .await
+                .expect("a publish was stranded")
+                .unwrap(),
+        );
+    }
+    assert_eq!(kept.len(), 200);
+    let last = tokio::time::timeout(Duration::from_secs(20), mq.publish(gone, json!({})))
+        .await
+        .expect("the topic takes publishes after callers gave up")
+        .unwrap();
+    let stored = mq.stats(gone).await.unwrap().published;
+    assert!((201..=301).contains(&stored), "{stored} stored");
+    for id in kept.iter().chain([&last]) {
+        assert!(
+            mq.message(gone, id).await.unwrap().is_some(),
+            "{id} is stored"
+        );
+    }
 }
 
 /// Publishing a caller-chosen id twice stores one message and says Duplicate.
