@@ -56,37 +56,27 @@ local function get_count(body, name)
   return 0
 end
 
--- Trims a ZSET of ids scored by time, and the HASH of their data, to a retention: entries
--- older than max_age ms and, past max_len entries, the oldest ones go (at most 1,000 of
--- each per call, so no call is long). 0 = no limit. Returns how many went.
-local function trim_retention(zset_key, hash_key, now, max_len, max_age)
+-- Keeps the dead-letter set within its retention: entries older than max_age ms and, past
+-- max_len entries, the oldest ones are deleted together with their bodies and counted as
+-- `dead_trimmed`, so that a topic that fails forever cannot fill Redis. 0 = no limit.
+local function trim_dead(dead_key, msg_key, stats_key, now, max_len, max_age)
   local doomed = {}
   if max_age > 0 then
-    doomed = redis.call('ZRANGEBYSCORE', zset_key, '-inf', '(' .. (now - max_age), 'LIMIT', 0, 1000)
+    doomed = redis.call('ZRANGEBYSCORE', dead_key, '-inf', '(' .. (now - max_age), 'LIMIT', 0, 1000)
   end
   if max_len > 0 then
-    local excess = redis.call('ZCARD', zset_key) - #doomed - max_len
+    local excess = redis.call('ZCARD', dead_key) - #doomed - max_len
     if excess > 0 then
-      local oldest = redis.call('ZRANGE', zset_key, #doomed, #doomed + math.min(excess, 1000) - 1)
+      local oldest = redis.call('ZRANGE', dead_key, #doomed, #doomed + math.min(excess, 1000) - 1)
       for _, id in ipairs(oldest) do
         doomed[#doomed + 1] = id
       end
     end
   end
   if #doomed > 0 then
-    redis.call('ZREM', zset_key, unpack(doomed))
-    redis.call('HDEL', hash_key, unpack(doomed))
-  end
-  return #doomed
-end
-
--- Keeps the dead-letter set within its retention: entries older than max_age ms and, past
--- max_len entries, the oldest ones are deleted together with their bodies and counted as
--- `dead_trimmed`, so that a topic that fails forever cannot fill Redis. 0 = no limit.
-local function trim_dead(dead_key, msg_key, stats_key, now, max_len, max_age)
-  local trimmed = trim_retention(dead_key, msg_key, now, max_len, max_age)
-  if trimmed > 0 then
-    redis.call('HINCRBY', stats_key, 'dead_trimmed', trimmed)
+    redis.call('ZREM', dead_key, unpack(doomed))
+    redis.call('HDEL', msg_key, unpack(doomed))
+    redis.call('HINCRBY', stats_key, 'dead_trimmed', #doomed)
   end
 end
 
