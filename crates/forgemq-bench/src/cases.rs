@@ -222,6 +222,7 @@ impl Bench {
             "partitioned-process" => self.partitioned_process(run).await,
             "stream" => self.stream(run).await,
             "rate-limited" => self.rate_limited(run).await,
+            "fair-groups" => self.fair_groups(run, done).await,
             "process-procs" => self.process_procs(run, done).await,
             "idle-procs" => self.idle_procs(run).await,
             "latency" => self.latency(run).await,
@@ -778,6 +779,67 @@ impl Bench {
         figures.insert("limit_per_s".to_owned(), limit);
         figures.insert("measured_per_s".to_owned(), rate);
         figures.insert("ratio".to_owned(), rate / limit);
+        Ok(figures)
+    }
+
+    /// Fair groups: group A has 100,000 waiting (10,000 for --smoke) and one worker at
+    /// concurrency 50 drains it while group B publishes 100, one every 5 ms. B's wait
+    /// (publish to handler start) against A's drain time, and the rate and Redis CPU per
+    /// message of grouped processing next to process-c50's (what groups cost).
+    async fn fair_groups(&self, run: usize, done: &[CaseReport]) -> anyhow::Result<Figures> {
+        const SMALL: u64 = 100;
+        let topic = "bench.groups";
+        let mq = self.client("fair-groups", run, topic).await?;
+        let n = self.n(100_000);
+        for start in (0..n).step_by(CHUNK) {
+            let end = (start + CHUNK as u64).min(n);
+            let items = (start..end).map(|i| (payload(i), PublishOptions::new().group("A")));
+            mq.publish_batch_with(topic, items).await?;
+        }
+        let clock = Clock::new(SMALL);
+        let a_done = Arc::new(AtomicU64::new(0));
+        let cpu = self.cpu().await?;
+        let t0 = Instant::now();
+        let worker = {
+            let (clock, a_done) = (Arc::clone(&clock), Arc::clone(&a_done));
+            Running::start(&mq, topic, 50, move |i| {
+                if i >= n {
+                    clock.mark_handled(i - n);
+                } else {
+                    a_done.fetch_add(1, Ordering::Relaxed);
+                }
+            })?
+        };
+        for i in 0..SMALL {
+            clock.mark_sent(i);
+            let options = PublishOptions::new().group("B");
+            mq.publish_with(topic, payload(n + i), options).await?;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let a_left = n - a_done.load(Ordering::Relaxed).min(n);
+        clock.wait_all(Duration::from_secs(60)).await?;
+        self.wait_processed(&mq, topic, n + SMALL).await?;
+        let elapsed = t0.elapsed();
+        let cpu = self.cpu().await?.since(cpu, elapsed, n + SMALL);
+        worker.stop().await?;
+        let waits = percentiles(&clock.delays(|_| Duration::ZERO));
+        let mut figures = throughput(n + SMALL, elapsed);
+        let drain_ms = elapsed.as_secs_f64() * 1000.0;
+        for (k, v) in waits {
+            figures.insert(format!("b_wait_{k}"), v);
+        }
+        let p99 = figures.get("b_wait_p99_ms").copied().unwrap_or(0.0);
+        figures.insert("a_drain_ms".into(), drain_ms);
+        figures.insert("b_p99_share".into(), p99 / drain_ms);
+        figures.insert("a_left_when_b_done".into(), a_left as f64);
+        figures.extend(cpu);
+        if let Some(one) = done
+            .iter()
+            .find(|c| c.case == "process-c50")
+            .and_then(|r| r.median.get("msgs_per_sec"))
+        {
+            figures.insert("vs_process_c50".into(), rate(n + SMALL, elapsed) / one);
+        }
         Ok(figures)
     }
 

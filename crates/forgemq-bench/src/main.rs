@@ -43,6 +43,7 @@ const CASES: &[&str] = &[
     "partitioned-process",
     "stream",
     "rate-limited",
+    "fair-groups",
     "process-procs",
     "idle-procs",
     "latency",

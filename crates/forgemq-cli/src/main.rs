@@ -155,6 +155,10 @@ enum Command {
         /// `traceparent`); repeatable.
         #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
         headers: Vec<(String, String)>,
+        /// The fair group it waits in, e.g. a tenant: workers take from the groups in
+        /// turn, so one group's backlog does not delay another (see `forgemq group`).
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
     },
     /// Counts per state and counters of one topic, or of all topics.
     Stats {
@@ -282,6 +286,10 @@ enum Command {
     /// Global rate limits per topic: at most RATE deliveries, across every worker.
     #[command(subcommand)]
     Limit(LimitCommand),
+    /// Fair groups of a topic (`publish --group`): per group the most handled at once,
+    /// the weight in the round robin, and a pause.
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Print shell completions, e.g. `forgemq completions bash > /etc/bash_completion.d/forgemq`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -392,6 +400,54 @@ enum Dlq {
         /// Don't ask: needed when stdin is not a terminal (scripts, CI).
         #[arg(long, short = 'y')]
         yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// Set how workers treat GROUP of TOPIC, for every worker from now on; settings not
+    /// given keep their current value.
+    Set {
+        /// The topic.
+        topic: String,
+        /// The group.
+        group: String,
+        /// Most of its messages handled at once across every worker (0: no cap).
+        #[arg(long)]
+        max_active: Option<u32>,
+        /// Messages it gives per turn of the round robin (1-1000; default 1).
+        #[arg(long)]
+        weight: Option<u32>,
+    },
+    /// Pause GROUP: its messages wait, the other groups go on.
+    Pause {
+        /// The topic.
+        topic: String,
+        /// The group.
+        group: String,
+    },
+    /// Resume a paused GROUP.
+    Resume {
+        /// The topic.
+        topic: String,
+        /// The group.
+        group: String,
+    },
+    /// Remove the settings of GROUP (back to no cap, weight 1, not paused). Exits 1 if it
+    /// had none.
+    Rm {
+        /// The topic.
+        topic: String,
+        /// The group.
+        group: String,
+    },
+    /// The groups of TOPIC: waiting, active, settings.
+    Ls {
+        /// The topic.
+        topic: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -707,6 +763,49 @@ fn hide_sentinel_password(text: &str, url: &str) -> String {
 }
 
 /// `forgemq schedule ...`.
+async fn group(mq: &Client, command: GroupCommand) -> Result<()> {
+    match command {
+        GroupCommand::Set {
+            topic,
+            group,
+            max_active,
+            weight,
+        } => {
+            let mut settings = mq.group_settings(&topic, &group).await?;
+            if let Some(n) = max_active {
+                settings = settings.max_active(n);
+            }
+            if let Some(w) = weight {
+                settings = settings.weight(w);
+            }
+            mq.set_group(&topic, &group, settings).await?;
+            println!("{}", output::group_line(&topic, &group, &settings));
+        }
+        GroupCommand::Pause { topic, group } => {
+            mq.pause_group(&topic, &group).await?;
+            println!("{topic} {group}: paused");
+        }
+        GroupCommand::Resume { topic, group } => {
+            mq.resume_group(&topic, &group).await?;
+            println!("{topic} {group}: resumed");
+        }
+        GroupCommand::Rm { topic, group } => {
+            if !mq.remove_group(&topic, &group).await? {
+                bail!("group {group:?} of {topic:?} has no settings");
+            }
+            println!("{topic} {group}: no settings (no cap, weight 1)");
+        }
+        GroupCommand::Ls { topic, json } => {
+            let all = mq.groups(&topic).await?;
+            if json {
+                return output::print_json(&all);
+            }
+            output::groups_table(&topic, &all);
+        }
+    }
+    Ok(())
+}
+
 async fn schedule(mq: &Client, command: ScheduleCommand) -> Result<()> {
     match command {
         ScheduleCommand::Set {
@@ -857,8 +956,12 @@ async fn run(cli: Cli) -> Result<()> {
             partition_key,
             file,
             headers,
+            group,
         } => {
             let mut options = PublishOptions::new();
+            if let Some(g) = group {
+                options = options.group(g);
+            }
             for (name, value) in headers {
                 options = options.header(name, value);
             }
@@ -946,6 +1049,7 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{topic}: at most {limit} (burst {})", limit.burst_size());
             Ok(())
         }
+        Command::Group(command) => group(&mq, command).await,
         Command::Limit(LimitCommand::Rm { topic }) => {
             if mq.remove_rate_limit(&topic).await? {
                 println!("{topic}: no limit");

@@ -316,7 +316,6 @@ fn running(s: &QueueStats) -> String {
     }
 }
 
-/// `topic ls`: every topic and its partition count.
 /// `limit ls`: every topic with a rate limit.
 pub(crate) fn limits_table(limits: &[forgemq::TopicLimit]) {
     if limits.is_empty() {
@@ -328,6 +327,51 @@ pub(crate) fn limits_table(limits: &[forgemq::TopicLimit]) {
         .map(|l| vec![l.topic.clone(), l.rate.clone(), l.burst.to_string()])
         .collect();
     table(&["TOPIC", "RATE", "BURST"], &rows);
+}
+
+/// `group set`: what a group's settings now are.
+pub(crate) fn group_line(topic: &str, group: &str, s: &forgemq::GroupSettings) -> String {
+    let cap = match s.max_active {
+        0 => "no cap".to_owned(),
+        n => format!("at most {n} at once"),
+    };
+    let paused = if s.paused { ", paused" } else { "" };
+    format!("{topic} {group}: {cap}, weight {}{paused}", s.weight)
+}
+
+/// `group ls`: the groups of one topic.
+pub(crate) fn groups_table(topic: &str, groups: &[forgemq::GroupInfo]) {
+    if groups.is_empty() {
+        eprintln!("{topic} has no groups: publish with `--group NAME`");
+        return;
+    }
+    let rows: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| {
+            vec![
+                g.group.clone(),
+                g.pending.to_string(),
+                g.active.to_string(),
+                match g.max_active {
+                    0 => "-".to_owned(),
+                    n => n.to_string(),
+                },
+                g.weight.to_string(),
+                if g.paused { "paused" } else { "" }.to_owned(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "GROUP",
+            "PENDING",
+            "ACTIVE",
+            "MAX ACTIVE",
+            "WEIGHT",
+            "STATE",
+        ],
+        &rows,
+    );
 }
 
 /// `schedule ls`: every schedule, its spec, and its next and last fire.

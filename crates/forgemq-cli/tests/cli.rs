@@ -1236,6 +1236,72 @@ fn schedule_commands_set_list_run_and_remove() {
     assert_eq!(list.as_array().unwrap().len(), 1);
 }
 
+/// `forgemq group set|pause|resume|ls|rm` and `publish --group`: fair groups, with the
+/// errors a user makes.
+#[test]
+fn group_commands_set_list_pause_and_remove() {
+    let server = RedisServer::start();
+    for g in ["acme", "acme", "globex"] {
+        ok(&server, &["publish", "report.build", "{}", "--group", g]);
+    }
+    let out = ok(
+        &server,
+        &[
+            "group",
+            "set",
+            "report.build",
+            "acme",
+            "--max-active",
+            "5",
+            "--weight",
+            "2",
+        ],
+    );
+    assert_eq!(out.trim(), "report.build acme: at most 5 at once, weight 2");
+    // Settings not given keep their value.
+    let out = ok(
+        &server,
+        &["group", "set", "report.build", "acme", "--weight", "3"],
+    );
+    assert_eq!(out.trim(), "report.build acme: at most 5 at once, weight 3");
+    ok(&server, &["group", "pause", "report.build", "globex"]);
+    let list = json_of(&server, &["group", "ls", "report.build", "--json"]);
+    assert_eq!(list[0]["group"], "acme");
+    assert_eq!(list[0]["pending"], 2);
+    assert_eq!(list[0]["max_active"], 5);
+    assert_eq!(list[1]["group"], "globex");
+    assert_eq!(list[1]["paused"], true);
+    let table = ok(&server, &["group", "ls", "report.build"]);
+    assert!(
+        table.contains("acme") && table.contains("paused"),
+        "{table}"
+    );
+    let stats = json_of(&server, &["stats", "report.build", "--json"]);
+    assert_eq!(stats["pending"], 3, "{stats}");
+    assert_eq!(stats["groups"].as_array().unwrap().len(), 2, "{stats}");
+    ok(&server, &["group", "resume", "report.build", "globex"]);
+    for (args, needle) in [
+        (
+            vec!["group", "set", "report.build", "acme", "--weight", "0"],
+            "weight",
+        ),
+        (vec!["group", "set", "report.build", "a b"], "group name"),
+        (
+            vec!["publish", "report.build", "{}", "--group", "a b"],
+            "group name",
+        ),
+        (vec!["group", "rm", "report.build", "nobody"], "no settings"),
+    ] {
+        let out = forgemq(&server, &args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    ok(&server, &["group", "rm", "report.build", "acme"]);
+    let list = json_of(&server, &["group", "ls", "report.build", "--json"]);
+    assert_eq!(list[0]["configured"], false);
+}
+
 /// `forgemq limit set|ls|rm`: a rate limit every worker shares, with the errors a user makes.
 #[test]
 fn limit_commands_set_list_and_remove() {

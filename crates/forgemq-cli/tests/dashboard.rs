@@ -683,3 +683,43 @@ async fn dashboard_lists_schedules_and_runs_one_now() {
         .await;
     page.screenshot("dashboard-rate-limit.png").await;
 }
+
+/// A topic's fair groups show in its detail, with their counts and settings; the pause
+/// button pauses one group for every worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_fair_groups_and_pauses_one() {
+    let redis = RedisServer::start();
+    let mq = forgemq::Client::connect(&redis.url()).await.unwrap();
+    let topic = "report.build";
+    for (g, n) in [("acme", 40), ("globex", 3), ("initech", 7)] {
+        let batch = (0..n).map(|i| (json!({"i": i}), PublishOptions::new().group(g)));
+        mq.publish_batch_with(topic, batch).await.unwrap();
+    }
+    mq.set_group(
+        topic,
+        "acme",
+        forgemq::GroupSettings::new().max_active(5).weight(2),
+    )
+    .await
+    .unwrap();
+    let page = Dashboard::open(&redis, None).await;
+    page.click(&format!("tr[data-topic='{topic}'] td.name"))
+        .await;
+    page.wait_count("#groups tbody tr", 3).await;
+    page.wait_text("#groups tr[data-group=acme] td.pending", |t| t == "40")
+        .await;
+    let row = page
+        .wait_text("#groups tr[data-group=acme]", |t| !t.is_empty())
+        .await;
+    assert!(row.contains('5') && row.contains('2'), "{row}");
+    page.click("#groups tr[data-group=globex] button.pause")
+        .await;
+    page.wait_text("#groups tr[data-group=globex] td.name", |t| {
+        t == "globex (paused)"
+    })
+    .await;
+    assert!(mq.group_settings(topic, "globex").await.unwrap().paused);
+    // Peek lists grouped messages too (20 of the 50).
+    page.wait_count("#peek tbody tr", 20).await;
+    page.screenshot("dashboard-groups.png").await;
+}

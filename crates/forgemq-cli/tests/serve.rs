@@ -912,6 +912,9 @@ fn openapi_matches_the_routes() {
         ("/topics/{topic}/limit", "get"),
         ("/topics/{topic}/limit", "put"),
         ("/topics/{topic}/limit", "delete"),
+        ("/topics/{topic}/groups", "get"),
+        ("/topics/{topic}/groups/{group}", "put"),
+        ("/topics/{topic}/groups/{group}", "delete"),
     ] {
         assert!(
             paths.get(path).and_then(|p| p.get(method)).is_some(),
@@ -924,7 +927,8 @@ fn openapi_matches_the_routes() {
             let concrete = path
                 .replace("{topic}", "doc.check")
                 .replace("{id}", "x")
-                .replace("{name}", "x");
+                .replace("{name}", "x")
+                .replace("{group}", "x");
             let (status, _) = http(
                 server.port,
                 &method.to_uppercase(),
@@ -1356,7 +1360,7 @@ fn openapi_describes_what_the_server_does() {
             }
         }
     }
-    assert_eq!(operations, 30);
+    assert_eq!(operations, 33);
     let peek = &doc["paths"]["/topics/{topic}/messages"]["get"]["parameters"];
     let state = peek
         .as_array()
@@ -2297,6 +2301,110 @@ fn api_sets_and_removes_rate_limits() {
     let (status, _) = http(p, "GET", "/api/v1/topics/email.send/limit", None, None);
     assert_eq!(status, 404);
     let (status, _) = http(p, "DELETE", "/api/v1/topics/email.send/limit", None, None);
+    assert_eq!(status, 404);
+}
+
+/// Fair groups over HTTP: publish with a group, read the groups (also in the stats and
+/// /metrics), set and remove settings; bad ones are 400 and change nothing.
+#[test]
+fn api_publishes_to_groups_and_sets_their_settings() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &[]);
+    let p = server.port;
+    for g in ["acme", "acme", "globex"] {
+        let body = format!(r#"{{"data":{{"g":"{g}"}},"group":"{g}"}}"#);
+        let (status, got) = http(
+            p,
+            "POST",
+            "/api/v1/topics/report.build/messages",
+            None,
+            Some(&body),
+        );
+        assert_eq!(status, 201, "{got}");
+    }
+    let (status, body) = http(
+        p,
+        "PUT",
+        "/api/v1/topics/report.build/groups/acme",
+        None,
+        Some(r#"{"max_active":2,"weight":3}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"group": "acme", "pending": 2, "active": 0, "max_active": 2, "weight": 3, "paused": false, "configured": true})
+    );
+    let (status, body) = http(
+        p,
+        "PUT",
+        "/api/v1/topics/report.build/groups/acme",
+        None,
+        Some(r#"{"paused":true}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["paused"].clone(), body["weight"].clone()),
+        (json!(true), json!(3))
+    );
+    let (_, list) = http(p, "GET", "/api/v1/topics/report.build/groups", None, None);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(list[1]["group"], "globex");
+    assert_eq!(list[1]["pending"], 1);
+    let (_, stats) = http(p, "GET", "/api/v1/topics/report.build", None, None);
+    assert_eq!(stats["pending"], 3, "{stats}");
+    assert_eq!(stats["groups"][0]["group"], "acme", "{stats}");
+    let metrics = metrics_text(p);
+    for line in [
+        r#"forgemq_group_messages{topic="report.build",group="acme",state="pending"} 2"#,
+        r#"forgemq_group_paused{topic="report.build",group="acme"} 1"#,
+        r#"forgemq_group_max_active{topic="report.build",group="acme"} 2"#,
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    for bad in [
+        r#"{"weight":0}"#,
+        r#"{"weight":1001}"#,
+        r#"{"x":1}"#,
+        r#"{"max_active":-1}"#,
+    ] {
+        let (status, e) = http(
+            p,
+            "PUT",
+            "/api/v1/topics/report.build/groups/acme",
+            None,
+            Some(bad),
+        );
+        assert_eq!(status, 400, "{bad}: {e}");
+    }
+    let (status, e) = http(
+        p,
+        "POST",
+        "/api/v1/topics/report.build/messages",
+        None,
+        Some(r#"{"data":1,"group":"has space"}"#),
+    );
+    assert_eq!(status, 400, "{e}");
+    let (_, stats) = http(p, "GET", "/api/v1/topics/report.build", None, None);
+    assert_eq!(stats["pending"], 3, "a refused publish wrote nothing");
+    let (status, body) = http(
+        p,
+        "DELETE",
+        "/api/v1/topics/report.build/groups/acme",
+        None,
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["configured"].clone(), body["weight"].clone()),
+        (json!(false), json!(1))
+    );
+    let (status, _) = http(
+        p,
+        "DELETE",
+        "/api/v1/topics/report.build/groups/acme",
+        None,
+        None,
+    );
     assert_eq!(status, 404);
 }
 

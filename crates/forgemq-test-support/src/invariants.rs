@@ -140,7 +140,8 @@ impl Layout {
         ]
     }
 
-    fn key(&self, suffix: &str) -> String {
+    /// `NS:{T}:<suffix>`.
+    pub fn key(&self, suffix: &str) -> String {
         format!("{}:{{{}}}:{suffix}", self.namespace, self.topic)
     }
 }
@@ -284,34 +285,24 @@ pub fn check_invariants(
     layout: &Layout,
     ids: &[String],
 ) -> StateReport {
-    #[allow(clippy::type_complexity)]
-    let (
-        pending,
-        delayed,
-        active,
-        dead,
-        bodies,
-        leases,
-        tombstones,
-        held,
-        ready,
-        runs,
-        progress,
-        waiters,
-    ): (
-        Vec<String>,
-        Vec<String>,
-        Vec<String>,
-        Vec<String>,
-        Vec<String>,
-        Vec<String>,
-        BTreeMap<String, i64>,
-        Vec<String>,
-        Vec<String>,
-        Vec<String>,
-        Vec<String>,
-        Vec<String>,
-    ) = redis::pipe()
+    // Fair groups: the lists `NS:{T}:g:<group>` of every group named in the ring, the
+    // group index or the active counts (a list missing from the ring is seen through the
+    // index of its messages; KEYS is never sent), flattened as: group, entry count,
+    // entries...
+    const GROUP_LISTS: &str = "local names, out = {}, {} \
+        for _, g in ipairs(redis.call('LRANGE', KEYS[1] .. 'gring', 0, -1)) do names[g] = true end \
+        for _, g in ipairs(redis.call('HVALS', KEYS[1] .. 'group')) do names[g] = true end \
+        for _, g in ipairs(redis.call('HKEYS', KEYS[1] .. 'gactive')) do names[g] = true end \
+        for g in pairs(names) do \
+          if g ~= '' then \
+            local ids = redis.call('LRANGE', KEYS[1] .. 'g:' .. g, 0, -1) \
+            out[#out + 1] = g \
+            out[#out + 1] = tostring(#ids) \
+            for _, id in ipairs(ids) do out[#out + 1] = id end \
+          end \
+        end \
+        return out";
+    let values: Vec<redis::Value> = redis::pipe()
         .atomic()
         .cmd("LRANGE")
         .arg(layout.pending())
@@ -349,6 +340,21 @@ pub fn check_invariants(
         .arg(layout.progress())
         .cmd("HKEYS")
         .arg(layout.waiters())
+        .cmd("LRANGE")
+        .arg(layout.key("gring"))
+        .arg(0)
+        .arg(-1)
+        .cmd("HGETALL")
+        .arg(layout.key("group"))
+        .cmd("HGETALL")
+        .arg(layout.key("gactive"))
+        .cmd("HGET")
+        .arg(layout.key("stats"))
+        .arg("grouped")
+        .cmd("EVAL")
+        .arg(GROUP_LISTS)
+        .arg(1)
+        .arg(layout.key(""))
         .query(conn)
         .unwrap_or_else(|e| {
             panic!(
@@ -356,22 +362,46 @@ pub fn check_invariants(
                 layout.topic, layout.namespace
             )
         });
+    fn get<T: redis::FromRedisValue>(values: &[redis::Value], i: usize, layout: &Layout) -> T {
+        values
+            .get(i)
+            .ok_or_else(|| "missing reply".to_owned())
+            .and_then(|v| redis::from_redis_value(v.clone()).map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot read ForgeMQ keys of topic {:?} (namespace {:?}), reply {i}: {e}",
+                    layout.topic, layout.namespace
+                )
+            })
+    }
+    let flat: Vec<String> = get(&values, 16, layout);
+    let mut group_lists = BTreeMap::new();
+    let mut rest = flat.into_iter();
+    while let Some(group) = rest.next() {
+        let n: usize = rest.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        group_lists.insert(group, rest.by_ref().take(n).collect::<Vec<String>>());
+    }
     classify(
         layout,
         ids,
         &Snapshot {
-            pending,
-            delayed,
-            active,
-            dead,
-            bodies,
-            leases,
-            tombstones,
-            held,
-            ready,
-            runs,
-            progress,
-            waiters,
+            pending: get(&values, 0, layout),
+            delayed: get(&values, 1, layout),
+            active: get(&values, 2, layout),
+            dead: get(&values, 3, layout),
+            bodies: get(&values, 4, layout),
+            leases: get(&values, 5, layout),
+            tombstones: get(&values, 6, layout),
+            held: get(&values, 7, layout),
+            ready: get(&values, 8, layout),
+            runs: get(&values, 9, layout),
+            progress: get(&values, 10, layout),
+            waiters: get(&values, 11, layout),
+            ring: get(&values, 12, layout),
+            group_index: get(&values, 13, layout),
+            group_active: get(&values, 14, layout),
+            grouped: get::<Option<i64>>(&values, 15, layout).unwrap_or(0),
+            group_lists,
         },
     )
 }
@@ -397,6 +427,16 @@ struct Snapshot {
     progress: Vec<String>,
     /// Ids someone waits on.
     waiters: Vec<String>,
+    /// The ring of fair groups with listed entries ('' for the pending list).
+    ring: Vec<String>,
+    /// The group index: id → group.
+    group_index: BTreeMap<String, String>,
+    /// Group → its active messages.
+    group_active: BTreeMap<String, i64>,
+    /// The `grouped` counter of the stats hash: entries listed in groups' lists.
+    grouped: i64,
+    /// Group → the entries of its list.
+    group_lists: BTreeMap<String, Vec<String>>,
 }
 
 /// The pure part of [`check_invariants`], separate so the rules read as a list.
@@ -410,7 +450,12 @@ fn classify(layout: &Layout, ids: &[String], snapshot: &Snapshot) -> StateReport
     // BTreeMap so violations come out in a stable order.
     let mut states: BTreeMap<&str, Vec<State>> = BTreeMap::new();
     let mut pending_seen: BTreeMap<&str, usize> = BTreeMap::new();
-    for id in &snapshot.pending {
+    // Pending entries wait in the pending list or in a fair group's list.
+    for id in snapshot
+        .pending
+        .iter()
+        .chain(snapshot.group_lists.values().flatten())
+    {
         *pending_seen.entry(id).or_default() += 1;
     }
     // A tombstone stands for one listed entry of a cancelled message, which is in no state.
@@ -418,7 +463,7 @@ fn classify(layout: &Layout, ids: &[String], snapshot: &Snapshot) -> StateReport
         let listed = pending_seen.get(id.as_str()).copied().unwrap_or(0);
         if count < 1 || count as usize > listed {
             violations.push(format!(
-                "id {id:?} has {count} tombstone(s) in {:?} but {listed} entries in the pending list",
+                "id {id:?} has {count} tombstone(s) in {:?} but {listed} entries in the pending list and the groups' lists",
                 layout.cancelled()
             ));
         }
@@ -430,7 +475,7 @@ fn classify(layout: &Layout, ids: &[String], snapshot: &Snapshot) -> StateReport
     for (id, &times) in &pending_seen {
         if times > 1 {
             violations.push(format!(
-                "id {id:?} is {times} times in the pending list {:?}",
+                "id {id:?} is {times} times in the pending list {:?} and the groups' lists",
                 layout.pending()
             ));
         }
@@ -486,14 +531,26 @@ fn classify(layout: &Layout, ids: &[String], snapshot: &Snapshot) -> StateReport
     // Readiness: every listed entry (tombstones included: they count until a fetch passes
     // them) is either in `ready` or in a run.
     let listed: BTreeSet<&str> = snapshot.pending.iter().map(String::as_str).collect();
+    let group_listed: BTreeSet<&str> = snapshot
+        .group_lists
+        .values()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let ready: BTreeSet<&str> = snapshot.ready.iter().map(String::as_str).collect();
     for id in &snapshot.ready {
-        if !listed.contains(id.as_str()) {
+        if !listed.contains(id.as_str()) && !group_listed.contains(id.as_str()) {
             violations.push(format!(
-                "id {id:?} is in {:?} but not in the pending list",
+                "id {id:?} is in {:?} but not in the pending list or a group's list",
                 layout.ready()
             ));
         }
     }
+    let ready_plain = snapshot
+        .ready
+        .iter()
+        .filter(|id| listed.contains(id.as_str()))
+        .count();
     let mut in_runs = 0usize;
     for run in &snapshot.runs {
         match run
@@ -507,15 +564,15 @@ fn classify(layout: &Layout, ids: &[String], snapshot: &Snapshot) -> StateReport
             )),
         }
     }
-    if in_runs + snapshot.ready.len() != snapshot.pending.len() {
+    if in_runs + ready_plain != snapshot.pending.len() {
         violations.push(format!(
-            "{} pending entries, but {in_runs} in the runs of {:?} and {} in {:?} (the queue latency would be off)",
+            "{} pending entries, but {in_runs} in the runs of {:?} and {ready_plain} in {:?} (the queue latency would be off)",
             snapshot.pending.len(),
             layout.runs(),
-            snapshot.ready.len(),
             layout.ready()
         ));
     }
+    check_groups(layout, snapshot, &states, &ready, &mut violations);
     for id in &snapshot.held {
         match states.get(id.as_str()) {
             Some(s) if !s.contains(&State::Dead) => {}
@@ -585,6 +642,116 @@ fn classify(layout: &Layout, ids: &[String], snapshot: &Snapshot) -> StateReport
         );
     }
     report
+}
+
+/// The rules of fair groups (see `lua/prelude.lua` in `forgemq`): the ring holds each
+/// group with listed entries once (and '' while the pending list has entries), a listed
+/// grouped message is in `ready`, the index names the group of every grouped message that
+/// is pending, delayed or active and of no other, the active counts match, and the
+/// `grouped` counter counts the groups' entries.
+fn check_groups(
+    layout: &Layout,
+    snapshot: &Snapshot,
+    states: &BTreeMap<&str, Vec<State>>,
+    ready: &BTreeSet<&str>,
+    violations: &mut Vec<String>,
+) {
+    let ring_key = layout.key("gring");
+    let mut in_ring: BTreeMap<&str, usize> = BTreeMap::new();
+    for g in &snapshot.ring {
+        *in_ring.entry(g.as_str()).or_default() += 1;
+    }
+    for (g, &times) in &in_ring {
+        if times > 1 {
+            violations.push(format!("group {g:?} is {times} times in {ring_key:?}"));
+        }
+        let listed = if g.is_empty() {
+            !snapshot.pending.is_empty()
+        } else {
+            snapshot.group_lists.get(*g).is_some_and(|l| !l.is_empty())
+        };
+        if !listed {
+            violations.push(format!(
+                "group {g:?} is in {ring_key:?} but has no listed entries"
+            ));
+        }
+    }
+    for (g, list) in &snapshot.group_lists {
+        if !list.is_empty() && !in_ring.contains_key(g.as_str()) {
+            violations.push(format!(
+                "group {g:?} has {} listed entries but is not in {ring_key:?}: no worker would take them",
+                list.len()
+            ));
+        }
+    }
+    if !snapshot.ring.is_empty() && !snapshot.pending.is_empty() && !in_ring.contains_key("") {
+        violations.push(format!(
+            "the pending list has entries but '' is not in {ring_key:?}: no worker would take them"
+        ));
+    }
+    let entries: usize = snapshot.group_lists.values().map(Vec::len).sum();
+    if snapshot.grouped != entries as i64 {
+        violations.push(format!(
+            "the `grouped` counter says {} but the groups' lists hold {entries} entries (the pending count would be off)",
+            snapshot.grouped
+        ));
+    }
+    let mut active: BTreeMap<&str, i64> = BTreeMap::new();
+    for (g, list) in &snapshot.group_lists {
+        for id in list {
+            let Some(s) = states.get(id.as_str()) else {
+                continue; // a tombstone
+            };
+            if s.contains(&State::Pending) {
+                if !ready.contains(id.as_str()) {
+                    violations.push(format!(
+                        "id {id:?} waits in group {g:?} but is not in {:?} (the queue latency would be off)",
+                        layout.ready()
+                    ));
+                }
+                if snapshot.group_index.get(id) != Some(g) {
+                    violations.push(format!(
+                        "id {id:?} waits in group {g:?} but the group index says {:?}",
+                        snapshot.group_index.get(id)
+                    ));
+                }
+            }
+        }
+    }
+    for (id, g) in &snapshot.group_index {
+        match states.get(id.as_str()) {
+            Some(s) if !s.contains(&State::Dead) => {
+                if s.contains(&State::Active) {
+                    *active.entry(g.as_str()).or_default() += 1;
+                }
+            }
+            found => violations.push(format!(
+                "id {id:?} is in the group index (group {g:?}) but is {}",
+                if found.is_some() {
+                    "dead"
+                } else {
+                    "in no state"
+                }
+            )),
+        }
+    }
+    let names: BTreeSet<&str> = active
+        .keys()
+        .copied()
+        .chain(snapshot.group_active.keys().map(String::as_str))
+        .collect();
+    for g in names {
+        let (want, have) = (
+            active.get(g).copied().unwrap_or(0),
+            snapshot.group_active.get(g).copied().unwrap_or(0),
+        );
+        if want != have {
+            violations.push(format!(
+                "group {g:?} has {want} active messages but its count in {:?} says {have}",
+                layout.key("gactive")
+            ));
+        }
+    }
 }
 
 /// Panics if a message vanished without being processed: an id that is

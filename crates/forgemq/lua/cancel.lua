@@ -43,6 +43,16 @@ else
   -- Its entry stays listed, so it stays counted in the queue latency (in `ready` or in the
   -- runs) until a fetch passes it: the fetch counts entries, tombstones included.
 end
+local base = key_base(KEYS[2])
+local groups = groups_of(base, {id})
+if groups[id] then
+  -- A grouped entry is in `ready` while listed; its tombstone is not (a later publish of
+  -- the same id puts its own entry there).
+  if state == 'pending' then
+    redis.call('ZREM', KEYS[9], id)
+  end
+  groups_forget(base, groups, {id})
+end
 local now = now_ms()
 local retry = get_count(redis.call('HGET', KEYS[5], id) or '', 'retry')
 redis.call('HDEL', KEYS[5], id)

@@ -52,8 +52,13 @@ if #due_scored > 0 then
     due[#due + 1] = due_scored[i]
   end
   redis.call('ZREM', KEYS[4], unpack(due))
-  redis.call('RPUSH', KEYS[1], unpack(due))
-  runs_push(KEYS[13], #due, tonumber(due_scored[2]))
+  local base = key_base(KEYS[1])
+  due = route_groups(base, KEYS[1], KEYS[7], KEYS[12], due, nil, false, tonumber(due_scored[2]))
+  if #due > 0 then
+    local len = redis.call('RPUSH', KEYS[1], unpack(due))
+    runs_push(KEYS[13], #due, tonumber(due_scored[2]))
+    note_plain(base, len, #due)
+  end
 end
 
 -- The rate limit: at most as many deliveries as whole tokens; none (and when the next
@@ -85,22 +90,13 @@ local deadline = string.format('%d', now + lease_ms)
 local token = ARGV[3] .. '@' .. string.format('%d', now)
 local zargs, hargs, skipped, finished = {}, {}, {}, {}
 local orphans = 0
--- The entries of cancelled messages (tombstones) are skipped without counting against n:
--- popping goes on until n are leased, the list is empty, or a bounded number of
--- tombstones were passed (the rest wait for the next fetch).
-local want, passed, popped = n, 0, false
-while want > 0 do
-  local ids = redis.call('LPOP', KEYS[1], want)
-  if not ids then
-    break
-  end
-  popped = true
+
+-- Leases the popped ids that are runnable. Returns how many entries were passed without
+-- a lease (tombstones, duplicates, orphans), how many were leased, and the ids that were
+-- not tombstones.
+local function take(ids)
   local bodies = redis.call('HMGET', KEYS[5], unpack(ids))
-  -- Every popped entry leaves pending: those pushed at the head are in `ready`, the rest
-  -- are the oldest of the runs.
-  local from_head = redis.call('ZREM', KEYS[12], unpack(ids))
-  runs_take(KEYS[13], #ids - from_head)
-  local again = 0
+  local again, leased, live = 0, 0, {}
   for i, id in ipairs(ids) do
     local body = bodies[i]
     if tombstones and redis.call('HEXISTS', KEYS[10], id) == 1 then
@@ -113,13 +109,16 @@ while want > 0 do
       redis.call('HINCRBY', KEYS[7], 'tombstones', -1)
       again = again + 1
     else
+      live[#live + 1] = id
       if not body then
         -- An id without a body has nothing to run (its body was purged); drop it.
         orphans = orphans + 1
         finished[#finished + 1] = id
+        again = again + 1
       elseif ledger and tonumber(redis.call('ZSCORE', KEYS[9], id) or '0') > now then
         -- Already processed within the ledger's window: a redelivery, not new work.
         skipped[#skipped + 1] = id
+        again = again + 1
       else
         zargs[#zargs + 1] = deadline
         zargs[#zargs + 1] = id
@@ -127,11 +126,183 @@ while want > 0 do
         hargs[#hargs + 1] = token
         out[#out + 1] = id
         out[#out + 1] = body
+        leased = leased + 1
       end
     end
   end
-  passed = passed + again
-  want = math.min(again, 1000 - passed)
+  return again, leased, live
+end
+
+-- Pops up to `count` entries of `pending` and leases them.
+local function take_plain(count)
+  local ids = redis.call('LPOP', KEYS[1], count)
+  if not ids then
+    return nil
+  end
+  -- Every popped entry leaves pending: those pushed at the head are in `ready`, the rest
+  -- are the oldest of the runs.
+  local from_head = redis.call('ZREM', KEYS[12], unpack(ids))
+  runs_take(KEYS[13], #ids - from_head)
+  return (take(ids))
+end
+
+local base = key_base(KEYS[1])
+local ring_key = base .. 'gring'
+-- more: whether work that this topic could hand out now is left after this fetch.
+local more = false
+local popped = false
+local want = n
+if redis.call('EXISTS', ring_key) == 0 then
+  -- No groups in use: pending is one list, taken from the head.
+  -- The entries of cancelled messages (tombstones) are skipped without counting against
+  -- n: popping goes on until n are leased, the list is empty, or a bounded number of
+  -- entries were passed (the rest wait for the next fetch).
+  local passed = 0
+  while want > 0 do
+    local again = take_plain(want)
+    if not again then
+      break
+    end
+    popped = true
+    passed = passed + again
+    want = math.min(again, 1000 - passed)
+  end
+  more = popped and redis.call('LLEN', KEYS[1]) > 0
+  if popped and not more then
+    -- Nothing is ready: whatever the latency records still hold is stale.
+    redis.call('DEL', KEYS[12], KEYS[13])
+  end
+else
+  -- Fair groups: weighted round robin over the ring. Each group in turn gives up to its
+  -- weight (within its max_active, none while paused), round after round, until n are
+  -- leased; the ring then turns past the groups that had their turn, so the next fetch
+  -- starts with the next group. A turn cut short by n carries over (`gcredit`: "<given>
+  -- <group>"), so weights hold also for fetches of one message. Only the first 100
+  -- groups of the ring are looked at per call; the ring turns, so the others come forward.
+  local gconf, gactive, credit_key = base .. 'gconf', base .. 'gactive', base .. 'gcredit'
+  local passed = 0
+  for _ = 1, 4 do
+    if want <= 0 then
+      break
+    end
+    local ring = redis.call('LRANGE', ring_key, 0, 99)
+    local L = #ring
+    if L == 0 then
+      more = false
+      break
+    end
+    local conf = redis.call('HMGET', gconf, unpack(ring))
+    local act = redis.call('HMGET', gactive, unpack(ring))
+    local lists, room, cap, weight, give = {}, {}, {}, {}, {}
+    for i, g in ipairs(ring) do
+      lists[i] = g == '' and KEYS[1] or (base .. 'g:' .. g)
+      local max, w, paused = 0, 1, '0'
+      if conf[i] then
+        local a, b, c = string.match(conf[i], '^(%d+) (%d+) ([01])$')
+        if a then
+          max, w, paused = tonumber(a), math.max(1, tonumber(b)), c
+        end
+      end
+      if paused == '1' then
+        cap[i] = 0
+      elseif max > 0 then
+        cap[i] = math.max(0, max - (tonumber(act[i]) or 0))
+      else
+        cap[i] = math.huge
+      end
+      room[i] = 0
+      if cap[i] > 0 then
+        room[i] = math.min(cap[i], redis.call('LLEN', lists[i]))
+      end
+      weight[i] = w
+      give[i] = 0
+    end
+    local credit = 0
+    local held = redis.call('GET', credit_key)
+    if held then
+      local c, g = string.match(held, '^(%d+) (.*)$')
+      if g == ring[1] then
+        credit = tonumber(c)
+      end
+    end
+    local last, left, carry, round = 0, want, nil, 0
+    local turning = true
+    while left > 0 and turning do
+      turning = false
+      round = round + 1
+      for i = 1, L do
+        local quota = weight[i]
+        local before = 0
+        if round == 1 and i == 1 then
+          before = math.min(credit, quota - 1)
+          quota = quota - before
+        end
+        local k = math.min(quota, left, room[i] - give[i])
+        if k > 0 then
+          give[i] = give[i] + k
+          left = left - k
+          last = i
+          turning = true
+          if left == 0 then
+            if k < quota and give[i] < room[i] then
+              carry = string.format('%d %s', before + k, ring[i])
+            end
+            break
+          end
+        end
+      end
+    end
+    local turns = last
+    if carry then
+      turns = last - 1
+      redis.call('SET', credit_key, carry)
+    elseif last > 0 then
+      redis.call('DEL', credit_key)
+    end
+    for _ = 1, turns do
+      redis.call('LMOVE', ring_key, ring_key, 'LEFT', 'RIGHT')
+    end
+    local again_total = 0
+    more = L == 100 and redis.call('LLEN', ring_key) > 100
+    for i, g in ipairs(ring) do
+      if give[i] > 0 then
+        popped = true
+        local again, leased
+        if g == '' then
+          again = take_plain(give[i]) or 0
+          leased = give[i] - again
+        else
+          local ids = redis.call('LPOP', lists[i], give[i])
+          local live
+          again, leased, live = take(ids)
+          redis.call('HINCRBY', KEYS[7], 'grouped', -#ids)
+          if #live > 0 then
+            redis.call('ZREM', KEYS[12], unpack(live))
+          end
+          if leased > 0 then
+            redis.call('HINCRBY', gactive, g, leased)
+          end
+        end
+        again_total = again_total + again
+        if redis.call('LLEN', lists[i]) == 0 then
+          redis.call('LREM', ring_key, 1, g)
+        elseif cap[i] - leased > 0 then
+          more = true
+        end
+      elseif room[i] > 0 then
+        more = true
+      end
+    end
+    passed = passed + again_total
+    want = math.min(again_total, 1000 - passed)
+  end
+  if redis.call('LLEN', KEYS[1]) == 0 then
+    redis.call('DEL', KEYS[13])
+  end
+  if redis.call('EXISTS', ring_key) == 0 then
+    -- Every group is empty: nothing of the round robin needs to stay.
+    redis.call('DEL', credit_key)
+  end
 end
 if #zargs > 0 then
   redis.call('ZADD', KEYS[2], unpack(zargs))
@@ -151,21 +322,16 @@ release_unique(KEYS[11], finished)
 if #finished > 0 then
   take_progress(KEYS[15], finished)
   notify_finished(KEYS[16], finished)
+  local groups = groups_of(base, finished)
+  groups_forget(base, groups, finished)
 end
 if orphans > 0 then
   redis.call('HINCRBY', KEYS[7], 'orphans', orphans)
 end
 -- More work is waiting: pass the wake-up on to another blocked worker.
-if popped then
-  if redis.call('LLEN', KEYS[1]) > 0 then
-    -- (Not when the rate limit has no token left: the woken worker would find none.)
-    if not tokens or tokens - #zargs / 2 >= 1 then
-      wake(KEYS[6])
-    end
-  else
-    -- Nothing is ready: whatever the latency records still hold is stale.
-    redis.call('DEL', KEYS[12], KEYS[13])
-  end
+-- (Not when the rate limit has no token left: the woken worker would find none.)
+if more and (not tokens or tokens - #zargs / 2 >= 1) then
+  wake(KEYS[6])
 end
 
 local next_due = -1
@@ -173,7 +339,9 @@ if #out == 0 then
   -- This worker is about to wait and computes its wait from the delayed set itself, so a
   -- leftover token would only cost it an empty round trip. Not while work is pending
   -- (everything popped was skipped), and not for a manual fetch that will not wait.
-  if ARGV[6] == '1' and redis.call('LLEN', KEYS[1]) == 0 then
+  -- Work that no worker may take now (its group is paused or at its max_active) does
+  -- not count: the settle that frees a place wakes a worker.
+  if ARGV[6] == '1' and not more then
     redis.call('DEL', KEYS[6])
   end
 end
@@ -184,7 +352,7 @@ if #out < 2 * n then
     next_due = tonumber(first[2])
   end
 end
-if tokens and #out == 2 * n and redis.call('LLEN', KEYS[1]) > 0 then
+if tokens and #out == 2 * n and more then
   -- Limited, with work left: the caller may wait, until the next token at the latest.
   local left = tokens - n
   local due = now + math.ceil(math.max(0, 1 - left) * 1000 / rate)

@@ -25,7 +25,8 @@ if op == 'freeze' then
   end
   redis.call('HSET', KEYS[1], 'frozen', string.format('%d', now + tonumber(ARGV[4])), 'owner', owner)
   local tombstones = tonumber(redis.call('HGET', KEYS[3], 'tombstones') or '0')
-  local pending = redis.call('LLEN', KEYS[2]) - tombstones
+  local grouped = tonumber(redis.call('HGET', KEYS[3], 'grouped') or '0')
+  local pending = redis.call('LLEN', KEYS[2]) + grouped - tombstones
   return pending + redis.call('ZCARD', KEYS[4]) + redis.call('ZCARD', KEYS[5])
     + redis.call('ZCARD', KEYS[6])
 end

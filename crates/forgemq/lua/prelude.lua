@@ -258,3 +258,126 @@ local function runs_take(key, count)
     count = count - n
   end
 end
+
+-- Fair groups (PublishOptions::group). A message with a group waits in its group's own
+-- list `<base>g:<group>` instead of `pending`, where `<base>` is the topic's key prefix
+-- `NS:{T}:` (its keys share the topic's hash tag, so the slot is the same). Beside them:
+-- `gring`   LIST  the groups with listed entries, each once, in the order fetch visits
+--                 them (round robin); '' stands for `pending`, the ungrouped messages, and
+--                 is in the ring while the ring exists and `pending` is not empty
+-- `group`   HASH  id -> its group, while the message is pending, delayed or active
+-- `gactive` HASH  group -> its messages being handled now
+-- `gconf`   HASH  group -> "<max_active> <weight> <paused>" (absent: 0 1 0; 0 = no cap)
+-- The stats hash counts the grouped entries listed (`grouped`, tombstones included), so
+-- that pending = LLEN pending + grouped - tombstones without visiting every group.
+-- Grouped entries are always in `ready` (id -> when it became ready); the runs describe
+-- `pending` only.
+
+-- The key prefix `NS:{T}:` of a topic, from its pending key.
+local function key_base(pending_key)
+  return string.sub(pending_key, 1, -8)
+end
+
+-- The groups of ids, as a table id -> group (empty when no message of the topic has one).
+local function groups_of(base, ids)
+  local out = {}
+  if #ids == 0 or redis.call('EXISTS', base .. 'group') == 0 then
+    return out
+  end
+  local found = redis.call('HMGET', base .. 'group', unpack(ids))
+  for i, g in ipairs(found) do
+    if g then
+      out[ids[i]] = g
+    end
+  end
+  return out
+end
+
+-- Called after `count` entries were pushed onto `pending`, which then held `len`: while
+-- groups are in use, `pending` takes its turn in the ring once it has entries.
+local function note_plain(base, len, count)
+  if count > 0 and len == count and redis.call('EXISTS', base .. 'gring') == 1 then
+    redis.call('RPUSH', base .. 'gring', '')
+  end
+end
+
+-- Pushes the grouped ids among ids onto their groups' lists (at the head when head),
+-- ready since ms, and returns the others, which the caller pushes onto pending (then
+-- calls note_plain). groups: id -> group (nil: looked up).
+local function route_groups(base, pending_key, stats_key, ready_key, ids, groups, head, ms)
+  if #ids == 0 then
+    return ids
+  end
+  groups = groups or groups_of(base, ids)
+  if next(groups) == nil then
+    return ids
+  end
+  local plain, by_group, order = {}, {}, {}
+  for _, id in ipairs(ids) do
+    local g = groups[id]
+    if g then
+      if not by_group[g] then
+        by_group[g] = {}
+        order[#order + 1] = g
+      end
+      local list = by_group[g]
+      list[#list + 1] = id
+    else
+      plain[#plain + 1] = id
+    end
+  end
+  local cmd = head and 'LPUSH' or 'RPUSH'
+  local since, n = {}, 0
+  for _, g in ipairs(order) do
+    local list = by_group[g]
+    if redis.call(cmd, base .. 'g:' .. g, unpack(list)) == #list then
+      -- The group had no entries: it joins the ring (and `pending` with it when the
+      -- ring is new).
+      if redis.call('RPUSH', base .. 'gring', g) == 1 and redis.call('LLEN', pending_key) > 0 then
+        redis.call('RPUSH', base .. 'gring', '')
+      end
+    end
+    for _, id in ipairs(list) do
+      since[#since + 1] = ms
+      since[#since + 1] = id
+    end
+    n = n + #list
+  end
+  if n > 0 then
+    redis.call('ZADD', ready_key, unpack(since))
+    redis.call('HINCRBY', stats_key, 'grouped', n)
+  end
+  return plain
+end
+
+-- Deliveries of ids left `active` (settled, released, recovered): their groups' counts
+-- go down. Returns whether any had a group.
+local function groups_leave(base, groups, ids)
+  local dec, any = {}, false
+  for _, id in ipairs(ids) do
+    local g = groups[id]
+    if g then
+      dec[g] = (dec[g] or 0) + 1
+      any = true
+    end
+  end
+  for g, k in pairs(dec) do
+    if redis.call('HINCRBY', base .. 'gactive', g, -k) <= 0 then
+      redis.call('HDEL', base .. 'gactive', g)
+    end
+  end
+  return any
+end
+
+-- Ids that reached a final state leave the group index.
+local function groups_forget(base, groups, ids)
+  local gone = {}
+  for _, id in ipairs(ids) do
+    if groups[id] then
+      gone[#gone + 1] = id
+    end
+  end
+  if #gone > 0 then
+    redis.call('HDEL', base .. 'group', unpack(gone))
+  end
+end

@@ -11,7 +11,19 @@
 -- Returns the number of messages deleted per state: {pending, active, delayed, dead}.
 
 local tombstones = tonumber(redis.call('HGET', KEYS[8], 'tombstones') or '0')
-local pending = math.max(0, redis.call('LLEN', KEYS[2]) - tombstones)
+local grouped = tonumber(redis.call('HGET', KEYS[8], 'grouped') or '0')
+local pending = math.max(0, redis.call('LLEN', KEYS[2]) + grouped - tombstones)
+-- The groups' lists, their ring, index and counts (their settings stay, like a limit).
+local base = key_base(KEYS[2])
+local gkeys = {base .. 'gring', base .. 'group', base .. 'gactive', base .. 'gcredit'}
+for _, g in ipairs(redis.call('LRANGE', base .. 'gring', 0, -1)) do
+  if g ~= '' then
+    gkeys[#gkeys + 1] = base .. 'g:' .. g
+  end
+end
+for i = 1, #gkeys, 1000 do
+  redis.call('UNLINK', unpack(gkeys, i, math.min(i + 999, #gkeys)))
+end
 local active = redis.call('ZCARD', KEYS[3])
 local delayed = redis.call('ZCARD', KEYS[5])
 local dead = redis.call('ZCARD', KEYS[6])
@@ -36,6 +48,6 @@ for i = 1, #waiting, 1000 do
 end
 redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[9],
   KEYS[10], KEYS[11], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17])
-redis.call('HDEL', KEYS[8], 'tombstones')
+redis.call('HDEL', KEYS[8], 'tombstones', 'grouped')
 redis.call('HINCRBY', KEYS[8], 'purged', pending + active + delayed + dead)
 return {pending, active, delayed, dead}

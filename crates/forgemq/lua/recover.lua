@@ -24,6 +24,10 @@ if #expired == 0 then
 end
 
 local max = tonumber(ARGV[1])
+local base = key_base(KEYS[4])
+local groups = groups_of(base, expired)
+groups_leave(base, groups, expired)
+local back = {}
 local bodies = redis.call('HMGET', KEYS[3], unpack(expired))
 local recovered, dead, orphans = 0, 0, 0
 local died = {}
@@ -42,7 +46,7 @@ for i, id in ipairs(expired) do
       dead = dead + 1
       died[#died + 1] = id
     else
-      redis.call('LPUSH', KEYS[4], id)
+      back[#back + 1] = id
       redis.call('ZADD', KEYS[9], now_text, id)
       recovered = recovered + 1
     end
@@ -61,10 +65,16 @@ if orphans > 0 then
 end
 
 if recovered > 0 then
+  -- To the head (of their group's list, for a grouped message), in the order they expired.
+  local plain = route_groups(base, KEYS[4], KEYS[7], KEYS[9], back, groups, true, now_text)
+  if #plain > 0 then
+    note_plain(base, redis.call('LPUSH', KEYS[4], unpack(plain)), #plain)
+  end
   redis.call('HINCRBY', KEYS[7], 'recovered', recovered)
   wake(KEYS[6])
 end
 if #died > 0 then
+  groups_forget(base, groups, died)
   take_progress(KEYS[10], died)
   notify_finished(KEYS[11], died)
 end

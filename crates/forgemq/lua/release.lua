@@ -33,8 +33,15 @@ if #back > 0 then
     since[#since + 1] = id
   end
   redis.call('ZADD', KEYS[6], unpack(since))
-  -- To the head: these were taken first, so they run first.
-  redis.call('LPUSH', KEYS[3], unpack(back))
+  -- To the head (of their group's list, for a grouped message): these were taken first,
+  -- so they run first.
+  local base = key_base(KEYS[3])
+  local groups = groups_of(base, back)
+  groups_leave(base, groups, back)
+  local plain = route_groups(base, KEYS[3], KEYS[5], KEYS[6], back, groups, true, now_text)
+  if #plain > 0 then
+    note_plain(base, redis.call('LPUSH', KEYS[3], unpack(plain)), #plain)
+  end
   redis.call('HINCRBY', KEYS[5], 'released', #back)
   wake(KEYS[4])
 end

@@ -95,6 +95,14 @@ for i = 1, n do
 end
 
 local dedup_ttl = tonumber(ARGV[3])
+local kbase = key_base(KEYS[5])
+local settled = {}
+for i = 1, n do
+  if results[i] == 1 then
+    settled[#settled + 1] = ids[i]
+  end
+end
+local groups = groups_of(kbase, settled)
 local acked, retried, dead = {}, 0, 0
 -- Per acked message: failed attempts before it, and its result (false: none).
 local acked_retry, acked_result = {}, {}
@@ -121,9 +129,10 @@ for i = acks + 1, n do
       local delay = tonumber(ARGV[b + 4])
       if delay > 0 then
         redis.call('ZADD', KEYS[4], now_up + delay, id)
-      else
-        redis.call('RPUSH', KEYS[5], id)
+      elseif #route_groups(kbase, KEYS[5], KEYS[8], KEYS[15], {id}, groups, false, now) > 0 then
+        local len = redis.call('RPUSH', KEYS[5], id)
         runs_push(KEYS[16], 1, now)
+        note_plain(kbase, len, 1)
       end
       retried = retried + 1
     elseif op == 'dead_as_is' then
@@ -143,12 +152,6 @@ for i = acks + 1, n do
   end
 end
 
-local settled = {}
-for i = 1, n do
-  if results[i] == 1 then
-    settled[#settled + 1] = ids[i]
-  end
-end
 if #settled > 0 then
   redis.call('ZREM', KEYS[1], unpack(settled))
   redis.call('HDEL', KEYS[2], unpack(settled))
@@ -168,6 +171,14 @@ if #acked > 0 then
   end
 end
 release_unique(KEYS[11], final)
+if next(groups) ~= nil then
+  -- A group at its max_active has room again: a worker may be waiting for it.
+  if groups_leave(kbase, groups, settled) and retried == 0
+      and redis.call('EXISTS', kbase .. 'gconf') == 1 then
+    wake(KEYS[7])
+  end
+  groups_forget(kbase, groups, final)
+end
 local progress = take_progress(KEYS[19], final)
 local results_max_len = tonumber(ARGV[6])
 if results_max_len > 0 and #acked > 0 then

@@ -25,7 +25,7 @@ local function store_messages(K, A, first, now, now_up)
     return {}
   end
   -- Message k: its id, and its delay, unique key index and unique key ttl.
-  local ids, delays, uks, ttls, finals = {}, {}, {}, {}, {}
+  local ids, delays, uks, ttls, finals, groups = {}, {}, {}, {}, {}, {}
   for k = 1, count do
     local i = (k - 1) * G + first
     ids[k] = A[i]
@@ -33,11 +33,14 @@ local function store_messages(K, A, first, now, now_up)
     if options == '' then
       delays[k], uks[k] = 0, 0
     else
-      local d, u, t, f = string.match(options, '^(%d+),(%d+),(%d+),([01])$')
+      local d, u, t, f, g = string.match(options, '^(%d+),(%d+),(%d+),([01]),?(.*)$')
       if not d then
         return redis.error_reply('ERR publish: bad options ' .. options)
       end
       delays[k], uks[k], ttls[k], finals[k] = tonumber(d), tonumber(u), t, f == '1'
+      if g ~= '' then
+        groups[k] = g
+      end
     end
   end
 
@@ -70,11 +73,17 @@ local function store_messages(K, A, first, now, now_up)
 
   -- Then the writes, one command per structure for the whole call.
   local bodies, ready, later, held = {}, {}, {}, {}
+  local grouped, indexed = {}, {}
   for k = 1, count do
     if results[k] == 1 then
       local id = ids[k]
       bodies[#bodies + 1] = id
       bodies[#bodies + 1] = A[(k - 1) * G + first + 1]
+      if groups[k] then
+        grouped[id] = groups[k]
+        indexed[#indexed + 1] = id
+        indexed[#indexed + 1] = groups[k]
+      end
       if delays[k] > 0 then
         later[#later + 1] = now_up + delays[k]
         later[#later + 1] = id
@@ -94,9 +103,15 @@ local function store_messages(K, A, first, now, now_up)
   local written = #bodies / 2
   if written > 0 then
     redis.call('HSET', K[1], unpack(bodies))
+    if #indexed > 0 then
+      local base = key_base(K[2])
+      redis.call('HSET', base .. 'group', unpack(indexed))
+      ready = route_groups(base, K[2], K[5], K[10], ready, grouped, false, now)
+    end
     if #ready > 0 then
-      redis.call('RPUSH', K[2], unpack(ready))
+      local len = redis.call('RPUSH', K[2], unpack(ready))
       runs_push(K[11], #ready, now)
+      note_plain(key_base(K[2]), len, #ready)
     end
     if #later > 0 then
       redis.call('ZADD', K[3], unpack(later))

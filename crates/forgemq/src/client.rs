@@ -293,6 +293,7 @@ pub struct PublishOptions {
     pub(crate) unique_until: UniqueUntil,
     pub(crate) partition_key: Option<String>,
     pub(crate) headers: crate::message::Headers,
+    pub(crate) group: Option<String>,
 }
 
 /// How long a unique key ([`PublishOptions::unique_key`]) holds.
@@ -369,8 +370,20 @@ impl PublishOptions {
         self
     }
 
+    /// The fair group this message waits in, e.g. a tenant: within a topic, workers take
+    /// from the groups with waiting messages in turn (weighted round robin), so a group
+    /// with a million waiting messages does not delay a group with ten. Per-group settings
+    /// (most handled at once, weight, pause): [`Client::set_group`]. Group names follow the
+    /// id rules: 1-200 bytes, no spaces or control characters. On a partitioned topic the
+    /// group picks the partition (unless a partition key or unique key is given), so each
+    /// group's settings hold for the whole topic.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
     /// The key that picks the partition: the partition key, else the unique key, else
-    /// the id; and whether both a partition key and a unique key were given (refused on a
+    /// the group, else the id; and whether both a partition key and a unique key were given (refused on a
     /// partitioned topic: the unique key is per topic only while every message with it
     /// goes to one partition, the one the unique key picks).
     fn route_key(&self, id: &MessageId) -> (String, bool) {
@@ -379,6 +392,7 @@ impl PublishOptions {
             .partition_key
             .clone()
             .or_else(|| self.unique.as_ref().map(|(k, _)| k.clone()))
+            .or_else(|| self.group.clone())
             .unwrap_or_else(|| id.as_str().to_owned());
         (key, both)
     }
@@ -488,6 +502,9 @@ pub struct QueueStats {
     pub worker_slots: u64,
     /// Messages of the topic their handlers were running at their last heartbeats.
     pub in_flight: u64,
+    /// The topic's fair groups ([`Client::groups`]), when it ever had grouped messages.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<crate::group::GroupInfo>,
     /// Which partition these figures are of (in [`QueueStats::partitions`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partition: Option<u32>,
@@ -539,6 +556,7 @@ impl QueueStats {
             workers: 0,
             worker_slots: 0,
             in_flight: 0,
+            groups: Vec::new(),
             partition,
             partitions: Vec::new(),
         }
@@ -1101,6 +1119,9 @@ impl Client {
                 ));
             }
         }
+        if let Some(group) = &options.group {
+            crate::group::check_group_name(group)?;
+        }
         if let Some((key, ttl)) = &options.unique {
             if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
                 return Err(Error::Config(
@@ -1133,6 +1154,7 @@ impl Client {
             timestamp,
             options.max_retry,
             &options.headers,
+            options.group.as_deref(),
         );
         if body.len() > self.inner.max_payload {
             return Err(Error::PayloadTooLarge {
@@ -1148,6 +1170,7 @@ impl Client {
                 .unique
                 .clone()
                 .map(|(key, ttl)| (key, ttl, options.unique_until == UniqueUntil::Final)),
+            group: options.group.clone(),
         })
     }
 
@@ -1226,6 +1249,13 @@ impl Client {
         )
         .await?;
         let workers = crate::registry::consumer_counts(consumers.values(), now_ms);
+        // A topic that ever had grouped messages keeps the counter.
+        let grouped = raws.iter().any(|r| r.counters.contains_key("grouped"));
+        let groups = if grouped {
+            self.groups(topic).await?
+        } else {
+            Vec::new()
+        };
         let mut parts: Vec<QueueStats> = raws
             .into_iter()
             .zip(&layout.partitions)
@@ -1239,6 +1269,7 @@ impl Client {
         if parts.len() == 1 {
             let mut only = parts.remove(0);
             only.partition = None;
+            only.groups = groups;
             return Ok(only);
         }
         let mut total = QueueStats {
@@ -1250,6 +1281,7 @@ impl Client {
         }
         total.set_workers(workers);
         total.partitions = parts;
+        total.groups = groups;
         Ok(total)
     }
 

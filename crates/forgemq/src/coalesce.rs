@@ -230,6 +230,7 @@ mod tests {
             delay: Duration::ZERO,
             body: "b".repeat(body),
             unique: None,
+            group: None,
         };
         (Waiting { item, answer }, rx)
     }

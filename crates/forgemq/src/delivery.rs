@@ -256,6 +256,7 @@ impl Client {
                         max_retry: env.max_retry.unwrap_or(DEFAULT_MAX_RETRY),
                         recoveries: env.recoveries,
                         headers: env.headers,
+                        group: env.group,
                         data: env.data,
                         lease: std::sync::Arc::new(LeaseState::new(
                             std::sync::Arc::new(keys.clone()),

@@ -190,6 +190,10 @@ impl Namespace {
             finished: k("finished"),
             progress: k("progress"),
             waiters: k("waiters"),
+            gring: k("gring"),
+            gconf: k("gconf"),
+            gactive: k("gactive"),
+            group_prefix: k("g:"),
             // One per topic, partitioned or not: workers consume topics, not partitions.
             workers: format!("{}:{{{}}}:workers", self.ns, topic),
             unique_prefix: k("unique:"),
@@ -263,6 +267,14 @@ pub(crate) struct TopicKeys {
     /// HASH id → how many callers wait for it to finish; each is woken by a token on the
     /// LIST `<waiters>:<id>`.
     pub(crate) waiters: String,
+    /// LIST of the fair groups with waiting messages, in the order fetch visits them ('' is
+    /// `pending`, the ungrouped messages); see `lua/prelude.lua`.
+    pub(crate) gring: String,
+    /// HASH group → `"<max_active> <weight> <paused>"`, the groups' settings.
+    pub(crate) gconf: String,
+    /// HASH group → its messages being handled now.
+    pub(crate) gactive: String,
+    pub(crate) group_prefix: String,
     /// HASH worker id → `concurrency,in_flight,expires_ms` of the workers consuming the
     /// topic (in the plain topic's slot for a partitioned one).
     pub(crate) workers: String,
@@ -274,6 +286,11 @@ impl TopicKeys {
     /// LIST on which a finished message leaves one token per waiter.
     pub(crate) fn waiting(&self, id: &str) -> String {
         format!("{}:{}", self.waiters, id)
+    }
+
+    /// LIST of the waiting messages of one fair group.
+    pub(crate) fn group_list(&self, group: &str) -> String {
+        format!("{}{}", self.group_prefix, group)
     }
 
     /// STRING holding the id of the message that owns a unique key, until its ttl.

@@ -42,6 +42,7 @@ mod coalesce;
 mod conn;
 pub mod delivery;
 pub mod error;
+pub mod group;
 pub mod handler;
 mod keys;
 pub mod limit;
@@ -75,6 +76,7 @@ pub use client::{
 };
 pub use delivery::Delivery;
 pub use error::{Error, Result};
+pub use group::{GroupInfo, GroupSettings, MAX_GROUP_NAME, MAX_GROUP_WEIGHT};
 pub use handler::{Backoff, HandlerError};
 pub use keys::{validate_topic, MAX_PARTITIONS};
 pub use limit::{RateLimit, TopicLimit};

@@ -193,6 +193,9 @@ pub(crate) struct Envelope {
     /// The publisher's headers (trace context and the like), string to string.
     #[serde(skip_serializing_if = "Headers::is_empty")]
     pub(crate) headers: Headers,
+    /// The fair group it waits in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) group: Option<String>,
     /// Fields this version does not know, kept so that a newer writer's fields survive.
     #[serde(flatten)]
     pub(crate) extra: Map<String, Value>,
@@ -237,6 +240,7 @@ impl<'de> serde::de::Visitor<'de> for EnvelopeVisitor {
             last_error: None,
             errors: Vec::new(),
             headers: Headers::new(),
+            group: None,
             extra: Map::new(),
         };
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
@@ -250,6 +254,16 @@ impl<'de> serde::de::Visitor<'de> for EnvelopeVisitor {
                 "recoveries" => env.recoveries = map.next_value()?,
                 "last_error" => env.last_error = map.next_value()?,
                 "errors" => env.errors = map.next_value()?,
+                "group" => {
+                    let value = map.next_value::<Value>()?;
+                    match value {
+                        Value::String(g) => env.group = Some(g),
+                        Value::Null => env.group = None,
+                        other => {
+                            env.extra.insert("group".to_owned(), other);
+                        }
+                    }
+                }
                 // Read leniently: another producer's malformed headers must not make the
                 // whole message unreadable; they are kept as they are, unread.
                 "headers" => {
@@ -288,6 +302,7 @@ impl Envelope {
             last_error: None,
             errors: Vec::new(),
             headers: Headers::new(),
+            group: None,
             extra: Map::new(),
         }
     }
@@ -302,6 +317,7 @@ impl Envelope {
         timestamp: &str,
         max_retry: Option<u32>,
         headers: &Headers,
+        group: Option<&str>,
     ) -> String {
         #[derive(Serialize)]
         struct New<'a> {
@@ -314,6 +330,8 @@ impl Envelope {
             max_retry: Option<u32>,
             #[serde(skip_serializing_if = "Headers::is_empty")]
             headers: &'a Headers,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            group: Option<&'a str>,
         }
         let new = New {
             id: id.as_str(),
@@ -323,6 +341,7 @@ impl Envelope {
             retry: 0,
             max_retry,
             headers,
+            group,
         };
         // Strings, numbers and JSON text already checked: this cannot fail.
         serde_json::to_string(&new).unwrap_or_default()
@@ -519,6 +538,8 @@ pub struct Message<T = Value> {
     /// The publisher's headers ([`PublishOptions::header`](crate::PublishOptions::header)),
     /// e.g. a W3C `traceparent`.
     pub headers: Headers,
+    /// The fair group it waited in ([`PublishOptions::group`](crate::PublishOptions::group)).
+    pub group: Option<String>,
     pub(crate) lease: Arc<LeaseState>,
     pub(crate) client: crate::Client,
 }
@@ -561,6 +582,7 @@ impl<T> Message<T> {
             max_retry: self.max_retry,
             recoveries: self.recoveries,
             headers: self.headers,
+            group: self.group,
             lease: self.lease,
             client: self.client,
         })
@@ -682,10 +704,14 @@ mod tests {
             ("tenant".to_owned(), "ACME \"42\"".to_owned()),
         ]
         .into();
-        for (max_retry, headers) in [(None, Headers::new()), (Some(5), traced)] {
+        for (max_retry, headers, group) in [
+            (None, Headers::new(), None),
+            (Some(5), traced, Some("tenant-42")),
+        ] {
             let mut env = Envelope::new(&id, "order.created", data.clone(), max_retry);
             env.timestamp = "2025-10-15T10:30:00.123Z".to_owned();
             env.headers = headers.clone();
+            env.group = group.map(str::to_owned);
             let raw = serde_json::value::to_raw_value(&data).unwrap();
             let fast = Envelope::encode_new(
                 &id,
@@ -694,8 +720,13 @@ mod tests {
                 &env.timestamp,
                 max_retry,
                 &headers,
+                group,
             );
             assert_eq!(fast, env.encode());
+            assert_eq!(
+                Envelope::decode(fast.as_bytes()).unwrap().group.as_deref(),
+                group
+            );
             let back = Envelope::decode(fast.as_bytes()).unwrap();
             assert_eq!(back.data, data);
             assert_eq!(back.max_retry, max_retry);

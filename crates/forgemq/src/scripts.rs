@@ -57,11 +57,12 @@ pub(crate) struct Scripts {
     pub(crate) limit: Lua,
     pub(crate) progress: Lua,
     pub(crate) watch: Lua,
+    pub(crate) group_set: Lua,
 }
 
 impl Scripts {
     /// Every script, for loading them all at connect time.
-    pub(crate) fn all(&self) -> [&Lua; 19] {
+    pub(crate) fn all(&self) -> [&Lua; 20] {
         [
             &self.publish,
             &self.fetch,
@@ -82,6 +83,7 @@ impl Scripts {
             &self.limit,
             &self.progress,
             &self.watch,
+            &self.group_set,
         ]
     }
 
@@ -106,6 +108,7 @@ impl Scripts {
             limit: script!("limit.lua"),
             progress: script!("progress.lua"),
             watch: script!("watch.lua"),
+            group_set: script!("group_set.lua"),
         }
     }
 }

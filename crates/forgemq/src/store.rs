@@ -53,6 +53,8 @@ pub(crate) struct PublishItem {
     /// A unique key, how long it holds at most, and whether it is released when the
     /// message reaches a final state (else it holds for the whole ttl).
     pub(crate) unique: Option<(String, Duration, bool)>,
+    /// The fair group it waits in ([`crate::PublishOptions::group`]).
+    pub(crate) group: Option<String>,
 }
 
 /// What publishing one message did.
@@ -463,6 +465,69 @@ impl Store {
         let mut call = Self::evalsha(script, &[&keys.limit]);
         call.arg("set").arg(format!("{rate}")).arg(burst);
         self.run::<()>(script, &call).await
+    }
+
+    /// Sets (`Some("<max_active> <weight> <paused>")`) or removes the settings of one fair
+    /// group; whether it had settings.
+    pub(crate) async fn set_group(
+        &self,
+        keys: &TopicKeys,
+        group: &str,
+        settings: Option<&str>,
+    ) -> Result<bool> {
+        let script = &self.scripts.group_set;
+        let mut call = Self::evalsha(script, &[&keys.gconf, &keys.wake]);
+        call.arg(group).arg(settings.unwrap_or(""));
+        Ok(self.run::<i64>(script, &call).await? == 1)
+    }
+
+    /// The fair groups of one topic (or partition) with waiting or running messages or
+    /// settings: name, entries listed, active, settings (as stored).
+    pub(crate) async fn groups(
+        &self,
+        keys: &TopicKeys,
+    ) -> Result<Vec<(String, u64, u64, Option<String>)>> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("LRANGE")
+            .arg(&keys.gring)
+            .arg(0)
+            .arg(-1)
+            .hgetall(&keys.gactive)
+            .hgetall(&keys.gconf);
+        let (ring, active, conf): (Vec<String>, HashMap<String, u64>, HashMap<String, String>) =
+            self.exec(Req::Pipe(&pipe), Route::Key(&keys.gring), None)
+                .await?;
+        let mut names: Vec<String> = ring
+            .into_iter()
+            .filter(|g| !g.is_empty())
+            .chain(active.keys().cloned())
+            .chain(conf.keys().cloned())
+            .collect();
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut lens = Vec::with_capacity(names.len());
+        for chunk in names.chunks(MAX_PER_CALL) {
+            let mut pipe = redis::pipe();
+            for g in chunk {
+                pipe.llen(keys.group_list(g));
+            }
+            let part: Vec<u64> = self
+                .exec(Req::Pipe(&pipe), Route::Key(&keys.gring), None)
+                .await?;
+            lens.extend(part);
+        }
+        Ok(names
+            .into_iter()
+            .zip(lens)
+            .map(|(g, pending)| {
+                let a = active.get(&g).copied().unwrap_or(0);
+                let c = conf.get(&g).cloned();
+                (g, pending, a, c)
+            })
+            .collect())
     }
 
     /// A topic's rate limit: rate per second and burst.
@@ -913,6 +978,7 @@ impl Store {
                 &keys.wake,
                 &keys.stats,
                 &keys.runs,
+                &keys.ready,
             ],
         );
         call.arg(ids);
@@ -966,12 +1032,54 @@ impl Store {
     ) -> Result<Vec<(Vec<u8>, Option<f64>)>> {
         Ok(match state {
             PeekState::Pending => {
+                // The ungrouped ones first, then each fair group's (in the ring's order, the
+                // first 100 groups), as if they were one list.
                 let range = redis::cmd("LRANGE")
                     .arg(&keys.pending)
                     .arg(start)
                     .arg(stop)
                     .to_owned();
-                let ids: Vec<Vec<u8>> = self.cmd(&range, &keys.pending).await?;
+                let mut ids: Vec<Vec<u8>> = self.cmd(&range, &keys.pending).await?;
+                let want = stop.saturating_sub(start) + 1;
+                if ids.len() < want {
+                    let ring = redis::cmd("LRANGE")
+                        .arg(&keys.gring)
+                        .arg(0)
+                        .arg(99)
+                        .to_owned();
+                    let ring: Vec<String> = self.cmd(&ring, &keys.gring).await?;
+                    let mut lists = vec![keys.pending.clone()];
+                    lists.extend(
+                        ring.iter()
+                            .filter(|g| !g.is_empty())
+                            .map(|g| keys.group_list(g)),
+                    );
+                    if lists.len() > 1 {
+                        ids.clear();
+                        let mut skip = start;
+                        for list in &lists {
+                            let left = want - ids.len();
+                            if left == 0 {
+                                break;
+                            }
+                            let len: usize = self
+                                .cmd(&redis::cmd("LLEN").arg(list).to_owned(), list)
+                                .await?;
+                            if skip >= len {
+                                skip -= len;
+                                continue;
+                            }
+                            let range = redis::cmd("LRANGE")
+                                .arg(list)
+                                .arg(skip)
+                                .arg(skip + left - 1)
+                                .to_owned();
+                            let part: Vec<Vec<u8>> = self.cmd(&range, list).await?;
+                            ids.extend(part);
+                            skip = 0;
+                        }
+                    }
+                }
                 ids.into_iter().map(|id| (id, None)).collect()
             }
             PeekState::Delayed | PeekState::Active | PeekState::Dead => {
@@ -1144,7 +1252,9 @@ impl Store {
         };
         Ok(RawStats {
             // Entries of cancelled messages stay listed until a fetch skips them.
-            pending: listed.saturating_sub(counters.get("tombstones").copied().unwrap_or(0)),
+            // Grouped messages wait in their groups' lists, counted in `grouped`.
+            pending: (listed + counters.get("grouped").copied().unwrap_or(0))
+                .saturating_sub(counters.get("tombstones").copied().unwrap_or(0)),
             active,
             delayed,
             dead,
@@ -1495,11 +1605,16 @@ fn message_args(
             None => None,
         };
         let delay = millis(item.delay);
-        options.push(match index {
-            None if delay == 0 => String::new(),
+        let mut option = match index {
+            None if delay == 0 && item.group.is_none() => String::new(),
             None => format!("{delay},0,0,0"),
             Some((index, ttl, until_final)) => format!("{delay},{index},{ttl},{until_final}"),
-        });
+        };
+        if let Some(group) = &item.group {
+            option.push(',');
+            option.push_str(group);
+        }
+        options.push(option);
     }
     (key_names, options)
 }

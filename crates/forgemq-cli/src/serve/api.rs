@@ -23,9 +23,9 @@ use utoipa_axum::routes;
 
 use super::schema::{
     self, BatchPublished, Cancelled, CancelledFrom, DeletedCount, DeletedId, DeletedSchedule,
-    Duplicate, Envelope, ErrorBody, IdList, LimitEntry, MessageStatus, MinuteCounts, Paused,
-    Published, PurgeResult, RequeuedCount, RequeuedId, Resumed, RunningMessage, ScheduleEntry,
-    TopicLayout, TopicStats, WorkerEntry, WorkerStateField, WorkerTopicEntry,
+    Duplicate, Envelope, ErrorBody, GroupEntry, IdList, LimitEntry, MessageStatus, MinuteCounts,
+    Paused, Published, PurgeResult, RequeuedCount, RequeuedId, Resumed, RunningMessage,
+    ScheduleEntry, TopicLayout, TopicStats, WorkerEntry, WorkerStateField, WorkerTopicEntry,
 };
 use super::AppState;
 use crate::output;
@@ -80,6 +80,8 @@ pub(super) fn router(state: AppState) -> Router<AppState> {
         .routes(routes!(throughput))
         .routes(routes!(list_limits))
         .routes(routes!(get_limit, put_limit, delete_limit))
+        .routes(routes!(list_groups))
+        .routes(routes!(put_group, delete_group))
         .routes(routes!(list_schedules))
         .routes(routes!(get_schedule, put_schedule, delete_schedule))
         .routes(routes!(run_schedule))
@@ -282,6 +284,16 @@ struct PublishRequest {
     /// at most 64; names 1-128 bytes of printable ASCII without spaces, values up to 1,024 characters.
     #[serde(default)]
     headers: std::collections::BTreeMap<String, String>,
+    /// The fair group it waits in, e.g. a tenant: workers take from the groups in turn, so
+    /// one group's backlog does not delay another. 1-200 bytes (UTF-8) without whitespace
+    /// or control characters. On a partitioned topic the group picks the partition (unless
+    /// a partition key or unique key is given).
+    #[schema(
+        max_length = 200,
+        pattern = "^[^\\x00-\\x20\\x7f-\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]{1,200}$"
+    )]
+    #[serde(default)]
+    group: Option<String>,
 }
 
 /// `unique_until` of a publish request.
@@ -334,6 +346,9 @@ impl PublishRequest {
         }
         for (name, value) in self.headers {
             options = options.header(name, value);
+        }
+        if let Some(group) = self.group {
+            options = options.group(group);
         }
         Ok((self.data, options))
     }
@@ -1255,6 +1270,128 @@ async fn run_schedule(
     }
     let id = state.mq.run_schedule_now(&name).await?;
     Ok((StatusCode::CREATED, Json(Published { id: id.to_string() })))
+}
+
+/// The topic and group of a route.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct GroupPath {
+    /// Topic name: 1-200 ASCII letters, digits and `. _ - :`, e.g. `user.welcome`.
+    #[param(pattern = "^[A-Za-z0-9._:-]{1,200}$", example = "user.welcome")]
+    topic: String,
+    /// Group name: 1-200 bytes (UTF-8) without whitespace or control characters.
+    #[param(
+        pattern = "^[^\\x00-\\x20\\x7f-\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]{1,200}$",
+        example = "tenant-42"
+    )]
+    group: String,
+}
+
+/// A fair group's settings to set; fields left out keep their current value.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct GroupRequest {
+    /// Most of its messages handled at once across every worker (0: no cap).
+    #[serde(default, deserialize_with = "schema::opt_u32")]
+    #[schema(minimum = 0, maximum = 4294967295_u64)]
+    max_active: Option<u32>,
+    /// Messages it gives per turn of the round robin.
+    #[serde(default, deserialize_with = "schema::opt_u32")]
+    #[schema(minimum = 1, maximum = 1000)]
+    weight: Option<u32>,
+    /// Paused: its messages wait, the other groups go on.
+    #[serde(default)]
+    paused: Option<bool>,
+}
+
+fn group_entry(g: forgemq::GroupInfo) -> GroupEntry {
+    GroupEntry {
+        group: g.group,
+        pending: g.pending,
+        active: g.active,
+        max_active: g.max_active,
+        weight: g.weight,
+        paused: g.paused,
+        configured: g.configured,
+    }
+}
+
+async fn one_group(state: &AppState, topic: &str, group: &str) -> ApiResult<GroupEntry> {
+    let found = state
+        .mq
+        .groups(topic)
+        .await?
+        .into_iter()
+        .find(|g| g.group == group);
+    Ok(match found {
+        Some(g) => group_entry(g),
+        None => GroupEntry {
+            group: group.to_owned(),
+            pending: 0,
+            active: 0,
+            max_active: 0,
+            weight: 1,
+            paused: false,
+            configured: false,
+        },
+    })
+}
+
+/// The topic's fair groups: those with waiting or running messages or settings.
+#[utoipa::path(get, path = "/topics/{topic}/groups", tag = "groups",
+    params(TopicPath),
+    responses((status = 200, description = "The groups, by name", body = Vec<GroupEntry>),
+              (status = 400, description = "Bad topic name", body = ErrorBody)))]
+async fn list_groups(
+    State(state): State<AppState>,
+    ApiPath(TopicPath { topic }): ApiPath<TopicPath>,
+) -> ApiResult<Json<Vec<GroupEntry>>> {
+    let all = state.mq.groups(&topic).await?;
+    Ok(Json(all.into_iter().map(group_entry).collect()))
+}
+
+/// Set how workers treat one group of the topic, for every worker from now on.
+#[utoipa::path(put, path = "/topics/{topic}/groups/{group}", tag = "groups",
+    params(GroupPath),
+    request_body = GroupRequest,
+    responses((status = 200, description = "The group as it now is", body = GroupEntry),
+              (status = 400, description = "Bad topic or group name, or weight", body = ErrorBody)))]
+async fn put_group(
+    State(state): State<AppState>,
+    ApiPath(GroupPath { topic, group }): ApiPath<GroupPath>,
+    ApiJson(Object(request)): ApiJson<Object<GroupRequest>>,
+) -> ApiResult<Json<GroupEntry>> {
+    let mut settings = state.mq.group_settings(&topic, &group).await?;
+    if let Some(n) = request.max_active {
+        settings = settings.max_active(n);
+    }
+    if let Some(w) = request.weight {
+        settings = settings.weight(w);
+    }
+    if let Some(p) = request.paused {
+        settings = settings.paused(p);
+    }
+    state.mq.set_group(&topic, &group, settings).await?;
+    Ok(Json(one_group(&state, &topic, &group).await?))
+}
+
+/// Remove a group's settings (back to no cap, weight 1, not paused).
+#[utoipa::path(delete, path = "/topics/{topic}/groups/{group}", tag = "groups",
+    params(GroupPath),
+    responses((status = 200, description = "Removed; the group as it now is", body = GroupEntry),
+              (status = 400, description = "Bad topic or group name", body = ErrorBody),
+              (status = 404, description = "The group has no settings", body = ErrorBody)))]
+async fn delete_group(
+    State(state): State<AppState>,
+    ApiPath(GroupPath { topic, group }): ApiPath<GroupPath>,
+) -> ApiResult<Json<GroupEntry>> {
+    if !state.mq.remove_group(&topic, &group).await? {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("group {group:?} of {topic:?} has no settings"),
+        ));
+    }
+    Ok(Json(one_group(&state, &topic, &group).await?))
 }
 
 /// A rate limit to set.

@@ -361,6 +361,23 @@ fn encode_metrics(
         "forgemq_oldest_dead_age_seconds",
         "How long ago the oldest dead letter died (0: no dead letters)",
     );
+    // Fair groups: a series per group would grow with the tenants; the 100 groups of a
+    // topic with the most waiting messages are shown.
+    let group_depth = gauge(
+        &mut registry,
+        "forgemq_group_messages",
+        "Messages per fair group and state (pending, active), for the 100 groups of each topic with the most waiting",
+    );
+    let group_paused = gauge(
+        &mut registry,
+        "forgemq_group_paused",
+        "1 while the fair group is paused",
+    );
+    let group_max = gauge(
+        &mut registry,
+        "forgemq_group_max_active",
+        "Most messages of the fair group handled at once (0: no cap)",
+    );
     let counters: Vec<Family<Labels, Counter>> = [
         ("forgemq_published", "Messages published"),
         (
@@ -430,6 +447,20 @@ fn encode_metrics(
         ];
         for (family, value) in counters.iter().zip(totals) {
             family.get_or_create(&topic()).inc_by(value);
+        }
+        let mut groups: Vec<&forgemq::GroupInfo> = s.groups.iter().collect();
+        groups.sort_by(|a, b| b.pending.cmp(&a.pending).then(a.group.cmp(&b.group)));
+        for g in groups.into_iter().take(100) {
+            let labels = vec![("topic", s.topic.clone()), ("group", g.group.clone())];
+            for (state, value) in [("pending", g.pending), ("active", g.active)] {
+                let mut l = labels.clone();
+                l.push(("state", state.to_owned()));
+                group_depth.get_or_create(&l).set(count(value));
+            }
+            group_paused.get_or_create(&labels).set(i64::from(g.paused));
+            group_max
+                .get_or_create(&labels)
+                .set(i64::from(g.max_active));
         }
     }
     let next_fire = seconds(

@@ -203,6 +203,29 @@ pub(super) struct TopicStats {
     /// are their sums); absent for a plain topic.
     #[schema(no_recursion, required = false)]
     pub(super) partitions: Vec<TopicStats>,
+    /// The topic's fair groups; absent for a topic that never had grouped messages.
+    #[schema(required = false)]
+    pub(super) groups: Vec<GroupEntry>,
+}
+
+/// One fair group of a topic (mirror of `forgemq::GroupInfo`).
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct GroupEntry {
+    /// The group's name.
+    pub(super) group: String,
+    /// Its messages waiting to run.
+    pub(super) pending: u64,
+    /// Its messages being handled now.
+    pub(super) active: u64,
+    /// Most handled at once across every worker (0: no cap).
+    pub(super) max_active: u32,
+    /// Messages it gives per turn of the round robin.
+    #[schema(minimum = 1, maximum = 1000)]
+    pub(super) weight: u32,
+    /// Whether it is paused.
+    pub(super) paused: bool,
+    /// Whether its settings were set rather than the defaults.
+    pub(super) configured: bool,
 }
 
 /// A topic's layout (the fields of `forgemq::TopicInfo`).
@@ -647,6 +670,11 @@ mod tests {
         part.partition = Some(0);
         let mut stats = forgemq::QueueStats::default();
         stats.partitions = vec![part.clone()];
+        stats.groups = vec![forgemq::GroupInfo::default()];
+        assert_eq!(
+            schema_fields::<GroupEntry>(),
+            fields(&serde_json::to_value(forgemq::GroupInfo::default()).unwrap())
+        );
         let serialized = serde_json::to_value(&stats).unwrap();
         assert_eq!(
             schema_fields::<TopicStats>(),

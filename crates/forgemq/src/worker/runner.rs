@@ -280,6 +280,7 @@ impl Runner {
                 max_retry: envelope.max_retry.unwrap_or(self.sub.max_retry),
                 recoveries: envelope.recoveries,
                 headers: envelope.headers,
+                group: envelope.group,
                 data: envelope.data,
                 lease: Arc::clone(&t.lease),
                 client: self.client.clone(),

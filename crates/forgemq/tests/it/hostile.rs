@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use forgemq::{
-    Backoff, Cancelled, Client, Error, HandlerError, Message, MessageId, PublishOptions,
-    Subscription, WarningKind, Worker,
+    Backoff, Cancelled, Client, Error, GroupSettings, HandlerError, Message, MessageId,
+    PublishOptions, Subscription, WarningKind, Worker,
 };
 use forgemq_test_support::{
     assert_none_lost, check_invariants, redis_server_binary, server_supports_tls, Layout,
@@ -1140,6 +1140,8 @@ const LIBRARY_COMMANDS: &[&str] = &[
     "+lpush",
     "+lpop",
     "+lset",
+    "+lmove",
+    "+lrem",
     "+del",
     "+unlink",
     "+pexpire",
@@ -1532,6 +1534,25 @@ async fn acl_and_tls() {
     assert_eq!(mq.purge_queue(side).await.unwrap().total(), 1);
     assert_eq!(mq.stats(side).await.unwrap().pending, 0);
 
+    // Fair groups under the same user: settings, the ring turning (LMOVE) and emptied
+    // groups leaving it (LREM).
+    mq.set_group(side, "g1", GroupSettings::new().weight(2))
+        .await
+        .unwrap();
+    let grouped = mq
+        .publish_batch_with(
+            side,
+            ["g1", "g1", "g2", "g2"].map(|g| (json!({"g": g}), PublishOptions::new().group(g))),
+        )
+        .await
+        .unwrap();
+    let got = mq.pop_messages(side, 4).await.unwrap();
+    assert_eq!(got.len(), 4);
+    for d in got {
+        d.ack().await.unwrap();
+    }
+    assert!(mq.remove_group(side, "g1").await.unwrap());
+
     let mut ids = strings(&[&ok, &flaky, &poison, &slow, &delayed, unique.id()]);
     ids.extend(strings(&batch));
     let report = invariants(&server, topic, &ids);
@@ -1539,7 +1560,11 @@ async fn acl_and_tls() {
     check_invariants(
         &mut server.conn(),
         &Layout::new("mq", side),
-        &strings(&[&a, &pending, &later, &held]),
+        &[
+            strings(&[&a, &pending, &later, &held]),
+            grouped.iter().map(|o| o.id().to_string()).collect(),
+        ]
+        .concat(),
     );
 
     // Nothing the library sent was denied, except CONFIG GET (by design of this user).

@@ -13,6 +13,7 @@ mod chaos;
 mod delayed;
 mod faults;
 mod features;
+mod groups;
 mod hardening;
 mod hostile;
 mod inspect;
