@@ -1146,14 +1146,18 @@ impl Client {
                 "data holds an integer that does not fit in 64 bits; send it as a string".into(),
             ));
         }
-        crate::message::check_headers(&options.headers)?;
+        #[cfg(feature = "otel")]
+        let headers = crate::otel::with_current_context(&options.headers);
+        #[cfg(not(feature = "otel"))]
+        let headers = std::borrow::Cow::Borrowed(&options.headers);
+        crate::message::check_headers(&headers)?;
         let body = Envelope::encode_new(
             id,
             topic,
             &data,
             timestamp,
             options.max_retry,
-            &options.headers,
+            &headers,
             options.group.as_deref(),
         );
         if body.len() > self.inner.max_payload {

@@ -47,6 +47,8 @@ pub mod handler;
 mod keys;
 pub mod limit;
 pub mod message;
+#[cfg(feature = "otel")]
+mod otel;
 pub mod registry;
 pub mod schedule;
 mod scripts;

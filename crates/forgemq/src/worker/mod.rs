@@ -64,6 +64,9 @@ pub struct Subscription {
     pub(crate) dedup_ttl: Option<Duration>,
     pub(crate) prefetch: Option<usize>,
     pub(crate) results: Option<Retention>,
+    /// With the `otel` feature: run attempts as children of the producer's span.
+    #[cfg(feature = "otel")]
+    pub(crate) trace_parent: bool,
 }
 
 /// How long [`Subscription::deduplicate`] remembers processed ids, as the seed's
@@ -81,11 +84,23 @@ impl Default for Subscription {
             dedup_ttl: None,
             prefetch: None,
             results: None,
+            #[cfg(feature = "otel")]
+            trace_parent: false,
         }
     }
 }
 
 impl Subscription {
+    /// With the `otel` feature: run each attempt's CONSUMER span as a child of the span
+    /// that published the message (one trace from request to handler) instead of in a trace
+    /// of its own with a link to it (the default, as the OpenTelemetry messaging
+    /// conventions recommend: a message may run long after, or many times).
+    #[cfg(feature = "otel")]
+    pub fn trace_parent(mut self, parent: bool) -> Self {
+        self.trace_parent = parent;
+        self
+    }
+
     /// One handler at a time, 3 retries, exponential backoff from 1 s, 15 s lease,
     /// 30 min handler timeout.
     pub fn new() -> Self {

@@ -342,8 +342,13 @@ impl Runner {
         let handler_time = Arc::clone(&self.handler_time);
         let started = std::time::Instant::now();
         let runner = Arc::clone(self);
+        #[cfg(feature = "otel")]
+        let span = crate::otel::attempt_span(&message, self.sub.trace_parent);
         tasks.spawn(async move {
-            let verdict = guarded(handler(message), timeout, |r| match r {
+            let work = async move { handler(message).await };
+            #[cfg(feature = "otel")]
+            let work = tracing::Instrument::instrument(work, span);
+            let verdict = guarded(work, timeout, |r| match r {
                 Ok(result) => Verdict::Ack { result },
                 Err(e) => Verdict::from_error(&e),
             })
@@ -413,9 +418,14 @@ impl Runner {
         let handler = Arc::clone(handler);
         let timeout = self.sub.timeout;
         let Some(out_tx) = self.sender() else { return };
+        #[cfg(feature = "otel")]
+        let span = crate::otel::batch_span(&self.keys.topic, &messages);
         tasks.spawn(async move {
+            let work = async move { handler(messages).await };
+            #[cfg(feature = "otel")]
+            let work = tracing::Instrument::instrument(work, span);
             let n = held.len();
-            let verdicts = match guarded(handler(messages), timeout, |v| v).await {
+            let verdicts = match guarded(work, timeout, |v| v).await {
                 Ok(v) => v,
                 Err(error) => (0..n).map(|_| Verdict::retry(error.clone())).collect(),
             };
