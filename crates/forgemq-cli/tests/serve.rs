@@ -2358,6 +2358,7 @@ fn api_publishes_to_groups_and_sets_their_settings() {
         r#"forgemq_group_messages{topic="report.build",group="acme",state="pending"} 2"#,
         r#"forgemq_group_paused{topic="report.build",group="acme"} 1"#,
         r#"forgemq_group_max_active{topic="report.build",group="acme"} 2"#,
+        r#"forgemq_results_kept{topic="report.build"} 0"#,
     ] {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
     }

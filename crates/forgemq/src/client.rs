@@ -502,6 +502,10 @@ pub struct QueueStats {
     pub worker_slots: u64,
     /// Messages of the topic their handlers were running at their last heartbeats.
     pub in_flight: u64,
+    /// Records of finished (done or cancelled) messages kept for
+    /// [`Client::message_status`], within the retention ([`crate::Retention`]); a few may be
+    /// past their age and no longer shown.
+    pub results_kept: u64,
     /// The topic's fair groups ([`Client::groups`]), when it ever had grouped messages.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<crate::group::GroupInfo>,
@@ -556,6 +560,7 @@ impl QueueStats {
             workers: 0,
             worker_slots: 0,
             in_flight: 0,
+            results_kept: raw.results,
             groups: Vec::new(),
             partition,
             partitions: Vec::new(),
@@ -565,6 +570,7 @@ impl QueueStats {
     /// Adds a partition's figures to these.
     fn add(&mut self, p: &QueueStats) {
         self.pending += p.pending;
+        self.results_kept += p.results_kept;
         self.active += p.active;
         self.delayed += p.delayed;
         self.dead += p.dead;

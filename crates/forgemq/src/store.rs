@@ -174,6 +174,8 @@ pub(crate) struct RawStats {
     pub(crate) dead: u64,
     pub(crate) counters: HashMap<String, u64>,
     pub(crate) paused: bool,
+    /// Records of finished messages kept.
+    pub(crate) results: u64,
     /// Redis's clock when read (ms).
     pub(crate) now_ms: i64,
     /// When the message waiting longest became ready (ms).
@@ -1211,7 +1213,11 @@ impl Store {
         for key in [&keys.ready, &keys.dead, &keys.delayed] {
             pipe.cmd("ZRANGE").arg(key).arg(0).arg(0).arg("WITHSCORES");
         }
-        pipe.cmd("TIME").cmd("LINDEX").arg(&keys.runs).arg(0);
+        pipe.cmd("TIME")
+            .cmd("LINDEX")
+            .arg(&keys.runs)
+            .arg(0)
+            .hlen(&keys.results);
         #[allow(clippy::type_complexity)]
         let (
             listed,
@@ -1225,6 +1231,7 @@ impl Store {
             due,
             (secs, micros),
             run,
+            results,
         ): (
             u64,
             u64,
@@ -1237,6 +1244,7 @@ impl Store {
             Vec<(String, f64)>,
             (i64, i64),
             Option<String>,
+            u64,
         ) = self
             .exec(Req::Pipe(&pipe), Route::Key(&keys.stats), None)
             .await?;
@@ -1260,6 +1268,7 @@ impl Store {
             dead,
             counters,
             paused,
+            results,
             now_ms: secs * 1000 + micros / 1000,
             oldest_ready_ms,
             oldest_dead_ms: first(died),

@@ -351,6 +351,11 @@ fn encode_metrics(
         "forgemq_in_flight",
         "Messages of the topic being handled by those workers, at their last heartbeats",
     );
+    let results_kept = gauge(
+        &mut registry,
+        "forgemq_results_kept",
+        "Records of finished messages kept for the message lookup (state, result, progress), within the retention",
+    );
     let oldest_pending = seconds(
         &mut registry,
         "forgemq_oldest_pending_age_seconds",
@@ -429,6 +434,9 @@ fn encode_metrics(
         workers.get_or_create(&topic()).set(count(s.workers));
         slots.get_or_create(&topic()).set(count(s.worker_slots));
         in_flight.get_or_create(&topic()).set(count(s.in_flight));
+        results_kept
+            .get_or_create(&topic())
+            .set(count(s.results_kept));
         oldest_pending
             .get_or_create(&topic())
             .set(age(s.oldest_pending_age_ms));

@@ -196,6 +196,8 @@ pub(super) struct TopicStats {
     pub(super) worker_slots: u64,
     /// Messages of the topic their handlers were running at their last heartbeats.
     pub(super) in_flight: u64,
+    /// Records of finished (done or cancelled) messages kept for the message lookup.
+    pub(super) results_kept: u64,
     /// Which partition these figures are of: only in `partitions`.
     #[schema(nullable = false, minimum = 0, maximum = 1023)]
     pub(super) partition: Option<u32>,

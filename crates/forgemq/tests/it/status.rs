@@ -284,6 +284,7 @@ async fn records_are_kept_to_the_retention() {
         conn.llen(format!("mq:{{{topic}}}:finished")).unwrap(),
     );
     assert_eq!(kept, (5, 5));
+    assert_eq!(mq.stats(topic).await.unwrap().results_kept, 5);
 
     // Age: kept for 1 s, gone after it.
     let brief = "search.brief";
