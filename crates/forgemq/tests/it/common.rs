@@ -724,3 +724,11 @@ async fn pump(
         }
     }
 }
+
+/// Taken by the tests that measure shares of time (weighted priority) and by the tests
+/// that keep both cores busy for seconds (100k-message drains), so that the two never
+/// overlap: on a 2-core machine a drain beside a share measurement skews the share.
+pub async fn cpu_turn() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+    TURN.get_or_init(Default::default).lock().await
+}

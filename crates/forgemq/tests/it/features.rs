@@ -284,6 +284,7 @@ async fn strict_priority_consumes_every_urgent_message_before_any_normal_one() {
 /// Weighted 3:1 over 10k messages with both backlogged lands within ±10% of 3:1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_priority_shares_slots_three_to_one() {
+    let _turn = crate::common::cpu_turn().await;
     let (_server, mq) = setup().await;
     mq.publish_batch("report.heavy", (0..10_000).map(|i| json!({"i": i})))
         .await
@@ -793,6 +794,7 @@ async fn dead_letters_are_trimmed_by_count_and_age() {
 /// After 100k messages are processed, the topic's keys hold only counters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_100k_processed_only_counters_remain() {
+    let _turn = crate::common::cpu_turn().await;
     let (server, mq) = setup().await;
     let topic = "bulk.done";
     let mut ids = Vec::new();

@@ -22,6 +22,7 @@ fn in_group(group: &str) -> PublishOptions {
 /// A's drain time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_big_group_does_not_delay_a_small_one() {
+    let _turn = crate::common::cpu_turn().await;
     let (server, mq) = setup().await;
     let topic = "tenant.jobs";
     const BIG: usize = 100_000;

@@ -1119,6 +1119,7 @@ const LIBRARY_COMMANDS: &[&str] = &[
     "+zrange",
     "+lrange",
     "+hgetall",
+    "+hlen",
     "+hmget",
     "+exists",
     "+blpop",
