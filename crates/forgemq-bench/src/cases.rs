@@ -230,6 +230,14 @@ impl Bench {
             "backlog" => self.backlog(run).await,
             "memory" => self.memory(run).await,
             "commands-per-message" => self.commands_per_message(run, done).await,
+            #[cfg(feature = "peers")]
+            "peer-bullmq-publish-batch" => {
+                crate::peers::publish_batch(&self.url, run, self.n(100_000), done).await
+            }
+            #[cfg(feature = "peers")]
+            "peer-bullmq-process-c50" => {
+                crate::peers::process_c50(&self.url, run, self.n(100_000), done).await
+            }
             other => bail!("unknown case {other}"),
         }
     }

@@ -17,6 +17,8 @@
 //! - `report`: medians, ranges, the JSON lines and the table.
 
 mod cases;
+#[cfg(feature = "peers")]
+mod peers;
 mod procs;
 mod report;
 
@@ -51,6 +53,10 @@ const CASES: &[&str] = &[
     "backlog",
     "memory",
     "commands-per-message",
+    #[cfg(feature = "peers")]
+    "peer-bullmq-publish-batch",
+    #[cfg(feature = "peers")]
+    "peer-bullmq-process-c50",
 ];
 
 /// Benchmarks ForgeMQ against a real redis-server.
