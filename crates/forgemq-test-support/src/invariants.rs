@@ -351,6 +351,10 @@ pub fn check_invariants(
         .cmd("HGET")
         .arg(layout.key("stats"))
         .arg("grouped")
+        .cmd("ZRANGE")
+        .arg(layout.key("gready"))
+        .arg(0)
+        .arg(-1)
         .cmd("EVAL")
         .arg(GROUP_LISTS)
         .arg(1)
@@ -374,7 +378,7 @@ pub fn check_invariants(
                 )
             })
     }
-    let flat: Vec<String> = get(&values, 16, layout);
+    let flat: Vec<String> = get(&values, 17, layout);
     let mut group_lists = BTreeMap::new();
     let mut rest = flat.into_iter();
     while let Some(group) = rest.next() {
@@ -402,6 +406,7 @@ pub fn check_invariants(
             group_active: get(&values, 14, layout),
             grouped: get::<Option<i64>>(&values, 15, layout).unwrap_or(0),
             group_lists,
+            gready: get(&values, 16, layout),
         },
     )
 }
@@ -437,6 +442,8 @@ struct Snapshot {
     grouped: i64,
     /// Group → the entries of its list.
     group_lists: BTreeMap<String, Vec<String>>,
+    /// Members of `gready`.
+    gready: Vec<String>,
 }
 
 /// The pure part of [`check_invariants`], separate so the rules read as a list.
@@ -449,29 +456,41 @@ fn classify(layout: &Layout, ids: &[String], snapshot: &Snapshot) -> StateReport
     // Every id found in a state key, with all the states it was found in.
     // BTreeMap so violations come out in a stable order.
     let mut states: BTreeMap<&str, Vec<State>> = BTreeMap::new();
-    let mut pending_seen: BTreeMap<&str, usize> = BTreeMap::new();
-    // Pending entries wait in the pending list or in a fair group's list.
-    for id in snapshot
-        .pending
-        .iter()
-        .chain(snapshot.group_lists.values().flatten())
-    {
-        *pending_seen.entry(id).or_default() += 1;
+    // Entries per list ("" for the pending list, else a fair group) and id; a tombstone
+    // (`cancelled` field `<id>` for the pending list, `<group> <id>` for a group's) stands
+    // for one listed entry of a cancelled message in that list, which is in no state.
+    let mut per_list: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    for id in &snapshot.pending {
+        *per_list.entry(("", id)).or_default() += 1;
     }
-    // A tombstone stands for one listed entry of a cancelled message, which is in no state.
-    for (id, &count) in &snapshot.tombstones {
-        let listed = pending_seen.get(id.as_str()).copied().unwrap_or(0);
+    for (group, list) in &snapshot.group_lists {
+        for id in list {
+            *per_list.entry((group, id)).or_default() += 1;
+        }
+    }
+    for (field, &count) in &snapshot.tombstones {
+        let (group, id) = field.split_once(' ').unwrap_or(("", field.as_str()));
+        let listed = per_list.get(&(group, id)).copied().unwrap_or(0);
         if count < 1 || count as usize > listed {
             violations.push(format!(
-                "id {id:?} has {count} tombstone(s) in {:?} but {listed} entries in the pending list and the groups' lists",
-                layout.cancelled()
+                "{field:?} has {count} tombstone(s) in {:?} but {listed} entries in {}",
+                layout.cancelled(),
+                if group.is_empty() {
+                    "the pending list".to_owned()
+                } else {
+                    format!("group {group:?}'s list")
+                }
             ));
         }
-        if let Some(times) = pending_seen.get_mut(id.as_str()) {
+        if let Some(times) = per_list.get_mut(&(group, id)) {
             *times = times.saturating_sub(count.max(0) as usize);
         }
     }
-    pending_seen.retain(|_, times| *times > 0);
+    per_list.retain(|_, times| *times > 0);
+    let mut pending_seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for (&(_, id), &times) in &per_list {
+        *pending_seen.entry(id).or_default() += times;
+    }
     for (id, &times) in &pending_seen {
         if times > 1 {
             violations.push(format!(
@@ -531,26 +550,14 @@ fn classify(layout: &Layout, ids: &[String], snapshot: &Snapshot) -> StateReport
     // Readiness: every listed entry (tombstones included: they count until a fetch passes
     // them) is either in `ready` or in a run.
     let listed: BTreeSet<&str> = snapshot.pending.iter().map(String::as_str).collect();
-    let group_listed: BTreeSet<&str> = snapshot
-        .group_lists
-        .values()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    let ready: BTreeSet<&str> = snapshot.ready.iter().map(String::as_str).collect();
     for id in &snapshot.ready {
-        if !listed.contains(id.as_str()) && !group_listed.contains(id.as_str()) {
+        if !listed.contains(id.as_str()) {
             violations.push(format!(
-                "id {id:?} is in {:?} but not in the pending list or a group's list",
+                "id {id:?} is in {:?} but not in the pending list",
                 layout.ready()
             ));
         }
     }
-    let ready_plain = snapshot
-        .ready
-        .iter()
-        .filter(|id| listed.contains(id.as_str()))
-        .count();
     let mut in_runs = 0usize;
     for run in &snapshot.runs {
         match run
@@ -564,15 +571,16 @@ fn classify(layout: &Layout, ids: &[String], snapshot: &Snapshot) -> StateReport
             )),
         }
     }
-    if in_runs + ready_plain != snapshot.pending.len() {
+    if in_runs + snapshot.ready.len() != snapshot.pending.len() {
         violations.push(format!(
-            "{} pending entries, but {in_runs} in the runs of {:?} and {ready_plain} in {:?} (the queue latency would be off)",
+            "{} pending entries, but {in_runs} in the runs of {:?} and {} in {:?} (the queue latency would be off)",
             snapshot.pending.len(),
             layout.runs(),
+            snapshot.ready.len(),
             layout.ready()
         ));
     }
-    check_groups(layout, snapshot, &states, &ready, &mut violations);
+    check_groups(layout, snapshot, &states, &per_list, &mut violations);
     for id in &snapshot.held {
         match states.get(id.as_str()) {
             Some(s) if !s.contains(&State::Dead) => {}
@@ -653,9 +661,18 @@ fn check_groups(
     layout: &Layout,
     snapshot: &Snapshot,
     states: &BTreeMap<&str, Vec<State>>,
-    ready: &BTreeSet<&str>,
+    live: &BTreeMap<(&str, &str), usize>,
     violations: &mut Vec<String>,
 ) {
+    let gready: BTreeSet<&str> = snapshot.gready.iter().map(String::as_str).collect();
+    for id in &gready {
+        if !live.keys().any(|(g, i)| !g.is_empty() && i == id) {
+            violations.push(format!(
+                "id {id:?} is in {:?} but waits in no group's list",
+                layout.key("gready")
+            ));
+        }
+    }
     let ring_key = layout.key("gring");
     let mut in_ring: BTreeMap<&str, usize> = BTreeMap::new();
     for g in &snapshot.ring {
@@ -697,25 +714,21 @@ fn check_groups(
         ));
     }
     let mut active: BTreeMap<&str, i64> = BTreeMap::new();
-    for (g, list) in &snapshot.group_lists {
-        for id in list {
-            let Some(s) = states.get(id.as_str()) else {
-                continue; // a tombstone
-            };
-            if s.contains(&State::Pending) {
-                if !ready.contains(id.as_str()) {
-                    violations.push(format!(
-                        "id {id:?} waits in group {g:?} but is not in {:?} (the queue latency would be off)",
-                        layout.ready()
-                    ));
-                }
-                if snapshot.group_index.get(id) != Some(g) {
-                    violations.push(format!(
-                        "id {id:?} waits in group {g:?} but the group index says {:?}",
-                        snapshot.group_index.get(id)
-                    ));
-                }
-            }
+    for &(g, id) in live.keys() {
+        if g.is_empty() || !states.get(id).is_some_and(|s| s.contains(&State::Pending)) {
+            continue;
+        }
+        if !gready.contains(id) {
+            violations.push(format!(
+                "id {id:?} waits in group {g:?} but is not in {:?} (the queue latency would be off)",
+                layout.key("gready")
+            ));
+        }
+        if snapshot.group_index.get(id).map(String::as_str) != Some(g) {
+            violations.push(format!(
+                "id {id:?} waits in group {g:?} but the group index says {:?}",
+                snapshot.group_index.get(id)
+            ));
         }
     }
     for (id, g) in &snapshot.group_index {

@@ -33,23 +33,27 @@ else
   return 'missing'
 end
 
+local base = key_base(KEYS[2])
+local groups = groups_of(base, {id})
 if state == 'delayed' then
   redis.call('ZREM', KEYS[1], id)
 else
   -- One tombstone per listed entry: an id cancelled, published again and cancelled again
-  -- has two entries to skip.
-  redis.call('HINCRBY', KEYS[7], id, 1)
+  -- has two entries to skip. A grouped entry's tombstone names its group's list.
+  local field = id
+  if groups[id] then
+    field = groups[id] .. ' ' .. id
+  end
+  redis.call('HINCRBY', KEYS[7], field, 1)
   redis.call('HINCRBY', KEYS[6], 'tombstones', 1)
   -- Its entry stays listed, so it stays counted in the queue latency (in `ready` or in the
   -- runs) until a fetch passes it: the fetch counts entries, tombstones included.
 end
-local base = key_base(KEYS[2])
-local groups = groups_of(base, {id})
 if groups[id] then
-  -- A grouped entry is in `ready` while listed; its tombstone is not (a later publish of
+  -- A grouped entry is in `gready` while listed; its tombstone is not (a later publish of
   -- the same id puts its own entry there).
   if state == 'pending' then
-    redis.call('ZREM', KEYS[9], id)
+    redis.call('ZREM', base .. 'gready', id)
   end
   groups_forget(base, groups, {id})
 end

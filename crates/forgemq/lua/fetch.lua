@@ -53,7 +53,7 @@ if #due_scored > 0 then
   end
   redis.call('ZREM', KEYS[4], unpack(due))
   local base = key_base(KEYS[1])
-  due = route_groups(base, KEYS[1], KEYS[7], KEYS[12], due, nil, false, tonumber(due_scored[2]))
+  due = route_groups(base, KEYS[1], KEYS[7], due, nil, false, tonumber(due_scored[2]))
   if #due > 0 then
     local len = redis.call('RPUSH', KEYS[1], unpack(due))
     runs_push(KEYS[13], #due, tonumber(due_scored[2]))
@@ -91,20 +91,21 @@ local token = ARGV[3] .. '@' .. string.format('%d', now)
 local zargs, hargs, skipped, finished = {}, {}, {}, {}
 local orphans = 0
 
--- Leases the popped ids that are runnable. Returns how many entries were passed without
--- a lease (tombstones, duplicates, orphans), how many were leased, and the ids that were
--- not tombstones.
-local function take(ids)
+-- Leases the ids popped from `pending` (group nil) or from a group's list that are
+-- runnable. Returns how many entries were passed without a lease (tombstones, duplicates,
+-- orphans), how many were leased, and the ids that were not tombstones.
+local function take(ids, group)
   local bodies = redis.call('HMGET', KEYS[5], unpack(ids))
   local again, leased, live = 0, 0, {}
   for i, id in ipairs(ids) do
     local body = bodies[i]
-    if tombstones and redis.call('HEXISTS', KEYS[10], id) == 1 then
+    local field = group and (group .. ' ' .. id) or id
+    if tombstones and redis.call('HEXISTS', KEYS[10], field) == 1 then
       -- The entry of a cancelled message (cancel leaves it in the list rather than search
       -- the list for it). A body here belongs to a later publish of the same id, whose own
-      -- entry (and readiness) comes further down the list.
-      if redis.call('HINCRBY', KEYS[10], id, -1) <= 0 then
-        redis.call('HDEL', KEYS[10], id)
+      -- entry (and readiness) comes further down this list or in another one.
+      if redis.call('HINCRBY', KEYS[10], field, -1) <= 0 then
+        redis.call('HDEL', KEYS[10], field)
       end
       redis.call('HINCRBY', KEYS[7], 'tombstones', -1)
       again = again + 1
@@ -143,7 +144,7 @@ local function take_plain(count)
   -- are the oldest of the runs.
   local from_head = redis.call('ZREM', KEYS[12], unpack(ids))
   runs_take(KEYS[13], #ids - from_head)
-  return (take(ids))
+  return (take(ids, nil))
 end
 
 local base = key_base(KEYS[1])
@@ -167,7 +168,7 @@ if redis.call('EXISTS', ring_key) == 0 then
     passed = passed + again
     want = math.min(again, 1000 - passed)
   end
-  more = popped and redis.call('LLEN', KEYS[1]) > 0
+  more = redis.call('LLEN', KEYS[1]) > 0
   if popped and not more then
     -- Nothing is ready: whatever the latency records still hold is stale.
     redis.call('DEL', KEYS[12], KEYS[13])
@@ -177,8 +178,9 @@ else
   -- weight (within its max_active, none while paused), round after round, until n are
   -- leased; the ring then turns past the groups that had their turn, so the next fetch
   -- starts with the next group. A turn cut short by n carries over (`gcredit`: "<given>
-  -- <group>"), so weights hold also for fetches of one message. Only the first 100
-  -- groups of the ring are looked at per call; the ring turns, so the others come forward.
+  -- <group>"), so weights hold also for fetches of one message. A call looks at 100
+  -- groups at a time: with more in the ring it gives one round per 100 and turns the ring
+  -- past them (also when none of them could give), up to 4 times.
   local gconf, gactive, credit_key = base .. 'gconf', base .. 'gactive', base .. 'gcredit'
   local passed = 0
   for _ = 1, 4 do
@@ -188,9 +190,9 @@ else
     local ring = redis.call('LRANGE', ring_key, 0, 99)
     local L = #ring
     if L == 0 then
-      more = false
       break
     end
+    local whole = L < 100 or redis.call('LLEN', ring_key) <= L
     local conf = redis.call('HMGET', gconf, unpack(ring))
     local act = redis.call('HMGET', gactive, unpack(ring))
     local lists, room, cap, weight, give = {}, {}, {}, {}, {}
@@ -227,7 +229,7 @@ else
     end
     local last, left, carry, round = 0, want, nil, 0
     local turning = true
-    while left > 0 and turning do
+    while left > 0 and turning and (round == 0 or whole) do
       turning = false
       round = round + 1
       for i = 1, L do
@@ -252,49 +254,63 @@ else
         end
       end
     end
-    local turns = last
-    if carry then
-      turns = last - 1
-      redis.call('SET', credit_key, carry)
-    elseif last > 0 then
-      redis.call('DEL', credit_key)
-    end
-    for _ = 1, turns do
-      redis.call('LMOVE', ring_key, ring_key, 'LEFT', 'RIGHT')
-    end
-    local again_total = 0
-    more = L == 100 and redis.call('LLEN', ring_key) > 100
-    for i, g in ipairs(ring) do
-      if give[i] > 0 then
-        popped = true
-        local again, leased
-        if g == '' then
-          again = take_plain(give[i]) or 0
-          leased = give[i] - again
-        else
-          local ids = redis.call('LPOP', lists[i], give[i])
-          local live
-          again, leased, live = take(ids)
-          redis.call('HINCRBY', KEYS[7], 'grouped', -#ids)
-          if #live > 0 then
-            redis.call('ZREM', KEYS[12], unpack(live))
+    if last == 0 then
+      -- None of these groups can give now (paused, at their max_active).
+      if whole then
+        break
+      end
+      -- More groups wait behind them: turn the ring past these and look again.
+      for _ = 1, L do
+        redis.call('LMOVE', ring_key, ring_key, 'LEFT', 'RIGHT')
+      end
+    else
+      local turns = last
+      if carry then
+        turns = last - 1
+        redis.call('SET', credit_key, carry)
+      else
+        redis.call('DEL', credit_key)
+      end
+      for _ = 1, turns do
+        redis.call('LMOVE', ring_key, ring_key, 'LEFT', 'RIGHT')
+      end
+      local again_total = 0
+      for i, g in ipairs(ring) do
+        if give[i] > 0 then
+          popped = true
+          local again, leased
+          if g == '' then
+            again = take_plain(give[i]) or 0
+            leased = give[i] - again
+          else
+            local ids = redis.call('LPOP', lists[i], give[i])
+            local live
+            again, leased, live = take(ids, g)
+            redis.call('HINCRBY', KEYS[7], 'grouped', -#ids)
+            if #live > 0 then
+              redis.call('ZREM', base .. 'gready', unpack(live))
+            end
+            if leased > 0 then
+              redis.call('HINCRBY', gactive, g, leased)
+            end
           end
-          if leased > 0 then
-            redis.call('HINCRBY', gactive, g, leased)
+          again_total = again_total + again
+          if redis.call('LLEN', lists[i]) == 0 then
+            redis.call('LREM', ring_key, 1, g)
+          elseif cap[i] - leased > 0 then
+            more = true
           end
-        end
-        again_total = again_total + again
-        if redis.call('LLEN', lists[i]) == 0 then
-          redis.call('LREM', ring_key, 1, g)
-        elseif cap[i] - leased > 0 then
+        elseif room[i] > 0 then
           more = true
         end
-      elseif room[i] > 0 then
+      end
+      if not whole then
+        -- The groups behind these 100 may have work.
         more = true
       end
+      passed = passed + again_total
+      want = math.min(left + again_total, 1000 - passed)
     end
-    passed = passed + again_total
-    want = math.min(again_total, 1000 - passed)
   end
   if redis.call('LLEN', KEYS[1]) == 0 then
     redis.call('DEL', KEYS[13])

@@ -270,8 +270,10 @@ end
 -- `gconf`   HASH  group -> "<max_active> <weight> <paused>" (absent: 0 1 0; 0 = no cap)
 -- The stats hash counts the grouped entries listed (`grouped`, tombstones included), so
 -- that pending = LLEN pending + grouped - tombstones without visiting every group.
--- Grouped entries are always in `ready` (id -> when it became ready); the runs describe
--- `pending` only.
+-- `gready`  ZSET  id -> when it became ready, for every listed grouped entry (not its
+--                 tombstones); `ready` and the runs describe `pending` only.
+-- A tombstone of a grouped entry is the `cancelled` field `<group> <id>` (ids and group
+-- names have no spaces), so that it is used up only by an entry of that group's list.
 
 -- The key prefix `NS:{T}:` of a topic, from its pending key.
 local function key_base(pending_key)
@@ -302,9 +304,9 @@ local function note_plain(base, len, count)
 end
 
 -- Pushes the grouped ids among ids onto their groups' lists (at the head when head),
--- ready since ms, and returns the others, which the caller pushes onto pending (then
--- calls note_plain). groups: id -> group (nil: looked up).
-local function route_groups(base, pending_key, stats_key, ready_key, ids, groups, head, ms)
+-- ready since ms (in `gready`), and returns the others, which the caller pushes onto
+-- pending (then calls note_plain). groups: id -> group (nil: looked up).
+local function route_groups(base, pending_key, stats_key, ids, groups, head, ms)
   if #ids == 0 then
     return ids
   end
@@ -344,7 +346,7 @@ local function route_groups(base, pending_key, stats_key, ready_key, ids, groups
     n = n + #list
   end
   if n > 0 then
-    redis.call('ZADD', ready_key, unpack(since))
+    redis.call('ZADD', base .. 'gready', unpack(since))
     redis.call('HINCRBY', stats_key, 'grouped', n)
   end
   return plain

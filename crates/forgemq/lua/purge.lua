@@ -15,7 +15,7 @@ local grouped = tonumber(redis.call('HGET', KEYS[8], 'grouped') or '0')
 local pending = math.max(0, redis.call('LLEN', KEYS[2]) + grouped - tombstones)
 -- The groups' lists, their ring, index and counts (their settings stay, like a limit).
 local base = key_base(KEYS[2])
-local gkeys = {base .. 'gring', base .. 'group', base .. 'gactive', base .. 'gcredit'}
+local gkeys = {base .. 'gring', base .. 'group', base .. 'gactive', base .. 'gcredit', base .. 'gready'}
 for _, g in ipairs(redis.call('LRANGE', base .. 'gring', 0, -1)) do
   if g ~= '' then
     gkeys[#gkeys + 1] = base .. 'g:' .. g

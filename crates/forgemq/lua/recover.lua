@@ -26,7 +26,10 @@ end
 local max = tonumber(ARGV[1])
 local base = key_base(KEYS[4])
 local groups = groups_of(base, expired)
-groups_leave(base, groups, expired)
+-- A group at its max_active has room again: a worker may be waiting for it.
+if groups_leave(base, groups, expired) and redis.call('EXISTS', base .. 'gconf') == 1 then
+  wake(KEYS[6])
+end
 local back = {}
 local bodies = redis.call('HMGET', KEYS[3], unpack(expired))
 local recovered, dead, orphans = 0, 0, 0
@@ -47,7 +50,6 @@ for i, id in ipairs(expired) do
       died[#died + 1] = id
     else
       back[#back + 1] = id
-      redis.call('ZADD', KEYS[9], now_text, id)
       recovered = recovered + 1
     end
     redis.call('HSET', KEYS[3], id, body)
@@ -66,8 +68,14 @@ end
 
 if recovered > 0 then
   -- To the head (of their group's list, for a grouped message), in the order they expired.
-  local plain = route_groups(base, KEYS[4], KEYS[7], KEYS[9], back, groups, true, now_text)
+  local plain = route_groups(base, KEYS[4], KEYS[7], back, groups, true, now_text)
   if #plain > 0 then
+    local since = {}
+    for _, id in ipairs(plain) do
+      since[#since + 1] = now_text
+      since[#since + 1] = id
+    end
+    redis.call('ZADD', KEYS[9], unpack(since))
     note_plain(base, redis.call('LPUSH', KEYS[4], unpack(plain)), #plain)
   end
   redis.call('HINCRBY', KEYS[7], 'recovered', recovered)

@@ -27,19 +27,20 @@ end
 if #back > 0 then
   redis.call('ZREM', KEYS[1], unpack(back))
   redis.call('HDEL', KEYS[2], unpack(back))
-  local since, now_text = {}, string.format('%d', now_ms())
-  for _, id in ipairs(back) do
-    since[#since + 1] = now_text
-    since[#since + 1] = id
-  end
-  redis.call('ZADD', KEYS[6], unpack(since))
+  local now_text = string.format('%d', now_ms())
   -- To the head (of their group's list, for a grouped message): these were taken first,
   -- so they run first.
   local base = key_base(KEYS[3])
   local groups = groups_of(base, back)
   groups_leave(base, groups, back)
-  local plain = route_groups(base, KEYS[3], KEYS[5], KEYS[6], back, groups, true, now_text)
+  local plain = route_groups(base, KEYS[3], KEYS[5], back, groups, true, now_text)
   if #plain > 0 then
+    local since = {}
+    for _, id in ipairs(plain) do
+      since[#since + 1] = now_text
+      since[#since + 1] = id
+    end
+    redis.call('ZADD', KEYS[6], unpack(since))
     note_plain(base, redis.call('LPUSH', KEYS[3], unpack(plain)), #plain)
   end
   redis.call('HINCRBY', KEYS[5], 'released', #back)

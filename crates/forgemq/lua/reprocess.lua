@@ -5,7 +5,6 @@
 -- KEYS[4] wake     LIST
 -- KEYS[5] stats    HASH
 -- KEYS[6] runs     LIST  "<count> <ms>": runs of tail entries by when they became ready
--- KEYS[7] ready    ZSET  id -> when it became ready (ms), for grouped and head entries
 -- ARGV    ids (at most 1,000)
 -- Returns one integer per id: 1 requeued, 0 no dead letter has that id.
 
@@ -48,7 +47,7 @@ if #indexed > 0 then
   for i = 1, #indexed, 2 do
     grouped[#grouped + 1] = indexed[i]
   end
-  route_groups(base, KEYS[3], KEYS[5], KEYS[7], grouped, groups, false, now)
+  route_groups(base, KEYS[3], KEYS[5], grouped, groups, false, now)
 end
 if #plain > 0 then
   note_plain(base, redis.call('RPUSH', KEYS[3], unpack(plain)), #plain)

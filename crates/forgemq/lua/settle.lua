@@ -129,7 +129,7 @@ for i = acks + 1, n do
       local delay = tonumber(ARGV[b + 4])
       if delay > 0 then
         redis.call('ZADD', KEYS[4], now_up + delay, id)
-      elseif #route_groups(kbase, KEYS[5], KEYS[8], KEYS[15], {id}, groups, false, now) > 0 then
+      elseif #route_groups(kbase, KEYS[5], KEYS[8], {id}, groups, false, now) > 0 then
         local len = redis.call('RPUSH', KEYS[5], id)
         runs_push(KEYS[16], 1, now)
         note_plain(kbase, len, 1)

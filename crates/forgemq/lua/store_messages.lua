@@ -106,7 +106,7 @@ local function store_messages(K, A, first, now, now_up)
     if #indexed > 0 then
       local base = key_base(K[2])
       redis.call('HSET', base .. 'group', unpack(indexed))
-      ready = route_groups(base, K[2], K[5], K[10], ready, grouped, false, now)
+      ready = route_groups(base, K[2], K[5], ready, grouped, false, now)
     end
     if #ready > 0 then
       local len = redis.call('RPUSH', K[2], unpack(ready))

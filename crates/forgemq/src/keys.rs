@@ -191,6 +191,7 @@ impl Namespace {
             progress: k("progress"),
             waiters: k("waiters"),
             gring: k("gring"),
+            gready: k("gready"),
             gconf: k("gconf"),
             gactive: k("gactive"),
             group_prefix: k("g:"),
@@ -270,6 +271,8 @@ pub(crate) struct TopicKeys {
     /// LIST of the fair groups with waiting messages, in the order fetch visits them ('' is
     /// `pending`, the ungrouped messages); see `lua/prelude.lua`.
     pub(crate) gring: String,
+    /// ZSET id → when it became ready (ms), for the waiting grouped messages.
+    pub(crate) gready: String,
     /// HASH group → `"<max_active> <weight> <paused>"`, the groups' settings.
     pub(crate) gconf: String,
     /// HASH group → its messages being handled now.

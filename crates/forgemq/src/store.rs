@@ -980,7 +980,6 @@ impl Store {
                 &keys.wake,
                 &keys.stats,
                 &keys.runs,
-                &keys.ready,
             ],
         );
         call.arg(ids);
@@ -1209,8 +1208,9 @@ impl Store {
             .zcard(&keys.dead)
             .hgetall(&keys.stats)
             .exists(&keys.paused);
-        // The oldest ready, oldest dead and soonest due entries, and Redis's clock: O(log n).
-        for key in [&keys.ready, &keys.dead, &keys.delayed] {
+        // The oldest ready (plain and grouped), oldest dead and soonest due entries, and
+        // Redis's clock: O(log n).
+        for key in [&keys.ready, &keys.dead, &keys.delayed, &keys.gready] {
             pipe.cmd("ZRANGE").arg(key).arg(0).arg(0).arg("WITHSCORES");
         }
         pipe.cmd("TIME")
@@ -1218,46 +1218,40 @@ impl Store {
             .arg(&keys.runs)
             .arg(0)
             .hlen(&keys.results);
-        #[allow(clippy::type_complexity)]
-        let (
-            listed,
-            active,
-            delayed,
-            dead,
-            counters,
-            paused,
-            ready,
-            died,
-            due,
-            (secs, micros),
-            run,
-            results,
-        ): (
-            u64,
-            u64,
-            u64,
-            u64,
-            HashMap<String, u64>,
-            bool,
-            Vec<(String, f64)>,
-            Vec<(String, f64)>,
-            Vec<(String, f64)>,
-            (i64, i64),
-            Option<String>,
-            u64,
-        ) = self
+        // More replies than a tuple reads: each is converted on its own.
+        let values: Vec<Value> = self
             .exec(Req::Pipe(&pipe), Route::Key(&keys.stats), None)
             .await?;
+        fn nth<T: FromRedisValue>(values: &[Value], i: usize) -> Result<T> {
+            let value = values
+                .get(i)
+                .cloned()
+                .ok_or_else(|| Error::Protocol(format!("stats: reply {i} missing")))?;
+            T::from_redis_value(value).map_err(|e| Error::Redis(redis::RedisError::from(e)))
+        }
+        let listed: u64 = nth(&values, 0)?;
+        let active: u64 = nth(&values, 1)?;
+        let delayed: u64 = nth(&values, 2)?;
+        let dead: u64 = nth(&values, 3)?;
+        let counters: HashMap<String, u64> = nth(&values, 4)?;
+        let paused: bool = nth(&values, 5)?;
+        let ready: Vec<(String, f64)> = nth(&values, 6)?;
+        let died: Vec<(String, f64)> = nth(&values, 7)?;
+        let due: Vec<(String, f64)> = nth(&values, 8)?;
+        let grouped_ready: Vec<(String, f64)> = nth(&values, 9)?;
+        let (secs, micros): (i64, i64) = nth(&values, 10)?;
+        let run: Option<String> = nth(&values, 11)?;
+        let results: u64 = nth(&values, 12)?;
         let first = |v: Vec<(String, f64)>| v.first().map(|(_, s)| *s as i64);
         // The first run: "<count> <ms>".
         let run_ms = run
             .as_deref()
             .and_then(|r| r.split_once(' '))
             .and_then(|(_, ms)| ms.parse::<i64>().ok());
-        let oldest_ready_ms = match (first(ready), run_ms) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let oldest_ready_ms = [first(ready), run_ms, first(grouped_ready)]
+            .into_iter()
+            .flatten()
+            .min();
         Ok(RawStats {
             // Entries of cancelled messages stay listed until a fetch skips them.
             // Grouped messages wait in their groups' lists, counted in `grouped`.

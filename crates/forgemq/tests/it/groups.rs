@@ -13,6 +13,9 @@ use serde_json::{json, Value};
 
 use crate::common::{eventually, invariants, setup, strings, Running};
 
+/// Ids with the group each ran in, as handlers saw them.
+type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
 fn in_group(group: &str) -> PublishOptions {
     PublishOptions::new().group(group)
 }
@@ -349,7 +352,6 @@ async fn grouped_messages_keep_their_group_through_every_move() {
     // The rest handled by a worker; the dead one reprocessed meanwhile.
     mq.reprocess_dead_letter(topic, &dead_id).await.unwrap();
     invariants(&server, topic, &all);
-    type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
     let seen: Seen = Arc::default();
     let s = seen.clone();
     let worker = Worker::builder(mq.clone())
@@ -459,4 +461,144 @@ async fn a_partitioned_topic_keeps_each_group_in_one_partition() {
     .await;
     running.stop().await;
     assert_eq!(most_t1.load(Ordering::SeqCst), 1);
+}
+
+/// An id cancelled while waiting and published again, into another group or none: the
+/// tombstone is used up only by the entry of the list it was left in, so the live entry
+/// runs once, the group counts stay right, and the checker finds nothing at every step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_id_published_again_elsewhere_runs_once() {
+    let (server, mq) = setup().await;
+    let topic = "group.again";
+    let moved = MessageId::new("moved").unwrap();
+    let ungrouped = MessageId::new("ungrouped").unwrap();
+    let regrouped = MessageId::new("regrouped").unwrap();
+    let all = strings(&[&moved, &ungrouped, &regrouped]);
+    // moved: group a, cancelled, published again into group b.
+    mq.publish_with(topic, json!(1), in_group("a").id(moved.clone()))
+        .await
+        .unwrap();
+    // ungrouped: group a, cancelled, published again without a group.
+    mq.publish_with(topic, json!(2), in_group("a").id(ungrouped.clone()))
+        .await
+        .unwrap();
+    // regrouped: no group, cancelled, published again into group b.
+    mq.publish_with(topic, json!(3), PublishOptions::new().id(regrouped.clone()))
+        .await
+        .unwrap();
+    for id in [&moved, &ungrouped, &regrouped] {
+        mq.cancel(topic, id).await.unwrap();
+    }
+    invariants(&server, topic, &all);
+    mq.publish_with(topic, json!(1), in_group("b").id(moved.clone()))
+        .await
+        .unwrap();
+    mq.publish_with(topic, json!(2), PublishOptions::new().id(ungrouped.clone()))
+        .await
+        .unwrap();
+    mq.publish_with(topic, json!(3), in_group("b").id(regrouped.clone()))
+        .await
+        .unwrap();
+    invariants(&server, topic, &all);
+    assert_eq!(mq.stats(topic).await.unwrap().pending, 3);
+    assert!(mq
+        .stats(topic)
+        .await
+        .unwrap()
+        .oldest_pending_age_ms
+        .is_some());
+    // Group a held, so that b's live entries come up before a's tombstones.
+    mq.pause_group(topic, "a").await.unwrap();
+    let runs: Seen = Arc::default();
+    let r = runs.clone();
+    let worker = Worker::builder(mq.clone())
+        .subscribe_with(
+            topic,
+            Subscription::new().concurrency(1).prefetch(0),
+            move |m: Message<Value>| {
+                r.lock().unwrap().push((m.id.to_string(), m.group.clone()));
+                async { Ok::<(), HandlerError>(()) }
+            },
+        )
+        .build()
+        .unwrap();
+    let running = Running::start(worker);
+    eventually("the three live messages done", || async {
+        let s = mq.stats(topic).await.unwrap();
+        s.processed == 3 && s.pending == 0
+    })
+    .await;
+    // a's tombstones are passed once it runs again.
+    mq.resume_group(topic, "a").await.unwrap();
+    eventually("group a's tombstones passed", || async {
+        mq.groups(topic)
+            .await
+            .unwrap()
+            .iter()
+            .all(|g| g.pending == 0)
+    })
+    .await;
+    running.stop().await;
+    let mut runs = runs.lock().unwrap().clone();
+    runs.sort();
+    assert_eq!(
+        runs,
+        vec![
+            ("moved".to_owned(), Some("b".to_owned())),
+            ("regrouped".to_owned(), Some("b".to_owned())),
+            ("ungrouped".to_owned(), None),
+        ]
+    );
+    let report = invariants(&server, topic, &all);
+    assert_eq!(report.gone.len(), 3);
+    let groups = mq.groups(topic).await.unwrap();
+    assert!(
+        groups.iter().all(|g| g.active == 0 && g.pending == 0),
+        "{groups:?}"
+    );
+}
+
+/// More than 100 groups, the first 100 of them paused: a fetch looks past them (100 at a
+/// time), so the group behind them is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_behind_a_hundred_paused_ones_are_served() {
+    let (server, mq) = setup().await;
+    let topic = "group.many";
+    let mut ids = Vec::new();
+    let batch = (0..150).map(|i| (json!(i), in_group(&format!("held-{i:03}"))));
+    for o in mq.publish_batch_with(topic, batch).await.unwrap() {
+        ids.push(o.id().clone());
+    }
+    for i in 0..150 {
+        mq.pause_group(topic, &format!("held-{i:03}"))
+            .await
+            .unwrap();
+    }
+    let batch = (0..5).map(|i| (json!(i), in_group("open")));
+    for o in mq.publish_batch_with(topic, batch).await.unwrap() {
+        ids.push(o.id().clone());
+    }
+    let done = Arc::new(AtomicUsize::new(0));
+    let d = done.clone();
+    let worker = Worker::builder(mq.clone())
+        .subscribe_with(
+            topic,
+            Subscription::new().concurrency(2),
+            move |_m: Message<Value>| {
+                d.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<(), HandlerError>(()) }
+            },
+        )
+        .build()
+        .unwrap();
+    let running = Running::start(worker);
+    eventually("the open group's 5 done", || async {
+        done.load(Ordering::SeqCst) == 5
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(done.load(Ordering::SeqCst), 5, "a paused group ran");
+    running.stop().await;
+    assert_eq!(mq.stats(topic).await.unwrap().pending, 150);
+    invariants(&server, topic, &strings(&ids));
 }
